@@ -1,0 +1,1 @@
+"""ONNX export and the torch-free numpy + onnxruntime sampler (ort_sample.py)."""

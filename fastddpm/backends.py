@@ -1,0 +1,101 @@
+"""The backend registry: how a sampling run is computed, never what.
+
+A backend is one frozen `Backend` record in `BACKENDS`, chosen by name (`backend=` in Python,
+`--backend` on the command line). It may swap in
+    group_norm_silu   the fused GroupNorm(+emb)(+SiLU) every `unet.GroupNormAct` calls,
+    step              the fused reverse-step update (see `sampling.reference_step`),
+    prepare_model     a wrapper around the whole model callable (torch.compile, ...),
+    run               a whole sampling loop of its own (CUDA graphs, ONNX Runtime),
+and says with `check(device)` whether it can run here. Nothing falls back silently: a backend
+that cannot run raises BackendUnavailableError, and the CLI turns that into exit status 2.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .errors import BackendUnavailableError, FastDDPMError
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    description: str
+    check: Callable[[torch.device], None]
+    group_norm_silu: Callable | None = None
+    step: Callable | None = None
+    prepare_model: Callable | None = None
+    run: Callable | None = None
+
+    def __post_init__(self):
+        if not self.name or not self.description:
+            raise ValueError("a backend needs a name and a description")
+
+
+def _always(device: torch.device) -> None:
+    return None
+
+
+def _not_yet(name: str) -> Callable[[torch.device], None]:
+    def check(device: torch.device) -> None:
+        raise BackendUnavailableError(f"backend {name!r} is not implemented in this version of fastddpm")
+    return check
+
+
+def triton_available(device: torch.device) -> None:
+    """Triton runs on CUDA tensors, or on CPU tensors under its interpreter (TRITON_INTERPRET=1)."""
+    if importlib.util.find_spec("triton") is None:
+        raise BackendUnavailableError("backend 'triton' needs the triton package (pip install triton)")
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if device.type == "cuda" or (device.type == "cpu" and interpreted):
+        return
+    if device.type == "cpu":
+        raise BackendUnavailableError(
+            "backend 'triton' needs a CUDA device; on a CPU it runs only under Triton's interpreter "
+            "(set TRITON_INTERPRET=1, slow, for testing)")
+    raise BackendUnavailableError(f"backend 'triton' cannot run on device {device.type!r}")
+
+
+BACKENDS: dict[str, Backend] = {
+    "reference": Backend("reference", "plain eager PyTorch; the ground truth", _always),
+    "triton": Backend("triton", "fused Triton GroupNorm+SiLU and step kernels", _not_yet("triton")),
+    "graph": Backend("graph", "the whole step captured in one CUDA graph", _not_yet("graph")),
+    "compile": Backend("compile", "the model under torch.compile", _not_yet("compile")),
+    "onnx": Backend("onnx", "the eps-model in ONNX Runtime", _not_yet("onnx")),
+}
+
+
+def get_backend(name: str) -> Backend:
+    """The registered backend `name`; FastDDPMError naming the valid ones otherwise."""
+    if name not in BACKENDS:
+        raise FastDDPMError(f"unknown backend {name!r}; choose one of {', '.join(map(repr, BACKENDS))}")
+    return BACKENDS[name]
+
+
+def register(backend: Backend) -> None:
+    """Add or replace a backend (how the kernel and export packages plug theirs in)."""
+    BACKENDS[backend.name] = backend
+
+
+@contextlib.contextmanager
+def group_norm_impl(model, impl: Callable | None):
+    """Within the block every GroupNormAct of `model` computes with `impl`; restored afterwards."""
+    from .unet import GroupNormAct
+
+    if impl is None or not isinstance(model, torch.nn.Module):
+        yield
+        return
+    modules = [m for m in model.modules() if isinstance(m, GroupNormAct)]
+    saved = [m.impl for m in modules]
+    for m in modules:
+        m.impl = impl
+    try:
+        yield
+    finally:
+        for m, old in zip(modules, saved):
+            m.impl = old

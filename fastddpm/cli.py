@@ -1,0 +1,121 @@
+"""`fastddpm` command line: sample, train, eval, export, bench, convert.
+
+Each sub-command parses its flags and calls the library; nothing here computes. Bad input of
+any kind (a FastDDPMError from the library, a bad flag) prints one line on stderr and exits 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import FastDDPMError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line (no usage block) and exits 2."""
+
+    def error(self, message):
+        raise FastDDPMError(f"{self.prog}: {message}")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+# ------------------------------------------------------------------------------------------ sample
+def _add_sample(sub) -> None:
+    p = sub.add_parser("sample", help="draw samples; writes DIR/samples.npz, DIR/grid.png, DIR/stats.json",
+                       description="Draw samples from a checkpoint (or from random weights: a throughput run).")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None, help="U-Net preset with random weights: cifar10 (default) or tiny")
+    src.add_argument("--checkpoint", default=None, help="a fastddpm .safetensors checkpoint, or 'digits' (bundled)")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="sampling steps; fewer than the model's T respaces the process (default: T)")
+    p.add_argument("--batch", type=_positive_int, default=64, help="number of samples (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed; also seeds random weights (default 0)")
+    p.add_argument("--sampler", default="ancestral", choices=["ancestral", "ddim"])
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale in [0, 1] (default 0)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="model precision")
+    p.add_argument("--backend", default="reference", choices=["reference", "triton", "graph", "compile", "onnx"])
+    p.add_argument("--onnx", default=None, metavar="FILE.onnx", help="the exported model, with --backend onnx")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--out", default="samples", metavar="DIR", help="output folder (default ./samples)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_sample)
+
+
+def cmd_sample(args) -> int:
+    from .generate import SampleRequest, run_sample
+
+    request = SampleRequest(model=args.model, checkpoint=args.checkpoint, steps=args.steps, batch=args.batch,
+                            seed=args.seed, sampler=args.sampler, eta=args.eta, dtype=args.dtype,
+                            backend=args.backend, onnx=args.onnx, device=args.device, out=args.out,
+                            progress=not args.no_progress)
+    run_sample(request)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ train
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a model (Algorithm 1 of DDPM)")
+    p.set_defaults(func=_not_implemented("train"))
+
+
+# ------------------------------------------------------------------------------------------ eval
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate samples or a checkpoint: fid | bpd")
+    p.set_defaults(func=_not_implemented("eval"))
+
+
+# ------------------------------------------------------------------------------------------ export
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a checkpoint to ONNX")
+    p.set_defaults(func=_not_implemented("export"))
+
+
+# ------------------------------------------------------------------------------------------ bench
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="side-by-side throughput of every backend")
+    p.set_defaults(func=_not_implemented("bench"))
+
+
+# ------------------------------------------------------------------------------------------ convert
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="convert diffusers / pytorch_diffusion weights to a fastddpm checkpoint")
+    p.set_defaults(func=_not_implemented("convert"))
+
+
+def _not_implemented(name: str):
+    def run(args) -> int:
+        raise FastDDPMError(f"`fastddpm {name}` is not implemented in this version")
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fastddpm", description="Fast, tested denoising diffusion probabilistic models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in (_add_sample, _add_train, _add_eval, _add_export, _add_bench, _add_convert):
+        add(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except FastDDPMError as e:
+        print(f"fastddpm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastddpm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""Typed errors for bad input.
+
+The library raises these for anything a user can fix (a wrong value, a missing or corrupt
+file, a backend this machine cannot run). `fastddpm.cli` turns each into one line on stderr
+and exit status 2; Python callers can catch them like any ValueError.
+"""
+
+
+class FastDDPMError(ValueError):
+    """Bad input a user can fix. The message is one complete sentence naming the bad value."""
+
+
+class CheckpointError(FastDDPMError):
+    """A checkpoint is missing, truncated, foreign, or does not match the model."""
+
+
+class BackendUnavailableError(FastDDPMError):
+    """The requested backend cannot run here (no CUDA, no Triton, no onnxruntime...)."""
+
+
+class DataError(FastDDPMError):
+    """A data set is missing, empty, unreadable or inconsistent."""
+
+
+def check_choice(name: str, value, choices) -> None:
+    """Raise FastDDPMError naming `value` and listing the valid `choices` if it is not one."""
+    if value not in choices:
+        valid = ", ".join(repr(c) for c in choices)
+        raise FastDDPMError(f"unknown {name} {value!r}; choose one of {valid}")

@@ -1,0 +1,113 @@
+"""Counter-based Gaussian noise shared by every backend.
+
+Every Gaussian the samplers use is a fixed function of four numbers: the run's `seed`, the
+`step` it is drawn for, the sample index `i` and the element index `e` inside that sample.
+So a sample depends only on its seed and its index, never on the batch size, the backend, the
+device or how a batch is split over GPUs, and trajectories can be compared across backends.
+
+Key layout (the Triton step kernel and export/ort_sample.py reproduce it bit for bit):
+
+    Philox-4x32-10 with
+        key     (k0, k1) = (seed mod 2^32, step mod 2^32)
+        counter (c0, c1, c2, c3) = (e, i, 0, 0)
+    -> 32-bit words (r0, r1, r2, r3); r0 and r1 give one normal by Box-Muller:
+        u(r) = float32(int32(r) if int32(r) >= 0 else ~int32(r)) * 4.6566127342e-10   (in [0, 1))
+        z    = sqrt(-2 log(max(u(r0), 1e-7))) * cos(2 pi u(r1))       (float32 arithmetic)
+
+This is exactly `tl.randn(seed64, offset64)` in Triton 3.x with
+    seed64   = seed | (step << 32)          (Triton splits it into key (lo, hi))
+    offset64 = e | (i << 32)                (Triton splits it into counter (lo, hi, 0, 0))
+so a Triton kernel draws the stream with one `tl.randn` call per element.
+
+    e    flat index of the element in the sample's logical [C, H, W] order (NCHW), whatever the
+         memory layout; 0 <= e < 2^32.
+    i    sample index within the run: `sample_offset + b` for row b of the batch.
+    step the original timestep t whose update the noise z enters (x_{t-1} = mean + sigma_t z),
+         or XT_STEP for the starting point x_T.
+
+Philox 4x32-10: Salmon et al., "Parallel random numbers: as easy as 1, 2, 3" (SC 2011).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+# The step key of the starting noise x_T (outside any timestep range).
+XT_STEP = 0xFFFFFFFF
+
+_MASK32 = 0xFFFFFFFF
+_PHILOX_ROUND_A = 0xD2511F53
+_PHILOX_ROUND_B = 0xCD9E8D57
+_PHILOX_KEY_A = 0x9E3779B9
+_PHILOX_KEY_B = 0xBB67AE85
+_UNIFORM_SCALE = 4.6566127342e-10  # largest float32 s with (2^31 - 1) * s < 1
+_PHILOX_ROUNDS = 10
+
+
+def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32-bit words of a * b for a uint32 constant `a` and uint32 values in int64.
+
+    The product needs 64 unsigned bits; int64 multiplication wraps modulo 2^64, so the low 64
+    bits are right and the masks recover both halves.
+    """
+    p = b * a
+    return (p >> 32) & _MASK32, p & _MASK32
+
+
+def philox4x32(c0, c1, c2, c3, k0, k1, rounds: int = _PHILOX_ROUNDS):
+    """Philox-4x32 on uint32 values held in int64 tensors (any broadcastable shapes).
+
+    Round function, as Triton's `philox_impl`:
+        c0' = hi(B * c2) ^ c1 ^ k0,  c2' = hi(A * c0) ^ c3 ^ k1,  c1' = lo(B * c2),  c3' = lo(A * c0)
+        k0 += 0x9E3779B9, k1 += 0xBB67AE85  (mod 2^32)
+    """
+    for _ in range(rounds):
+        hi_b, lo_b = _mulhilo(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mulhilo(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
+        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
+def _uniform(r: torch.Tensor) -> torch.Tensor:
+    """Triton's uint_to_uniform_float: a uint32 word (in int64) to float32 in [0, 1)."""
+    x = torch.where(r >= 2**31, r - 2**32, r)  # reinterpret as int32
+    x = torch.where(x < 0, ~x, x)
+    return x.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
+
+
+def noise(
+    seed: int,
+    step: int,
+    shape,
+    sample_offset: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device=None,
+) -> torch.Tensor:
+    """Standard normal noise of `shape` = [B, ...] for samples sample_offset .. sample_offset+B-1.
+
+    Row b is sample i = sample_offset + b; element e is its flat index in the remaining
+    dimensions. The values are drawn in float32 (see the module docstring for the exact key
+    layout) and then cast to `dtype`.
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 1:
+        raise ValueError("noise needs a shape with a leading batch dimension")
+    batch, per_sample = shape[0], math.prod(shape[1:])
+    if per_sample >= 2**32:
+        raise ValueError(f"a sample of {per_sample} elements does not fit the 32-bit element counter")
+    if sample_offset < 0 or sample_offset + batch > 2**32:
+        raise ValueError(f"sample indices {sample_offset}..{sample_offset + batch - 1} do not fit 32 bits")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    e = torch.arange(per_sample, dtype=torch.int64, device=dev).unsqueeze(0)
+    i = torch.arange(sample_offset, sample_offset + batch, dtype=torch.int64, device=dev).unsqueeze(1)
+    zero = torch.zeros((), dtype=torch.int64, device=dev)
+    k0 = torch.full((), int(seed) & _MASK32, dtype=torch.int64, device=dev)
+    k1 = torch.full((), int(step) & _MASK32, dtype=torch.int64, device=dev)
+    r0, r1, _, _ = philox4x32(e, i, zero, zero, k0, k1)
+    u1 = torch.clamp(_uniform(r0), min=1e-7)
+    u2 = _uniform(r1)
+    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(6.283185307179586 * u2)
+    return z.reshape(shape).to(dtype)

@@ -1,0 +1,179 @@
+"""Samplers: ancestral (DDPM Algorithm 2), respaced ancestral (IDDPM sec. 4), DDIM (Song et al.
+2021, eq. 12), progressive x0 prediction (DDPM sec. 4.4) and interpolation (DDPM sec. 4.3).
+
+A respaced process is just a respaced `GaussianDiffusion` (`diffusion.respace("50")`); the loop
+below walks its steps k = K-1 .. 0 and calls the model with the original timesteps.
+
+Every Gaussian comes from `fastddpm.noise`: x_T is noise(seed, XT_STEP) and the z of the update
+at original timestep t is noise(seed, t), both for samples sample_offset .. sample_offset+B-1.
+So the result depends only on the seed and the sample indices, not on batch size or backend.
+
+The loop has two seams that backends fill (fastddpm.backends): the model callable and the
+step function (`reference_step` here; the Triton backend fuses it into one kernel).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .backends import get_backend, group_norm_impl
+from .diffusion import GaussianDiffusion
+from .errors import FastDDPMError, check_choice
+from .noise import XT_STEP, noise
+
+SAMPLERS = ("ancestral", "ddim")
+
+
+def reference_step(diffusion: GaussianDiffusion, x: torch.Tensor, k: int, model_output: torch.Tensor, *,
+                   seed: int, sample_offset: int = 0, sampler: str = "ancestral", eta: float = 0.0,
+                   clip_denoised: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """One reverse step from x = x_{t_k} [B, C, ...] given the model's output at step index k.
+
+    ancestral (DDPM Algorithm 2, line 4):  x_{t-1} = mu_theta(x_t, t) + sigma_t z,  z = 0 at k = 0;
+        for eps prediction without clipping mu_theta = (x_t - beta_t / sqrt(1 - alphabar_t) eps) / sqrt(alpha_t).
+    ddim (Song et al. 2021, eq. 12):  x_{t-1} = sqrt(alphabar_{t-1}) x0 + sqrt(1 - alphabar_{t-1} - s^2) eps + s z,
+        s = eta sqrt((1 - alphabar_{t-1}) / (1 - alphabar_t)) sqrt(1 - alphabar_t / alphabar_{t-1}).
+    With clip_denoised, x0 is clipped to [-1, 1] and eps recomputed from it.
+    Returns (x_{t-1}, predicted x0).
+    """
+    B = x.shape[0]
+    t_vec = torch.full((B,), k, dtype=torch.int64, device=x.device)
+    p = diffusion.p_mean_variance(None, x, t_vec, clip_denoised=clip_denoised, model_output=model_output)
+    if sampler == "ancestral":
+        if k == 0:
+            return p["mean"], p["pred_x0"]
+        z = noise(seed, int(diffusion.timesteps[k]), x.shape, sample_offset, dtype=x.dtype, device=x.device)
+        return p["mean"] + torch.exp(0.5 * p["log_variance"]) * z, p["pred_x0"]
+    s = diffusion.schedule
+    ab, ab_prev = float(s.alphas_cumprod[k]), float(s.alphas_cumprod_prev[k])
+    sigma = eta * math.sqrt((1.0 - ab_prev) / (1.0 - ab)) * math.sqrt(1.0 - ab / ab_prev)
+    x_prev = math.sqrt(ab_prev) * p["pred_x0"] + math.sqrt(max(1.0 - ab_prev - sigma**2, 0.0)) * p["eps"]
+    if k > 0 and sigma > 0:
+        z = noise(seed, int(diffusion.timesteps[k]), x.shape, sample_offset, dtype=x.dtype, device=x.device)
+        x_prev = x_prev + sigma * z
+    return x_prev, p["pred_x0"]
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Dropout off while sampling; the module's training flag is restored afterwards."""
+    was_training = isinstance(model, torch.nn.Module) and model.training
+    if was_training:
+        model.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            model.train()
+
+
+def model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
+    """Where and in what dtype a model computes: its first parameter's, else CPU float32."""
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            return p.device, p.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def _validate(diffusion: GaussianDiffusion, shape, sampler: str, eta: float) -> tuple[int, ...]:
+    check_choice("sampler", sampler, SAMPLERS)
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 2 or any(s < 1 for s in shape):
+        raise FastDDPMError(f"sample shape must be [B, C, ...] with positive sizes, got {list(shape)}")
+    if not 0.0 <= eta <= 1.0:
+        raise FastDDPMError(f"eta must be in [0, 1], got {eta}")
+    return shape
+
+
+def denoise_loop(model_fn: Callable, diffusion: GaussianDiffusion, x: torch.Tensor, start: int, *, seed: int,
+                 sample_offset: int = 0, sampler: str = "ancestral", eta: float = 0.0, clip_denoised: bool = True,
+                 step_fn: Callable = reference_step, progress: bool = False, callback: Callable | None = None):
+    """Run the reverse process from x = x_{t_start} [B, ...] down to x_0, step indices start .. 0.
+
+    model_fn(x, t) -> output is called with original timesteps. callback, if given, gets a dict
+    (index, k, t, x, pred_x0) after every step: x is the new state, pred_x0 the model's current
+    estimate of the final image (DDPM's progressive generation, sec. 4.4).
+    """
+    B = x.shape[0]
+    tables = diffusion.tables(x.device, torch.float32)
+    for index, k in enumerate(tqdm(range(start, -1, -1), disable=not progress, desc="sampling", unit="step",
+                                   leave=False)):
+        t_model = tables["timesteps"][k].expand(B)
+        out = model_fn(x, t_model)
+        x, pred_x0 = step_fn(diffusion, x, k, out, seed=seed, sample_offset=sample_offset, sampler=sampler,
+                             eta=eta, clip_denoised=clip_denoised)
+        if callback is not None:
+            callback({"index": index, "k": k, "t": int(diffusion.timesteps[k]), "x": x, "pred_x0": pred_x0})
+    return x
+
+
+def _as_model_fn(model, model_dtype: torch.dtype, state_dtype: torch.dtype) -> Callable:
+    if model_dtype == state_dtype:
+        return model
+    return lambda x, t: model(x.to(model_dtype), t).to(state_dtype)
+
+
+@torch.no_grad()
+def sample(model, diffusion: GaussianDiffusion, shape, seed: int = 0, sampler: str = "ancestral", eta: float = 0.0,
+           backend: str = "reference", progress: bool = False, callback: Callable | None = None, *,
+           clip_denoised: bool = True, sample_offset: int = 0, device=None, dtype=None) -> torch.Tensor:
+    """Draw samples of `shape` = [B, C, ...] from the reverse process of `diffusion`.
+
+    model      callable (x_t, t) -> output; an nn.Module runs on its parameters' device, and a
+               half-precision model keeps the sampler state in float32 (the model sees its dtype).
+    diffusion  the process to walk; respace it for fewer steps, e.g. diffusion.respace("ddim50").
+    seed       with sample_offset, fixes every Gaussian (see fastddpm.noise): row b of the result
+               is sample number sample_offset + b of this seed, whatever the batch or backend.
+    sampler    "ancestral" (DDPM Algorithm 2) or "ddim" (eta = 0: deterministic).
+    backend    "reference", "triton", "graph", "compile" or "onnx" (see fastddpm.backends).
+    clip_denoised  clip the predicted x0 to [-1, 1] (images); turn off for unbounded data.
+    device, dtype  override where and in what dtype the state lives (default from the model).
+    Returns x_0 [B, C, ...]; in [-1, 1] when clip_denoised.
+    """
+    shape = _validate(diffusion, shape, sampler, eta)
+    be = get_backend(backend)
+    m_device, m_dtype = model_device_dtype(model)
+    device = torch.device(device) if device is not None else m_device
+    be.check(device)
+    state_dtype = dtype or (torch.float32 if m_dtype in (torch.float16, torch.bfloat16) else m_dtype)
+    kw = dict(seed=seed, sample_offset=sample_offset, sampler=sampler, eta=eta, clip_denoised=clip_denoised,
+              progress=progress, callback=callback)
+    with eval_mode(model):
+        if be.run is not None:  # a backend that owns the whole loop (CUDA graphs, ONNX Runtime)
+            x = be.run(model, diffusion, shape, device=device, dtype=state_dtype, **kw)
+        else:
+            x = noise(seed, XT_STEP, shape, sample_offset, dtype=state_dtype, device=device)
+            fn = be.prepare_model(model) if be.prepare_model is not None else model
+            with group_norm_impl(model, be.group_norm_silu):
+                x = denoise_loop(_as_model_fn(fn, m_dtype, state_dtype), diffusion, x, diffusion.num_steps - 1,
+                                 step_fn=be.step or reference_step, **kw)
+    return x.clamp(-1.0, 1.0) if clip_denoised else x
+
+
+@torch.no_grad()
+def interpolate(model, diffusion: GaussianDiffusion, x0_a: torch.Tensor, x0_b: torch.Tensor, k: int,
+                lambdas, seed: int = 0, clip_denoised: bool = True) -> torch.Tensor:
+    """Interpolate two images through the latent at step index k (DDPM sec. 4.3, Fig. 8).
+
+    x0_a, x0_b [C, H, W] are encoded with the same noise, x_t = q_sample(x0, t_k, eps); the
+    latents are mixed, (1 - lambda) x_t + lambda x'_t, for each lambda in `lambdas` [L], and
+    decoded by the reverse process from step k. Returns [L, C, H, W].
+    """
+    m_device, m_dtype = model_device_dtype(model)
+    state_dtype = torch.float32 if m_dtype in (torch.float16, torch.bfloat16) else m_dtype
+    if not 0 <= k < diffusion.num_steps:
+        raise FastDDPMError(f"step index {k} is outside 0..{diffusion.num_steps - 1}")
+    lam = torch.as_tensor(lambdas, dtype=state_dtype, device=m_device).reshape(-1, *([1] * x0_a.ndim))
+    pair = torch.stack([x0_a, x0_b]).to(m_device, state_dtype)
+    eps = noise(seed, XT_STEP, (1,) + tuple(x0_a.shape), dtype=state_dtype, device=m_device).expand_as(pair)
+    t = torch.full((2,), k, dtype=torch.int64, device=m_device)
+    xt_a, xt_b = diffusion.q_sample(pair, t, eps)
+    x = (1.0 - lam) * xt_a + lam * xt_b
+    with eval_mode(model):
+        out = denoise_loop(_as_model_fn(model, m_dtype, state_dtype), diffusion, x, k, seed=seed,
+                           clip_denoised=clip_denoised)
+    return out.clamp(-1.0, 1.0) if clip_denoised else out

@@ -1,0 +1,174 @@
+"""Noise schedules and the float64 tables every other part indexes.
+
+Notation (Ho et al. 2020, eq. 4-7; Nichol & Dhariwal 2021, sec. 2):
+    beta_t                         variance of the forward step q(x_t | x_{t-1})
+    alpha_t     = 1 - beta_t
+    alphabar_t  = prod_{s <= t} alpha_s           q(x_t | x_0) = N(sqrt(alphabar_t) x_0, 1 - alphabar_t)
+    betatilde_t = beta_t (1 - alphabar_{t-1}) / (1 - alphabar_t)       posterior variance (eq. 7)
+    mu~_t(x_t, x_0) = c1_t x_0 + c2_t x_t,
+        c1_t = beta_t sqrt(alphabar_{t-1}) / (1 - alphabar_t),
+        c2_t = (1 - alphabar_{t-1}) sqrt(alpha_t) / (1 - alphabar_t)
+
+Timesteps are 0-based: t in {0..T-1}; alphabar_{-1} = 1, so betatilde_0 = 0 and its log is
+clipped to log(betatilde_1), as improved-diffusion does.
+
+Everything here is computed once in float64. Backends cast these tables to their compute
+dtype (and move them to their device) themselves; see `Schedule.to`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+
+from .errors import FastDDPMError, check_choice
+
+SCHEDULES = ("linear", "cosine")
+
+
+def make_betas(name: str, T: int) -> torch.Tensor:
+    """Return the float64 beta schedule `name` over `T` steps, shape [T].
+
+    "linear": Ho et al. (2020) sec. 4, beta from 1e-4 to 0.02 at T = 1000, both ends scaled
+        by 1000 / T so that any T gives a comparable process (improved-diffusion's rule).
+    "cosine": Nichol & Dhariwal (2021) eq. 17, alphabar(t) = f(t) / f(0) with
+        f(t) = cos(((t / T) + s) / (1 + s) * pi / 2)^2, s = 0.008, and beta capped at 0.999.
+    """
+    check_choice("schedule", name, SCHEDULES)
+    if not isinstance(T, int) or T < 1:
+        raise FastDDPMError(f"the number of diffusion steps must be a positive integer, got {T!r}")
+    if name == "linear":
+        scale = 1000.0 / T
+        return torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64)
+
+    def alphabar(u: float) -> float:
+        return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = [min(1.0 - alphabar((i + 1) / T) / alphabar(i / T), 0.999) for i in range(T)]
+    return torch.tensor(betas, dtype=torch.float64)
+
+
+def check_betas(betas) -> torch.Tensor:
+    """Validate a user-given beta array and return it as a float64 tensor [T]."""
+    b = torch.as_tensor(betas, dtype=torch.float64).flatten()
+    if b.numel() == 0:
+        raise FastDDPMError("the beta schedule is empty")
+    if not torch.isfinite(b).all() or (b <= 0).any() or (b > 1).any():
+        raise FastDDPMError("every beta must be finite and in (0, 1]")
+    return b
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """All per-timestep tables of one diffusion process, float64 tensors of shape [T]."""
+
+    betas: torch.Tensor
+    alphas: torch.Tensor
+    alphas_cumprod: torch.Tensor
+    alphas_cumprod_prev: torch.Tensor
+    sqrt_alphas_cumprod: torch.Tensor
+    sqrt_one_minus_alphas_cumprod: torch.Tensor
+    log_one_minus_alphas_cumprod: torch.Tensor
+    sqrt_recip_alphas_cumprod: torch.Tensor  # 1 / sqrt(alphabar_t)
+    sqrt_recipm1_alphas_cumprod: torch.Tensor  # sqrt(1 / alphabar_t - 1)
+    posterior_variance: torch.Tensor  # betatilde_t (0 at t = 0)
+    posterior_log_variance_clipped: torch.Tensor  # log betatilde_t, t = 0 uses betatilde_1
+    posterior_mean_coef1: torch.Tensor  # c1_t, multiplies x_0
+    posterior_mean_coef2: torch.Tensor  # c2_t, multiplies x_t
+    fixedlarge_variance: torch.Tensor  # beta_t, except betatilde_1 at t = 0 (DDPM's sigma^2 = beta)
+
+    @classmethod
+    def from_betas(cls, betas) -> "Schedule":
+        b = check_betas(betas)
+        a = 1.0 - b
+        ab = torch.cumprod(a, 0)
+        ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
+        post_var = b * (1.0 - ab_prev) / (1.0 - ab)
+        # betatilde_0 = 0: its log is clipped to the next entry (a single step process keeps 0's log
+        # finite by falling back to beta_0).
+        first = post_var[1] if len(b) > 1 else b[0]
+        post_log = torch.log(torch.cat([first.reshape(1), post_var[1:]]))
+        large = torch.cat([first.reshape(1), b[1:]])
+        return cls(
+            betas=b,
+            alphas=a,
+            alphas_cumprod=ab,
+            alphas_cumprod_prev=ab_prev,
+            sqrt_alphas_cumprod=ab.sqrt(),
+            sqrt_one_minus_alphas_cumprod=(1.0 - ab).sqrt(),
+            log_one_minus_alphas_cumprod=torch.log1p(-ab),
+            sqrt_recip_alphas_cumprod=ab.rsqrt(),
+            sqrt_recipm1_alphas_cumprod=(1.0 / ab - 1.0).sqrt(),
+            posterior_variance=post_var,
+            posterior_log_variance_clipped=post_log,
+            posterior_mean_coef1=b * ab_prev.sqrt() / (1.0 - ab),
+            posterior_mean_coef2=(1.0 - ab_prev) * a.sqrt() / (1.0 - ab),
+            fixedlarge_variance=large,
+        )
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.betas)
+
+    def to(self, device=None, dtype=None) -> "Schedule":
+        """The same tables cast to `dtype` on `device` (a backend's copy; float64 stays canonical)."""
+        return Schedule(**{f.name: getattr(self, f.name).to(device=device, dtype=dtype) for f in fields(self)})
+
+
+def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
+    """Which of `num_timesteps` original steps a respaced process keeps, ascending.
+
+    As improved-diffusion's `respace.space_timesteps`, so that step counts compare:
+      "50"        50 evenly spaced steps (first and last included);
+      "10,20,30"  T split into 3 near-equal sections (the first T mod 3 one step longer),
+                  keeping 10, 20 and 30 evenly spaced steps in each;
+      "ddim50"    the integer stride that gives exactly 50 steps starting at t = 0.
+    """
+    spec = str(spec).strip()
+    if spec.startswith("ddim"):
+        try:
+            want = int(spec[len("ddim"):])
+        except ValueError:
+            raise FastDDPMError(f"bad respacing {spec!r}: expected 'ddimN' with N an integer") from None
+        if want < 1:
+            raise FastDDPMError(f"bad respacing {spec!r}: the step count must be positive")
+        for stride in range(1, num_timesteps + 1):
+            if len(range(0, num_timesteps, stride)) == want:
+                return list(range(0, num_timesteps, stride))
+        raise FastDDPMError(
+            f"cannot keep exactly {want} of {num_timesteps} steps with an integer stride; "
+            f"use '{want}' for evenly spaced steps instead"
+        )
+    try:
+        counts = [int(c) for c in spec.split(",")]
+    except ValueError:
+        raise FastDDPMError(f"bad respacing {spec!r}: expected 'N', 'N1,N2,...' or 'ddimN'") from None
+    if any(c < 1 for c in counts):
+        raise FastDDPMError(f"bad respacing {spec!r}: every step count must be positive")
+    size_per, extra = divmod(num_timesteps, len(counts))
+    kept: list[int] = []
+    start = 0
+    for i, count in enumerate(counts):
+        size = size_per + (1 if i < extra else 0)
+        if count > size:
+            raise FastDDPMError(
+                f"cannot keep {count} steps of a section of {size} (respacing {spec!r} over T={num_timesteps})"
+            )
+        stride = 1.0 if count <= 1 else (size - 1) / (count - 1)
+        kept += [start + round(j * stride) for j in range(count)]
+        start += size
+    return sorted(set(kept))
+
+
+def respaced_betas(alphas_cumprod: torch.Tensor, kept: list[int]) -> torch.Tensor:
+    """Betas of the process that visits only the `kept` steps (Nichol & Dhariwal 2021, sec. 4).
+
+    beta'_k = 1 - alphabar_{t_k} / alphabar_{t_{k-1}}, so the kept steps' alphabar is unchanged.
+    """
+    out, last = [], 1.0
+    for t in kept:
+        ab = float(alphas_cumprod[t])
+        out.append(1.0 - ab / last)
+        last = ab
+    return torch.tensor(out, dtype=torch.float64)
