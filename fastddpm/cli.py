@@ -87,8 +87,30 @@ def _add_bench(sub) -> None:
 
 # ------------------------------------------------------------------------------------------ convert
 def _add_convert(sub) -> None:
-    p = sub.add_parser("convert", help="convert diffusers / pytorch_diffusion weights to a fastddpm checkpoint")
-    p.set_defaults(func=_not_implemented("convert"))
+    p = sub.add_parser(
+        "convert", help="convert diffusers / pytorch_diffusion weights to a fastddpm checkpoint (and back)",
+        description="Convert the DDPM U-Net between layouts; the format of SRC is detected from its contents. "
+                    "SRC a diffusers UNet2DModel folder (config.json + diffusion_pytorch_model.safetensors or .bin; "
+                    "scheduler_config.json beside it or in ../scheduler/ gives the diffusion settings) or a "
+                    "pytorch_diffusion model-*.ckpt: writes the fastddpm checkpoint DST.safetensors. SRC a fastddpm "
+                    "checkpoint: writes the diffusers folder DST (config.json, diffusion_pytorch_model.safetensors, "
+                    "scheduler_config.json).")
+    p.add_argument("src", metavar="SRC", help="diffusers folder or weights file, pytorch_diffusion .ckpt, or a "
+                                              "fastddpm .safetensors checkpoint")
+    p.add_argument("--out", required=True, metavar="DST", help="DST.safetensors (import) or a folder (export)")
+    p.add_argument("--image-size", type=_positive_int, default=None,
+                   help="pytorch_diffusion only: training resolution (default: 32 for 4 levels, 256 for 6)")
+    p.add_argument("--var-type", default=None, choices=["fixedlarge", "fixedsmall"],
+                   help="override the reverse variance (default: the scheduler config's; without one, DDPM's: "
+                        "fixedlarge at 32x32, fixedsmall otherwise)")
+    p.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args) -> int:
+    from .convert import ConvertRequest, convert
+
+    print(convert(ConvertRequest(src=args.src, out=args.out, image_size=args.image_size, var_type=args.var_type)))
+    return 0
 
 
 def _not_implemented(name: str):

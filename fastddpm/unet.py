@@ -45,6 +45,7 @@ class UNetConfig:
     dropout: float = 0.1
     num_groups: int = 32
     learn_sigma: bool = False  # IDDPM: twice the output channels, the second half parameterises Sigma
+    norm_eps: float = 1e-5  # GroupNorm epsilon; DDPM's TF code and diffusers' ddpm-* configs use 1e-6
     out_channels: int = field(init=False)
 
     def __post_init__(self):
@@ -116,12 +117,12 @@ def _zero(module: nn.Module) -> nn.Module:
 
 
 class ResBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, emb_ch: int, dropout: float, groups: int):
+    def __init__(self, in_ch: int, out_ch: int, emb_ch: int, dropout: float, groups: int, eps: float = 1e-5):
         super().__init__()
-        self.norm1 = GroupNormAct(in_ch, groups)
+        self.norm1 = GroupNormAct(in_ch, groups, eps=eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb_proj = nn.Linear(emb_ch, out_ch)
-        self.norm2 = GroupNormAct(out_ch, groups)
+        self.norm2 = GroupNormAct(out_ch, groups, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -136,9 +137,9 @@ class ResBlock(nn.Module):
 class AttentionBlock(nn.Module):
     """Single-head self-attention over spatial positions (DDPM's attn_block)."""
 
-    def __init__(self, ch: int, groups: int):
+    def __init__(self, ch: int, groups: int, eps: float = 1e-5):
         super().__init__()
-        self.norm = GroupNormAct(ch, groups, silu=False)
+        self.norm = GroupNormAct(ch, groups, silu=False, eps=eps)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.proj = _zero(nn.Conv2d(ch, ch, 1))
 
@@ -176,7 +177,7 @@ class UNet(nn.Module):
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = c = config
-        ch, emb_ch, G = c.model_channels, 4 * c.model_channels, c.num_groups
+        ch, emb_ch, G, eps = c.model_channels, 4 * c.model_channels, c.num_groups, c.norm_eps
         self.time_embed = nn.Sequential(nn.Linear(ch, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
         self.conv_in = nn.Conv2d(c.in_channels, ch, 3, padding=1)
 
@@ -184,10 +185,10 @@ class UNet(nn.Module):
         skips, cur, res = [ch], ch, c.image_size
         for level, mult in enumerate(c.channel_mult):
             for _ in range(c.num_res_blocks):
-                block = nn.ModuleList([ResBlock(cur, ch * mult, emb_ch, c.dropout, G)])
+                block = nn.ModuleList([ResBlock(cur, ch * mult, emb_ch, c.dropout, G, eps)])
                 cur = ch * mult
                 if res in c.attention_resolutions:
-                    block.append(AttentionBlock(cur, G))
+                    block.append(AttentionBlock(cur, G, eps))
                 self.down.append(block)
                 skips.append(cur)
             if level != len(c.channel_mult) - 1:
@@ -195,22 +196,22 @@ class UNet(nn.Module):
                 skips.append(cur)
                 res //= 2
 
-        self.mid = nn.ModuleList([ResBlock(cur, cur, emb_ch, c.dropout, G), AttentionBlock(cur, G),
-                                  ResBlock(cur, cur, emb_ch, c.dropout, G)])
+        self.mid = nn.ModuleList([ResBlock(cur, cur, emb_ch, c.dropout, G, eps), AttentionBlock(cur, G, eps),
+                                  ResBlock(cur, cur, emb_ch, c.dropout, G, eps)])
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(c.channel_mult))):
             for i in range(c.num_res_blocks + 1):
-                block = nn.ModuleList([ResBlock(cur + skips.pop(), ch * mult, emb_ch, c.dropout, G)])
+                block = nn.ModuleList([ResBlock(cur + skips.pop(), ch * mult, emb_ch, c.dropout, G, eps)])
                 cur = ch * mult
                 if res in c.attention_resolutions:
-                    block.append(AttentionBlock(cur, G))
+                    block.append(AttentionBlock(cur, G, eps))
                 if level and i == c.num_res_blocks:
                     block.append(Upsample(cur))
                     res *= 2
                 self.up.append(block)
 
-        self.norm_out = GroupNormAct(cur, G)
+        self.norm_out = GroupNormAct(cur, G, eps=eps)
         self.conv_out = _zero(nn.Conv2d(cur, c.out_channels, 3, padding=1))
 
     @classmethod

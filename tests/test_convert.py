@@ -1,0 +1,342 @@
+"""Checkpoint conversion: diffusers UNet2DModel / pytorch_diffusion <-> fastddpm.
+
+diffusers is the reference here (a test-only peer): a UNet2DModel built from the
+ddpm-cifar10-32 configuration with random weights (nothing is downloaded) is written with
+its own save_pretrained, converted by `fastddpm convert`, and the two networks must agree on
+fresh random inputs and timesteps to fp32 precision (relative error 1e-5; measured ~2e-6).
+Most cases use a reduced width/depth variant of that config (3 levels, 32 channels, 16x16,
+attention at 8x8) so they run in a second; one case runs the full 35.7M-parameter model.
+"""
+import json
+import pickle
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from fastddpm.checkpoint import load_checkpoint, save_checkpoint
+from fastddpm.cli import main
+from fastddpm.convert import diffusion_from_scheduler
+from fastddpm.noise import noise
+from fastddpm.sampling import reference_step
+from fastddpm.schedule import make_betas
+from fastddpm.unet import UNet, UNetConfig, count_parameters
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers import DDPMScheduler, UNet2DModel  # noqa: E402
+
+from helpers import randomized_unet, rel_err  # noqa: E402
+
+# google/ddpm-cifar10-32's config.json as the hub serves it (keys of diffusers 0.0.4: no
+# attention_head_dim, which meant one attention head then).
+CIFAR10_CONFIG = {
+    "_class_name": "UNet2DModel", "_diffusers_version": "0.0.4", "act_fn": "silu",
+    "block_out_channels": [128, 256, 256, 256], "center_input_sample": False,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+    "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": 3, "layers_per_block": 2,
+    "mid_block_scale_factor": 1, "norm_eps": 1e-06, "norm_num_groups": 32, "out_channels": 3, "sample_size": 32,
+    "time_embedding_type": "positional", "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+}
+# The same family, reduced: 3 levels of 32/64/64 channels at 16x16, attention at 8x8, 8 groups.
+SMALL_CONFIG = {**CIFAR10_CONFIG, "block_out_channels": [32, 64, 64], "norm_num_groups": 8, "sample_size": 16,
+                "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
+                "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"], "attention_head_dim": None}
+CIFAR10_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                         variance_type="fixed_large", clip_sample=True)
+TOL = 1e-5  # fp32 relative error
+
+
+def diffusers_unet(config: dict, seed: int = 0) -> UNet2DModel:
+    """UNet2DModel of `config` with every parameter random (norms get a random affine too).
+
+    A config without attention_head_dim (diffusers 0.0.4's) meant one head; today's UNet2DModel
+    would read the missing key as 8, so it is passed explicitly.
+    """
+    torch.manual_seed(seed)
+    kwargs = {"attention_head_dim": None, **{k: v for k, v in config.items() if not k.startswith("_")}}
+    model = UNet2DModel(**kwargs)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.GroupNorm):
+                m.weight.copy_(1.0 + 0.2 * torch.randn_like(m.weight))
+                m.bias.copy_(0.2 * torch.randn_like(m.bias))
+    return model.eval()
+
+
+def random_inputs(batch: int, size: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, size, size, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    return x, t
+
+
+def run_cli(args, capsys) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def converted_outputs(tmp_path, dmodel: UNet2DModel, src, capsys, size: int, extra=()):
+    """Convert `src` with the CLI; (fastddpm output, diffusers output, loaded model, diffusion, meta)."""
+    dst = tmp_path / "converted.safetensors"
+    code, out, err = run_cli(["convert", src, "--out", dst, *extra], capsys)
+    assert code == 0, err
+    model, diffusion, meta = load_checkpoint(dst)
+    x, t = random_inputs(3, size)
+    with torch.no_grad():
+        ours, theirs = model(x, t), dmodel(x, t).sample
+    return ours, theirs, model, diffusion, meta
+
+
+# ------------------------------------------------------------------------------------ diffusers in
+@pytest.mark.parametrize("safe_serialization", [True, False], ids=["safetensors", "bin"])
+def test_diffusers_folder_converts_and_matches(tmp_path, capsys, safe_serialization):
+    dmodel = diffusers_unet(SMALL_CONFIG)
+    folder = tmp_path / "ddpm"
+    dmodel.save_pretrained(folder, safe_serialization=safe_serialization)
+    DDPMScheduler(**CIFAR10_SCHEDULER).save_pretrained(folder)
+    ours, theirs, model, diffusion, meta = converted_outputs(tmp_path, dmodel, folder, capsys, 16)
+    assert rel_err(ours, theirs) < TOL
+    assert count_parameters(model) == sum(p.numel() for p in dmodel.parameters())
+    assert model.config.norm_eps == 1e-6 and model.config.attention_resolutions == (8,)
+    # The diffusion settings came along: DDPM's linear schedule, T = 1000, sigma^2 = beta, clipping.
+    assert diffusion.var_type == "fixedlarge" and diffusion.mean_type == "eps"
+    torch.testing.assert_close(diffusion.schedule.betas, make_betas("linear", 1000), rtol=0, atol=0)
+    assert meta["clip_denoised"] is True and meta["converted_from"] == "diffusers"
+
+
+def test_legacy_attention_names_and_pipeline_layout(tmp_path, capsys):
+    """Weights saved before diffusers 0.13 (query/key/value/proj_attn), in a pipeline's unet/ + scheduler/."""
+    from safetensors.torch import save_file
+
+    dmodel = diffusers_unet(SMALL_CONFIG, seed=3)
+    legacy = {}
+    for k, v in dmodel.state_dict().items():
+        for new, old in (("to_q", "query"), ("to_k", "key"), ("to_v", "value"), ("to_out.0", "proj_attn")):
+            k = k.replace(f".{new}.", f".{old}.")
+        legacy[k] = v.contiguous()
+    assert any(".query." in k for k in legacy)
+    (tmp_path / "pipe" / "unet").mkdir(parents=True)
+    config = {k: v for k, v in SMALL_CONFIG.items() if k != "attention_head_dim"}  # as the 0.0.4 configs
+    (tmp_path / "pipe" / "unet" / "config.json").write_text(json.dumps(config))
+    save_file(legacy, tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.safetensors")
+    DDPMScheduler(**{**CIFAR10_SCHEDULER, "variance_type": "fixed_small"}).save_pretrained(tmp_path / "pipe" / "scheduler")
+    ours, theirs, _, diffusion, _ = converted_outputs(tmp_path, dmodel, tmp_path / "pipe", capsys, 16)
+    assert rel_err(ours, theirs) < TOL
+    assert diffusion.var_type == "fixedsmall"
+
+
+@pytest.mark.slow
+def test_full_size_ddpm_cifar10_parity(tmp_path, capsys):
+    """The real ddpm-cifar10-32 architecture (35,746,307 parameters), random weights."""
+    dmodel = diffusers_unet(CIFAR10_CONFIG)
+    dmodel.save_pretrained(tmp_path / "ddpm-cifar10-32")
+    DDPMScheduler(**CIFAR10_SCHEDULER).save_pretrained(tmp_path / "ddpm-cifar10-32")
+    ours, theirs, model, diffusion, _ = converted_outputs(tmp_path, dmodel, tmp_path / "ddpm-cifar10-32", capsys, 32)
+    assert count_parameters(model) == 35_746_307
+    assert rel_err(ours, theirs) < TOL
+    assert diffusion.var_type == "fixedlarge" and diffusion.num_timesteps == 1000
+
+
+def test_converted_checkpoint_samples_from_the_cli(tmp_path, capsys):
+    dmodel = diffusers_unet(SMALL_CONFIG)
+    dmodel.save_pretrained(tmp_path / "ddpm")
+    DDPMScheduler(**CIFAR10_SCHEDULER).save_pretrained(tmp_path / "ddpm")
+    ckpt = tmp_path / "ddpm.safetensors"
+    assert run_cli(["convert", tmp_path / "ddpm", "--out", ckpt], capsys)[0] == 0
+    code, _, err = run_cli(["sample", "--checkpoint", ckpt, "--steps", "3", "--batch", "2", "--device", "cpu",
+                            "--no-progress", "--out", tmp_path / "samples"], capsys)
+    assert code == 0, err
+    images = np.load(tmp_path / "samples" / "samples.npz")["arr_0"]
+    assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8 and images.std() > 0
+
+
+# ------------------------------------------------------------------------------------ diffusers out
+def test_export_round_trip_through_diffusers(tmp_path, capsys):
+    model = randomized_unet("tiny", seed=5, norm_eps=1e-6)
+    diffusion = diffusion_from_scheduler(CIFAR10_SCHEDULER)[0]
+    save_checkpoint(tmp_path / "ours.safetensors", model, diffusion)
+    code, _, err = run_cli(["convert", tmp_path / "ours.safetensors", "--out", tmp_path / "exported"], capsys)
+    assert code == 0, err
+    dmodel = UNet2DModel.from_pretrained(tmp_path / "exported").eval()
+    sched = DDPMScheduler.from_pretrained(tmp_path / "exported")
+    assert sched.config.variance_type == "fixed_large" and sched.config.clip_sample
+    assert sched.config.beta_schedule == "linear" and sched.config.num_train_timesteps == 1000
+    x, t = random_inputs(2, 16, seed=7)
+    with torch.no_grad():
+        assert rel_err(dmodel(x, t).sample, model(x, t)) < TOL
+    # ... and back: the same tensors, bit for bit.
+    code, _, err = run_cli(["convert", tmp_path / "exported", "--out", tmp_path / "back.safetensors"], capsys)
+    assert code == 0, err
+    back, back_diffusion, _ = load_checkpoint(tmp_path / "back.safetensors")
+    assert back.config == model.config
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    torch.testing.assert_close(back_diffusion.schedule.betas, diffusion.schedule.betas, rtol=0, atol=0)
+
+
+def test_export_refuses_a_safetensors_destination(tmp_path, capsys):
+    save_checkpoint(tmp_path / "ours.safetensors", UNet.from_preset("tiny"), diffusion_from_scheduler({})[0])
+    code, _, err = run_cli(["convert", tmp_path / "ours.safetensors", "--out", tmp_path / "x.safetensors"], capsys)
+    assert code == 2 and "folder" in err and len(err.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------- pytorch_diffusion
+def to_pytorch_diffusion_layout(sd: dict, levels: int) -> dict:
+    """Rename a diffusers DDPM state dict to pesser/pytorch_diffusion's names (its model.py),
+    written here independently of fastddpm.convert with plain regular expressions."""
+    out = {}
+    for k, v in sd.items():
+        n = k.replace("time_embedding.linear_1", "temb.dense.0").replace("time_embedding.linear_2", "temb.dense.1")
+        n = n.replace("conv_norm_out", "norm_out")
+        n = n.replace("mid_block.resnets.0", "mid.block_1").replace("mid_block.resnets.1", "mid.block_2")
+        n = n.replace("mid_block.attentions.0", "mid.attn_1")
+        m = re.match(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.*)", n)
+        if m:
+            side, i, kind, j, rest = m.groups()
+            level = int(i) if side == "down" else levels - 1 - int(i)
+            part = {"resnets": f"block.{j}", "attentions": f"attn.{j}", "downsamplers": "downsample",
+                    "upsamplers": "upsample"}[kind]
+            n = f"{side}.{level}.{part}.{rest}"
+        n = n.replace("time_emb_proj", "temb_proj").replace("conv_shortcut", "nin_shortcut")
+        n = n.replace("group_norm", "norm").replace("to_out.0", "proj_out")
+        n = re.sub(r"\.to_([qkv])\.", r".\1.", n)
+        if re.search(r"\.(q|k|v|proj_out)\.weight$", n):
+            v = v[:, :, None, None]  # pytorch_diffusion's projections are 1x1 convs
+        out[n] = v.clone()
+    return out
+
+
+def test_pytorch_diffusion_ckpt_converts_and_matches(tmp_path, capsys):
+    dmodel = diffusers_unet({**SMALL_CONFIG, "norm_num_groups": 32}, seed=11)  # pytorch_diffusion: always 32
+    ckpt = tmp_path / "ema_diffusion_model" / "model-790000.ckpt"
+    ckpt.parent.mkdir()
+    torch.save(to_pytorch_diffusion_layout(dmodel.state_dict(), 3), ckpt)
+    ours, theirs, model, diffusion, meta = converted_outputs(tmp_path, dmodel, ckpt, capsys, 16,
+                                                             extra=["--image-size", "16", "--var-type", "fixedlarge"])
+    assert rel_err(ours, theirs) < TOL
+    assert model.config.attention_resolutions == (8,) and model.config.norm_eps == 1e-6
+    assert diffusion.var_type == "fixedlarge" and meta["converted_from"] == "pytorch_diffusion"
+    torch.testing.assert_close(diffusion.schedule.betas, make_betas("linear", 1000), rtol=0, atol=0)
+
+
+def test_pytorch_diffusion_needs_the_image_size_when_it_cannot_be_guessed(tmp_path, capsys):
+    dmodel = diffusers_unet(SMALL_CONFIG)
+    torch.save(to_pytorch_diffusion_layout(dmodel.state_dict(), 3), tmp_path / "model.ckpt")
+    code, _, err = run_cli(["convert", tmp_path / "model.ckpt", "--out", tmp_path / "o.safetensors"], capsys)
+    assert code == 2 and "--image-size" in err and "3 resolution levels" in err
+
+
+# ------------------------------------------------------------------------------- scheduler step
+@pytest.mark.parametrize("variance", ["fixed_large", "fixed_small"])
+def test_one_ddpm_scheduler_step_matches_reference_step(monkeypatch, variance):
+    """DDPMScheduler.step against fastddpm's reference_step, the same z injected into diffusers.
+
+    float64 with diffusers' tables set to our float64 betas: the update formulas agree to 1e-12.
+    float32 as each ships: agree to 1e-5 for t >= 37. Below that diffusers' float32 step is itself
+    off (beta_t = 1 - alphabar_t / alphabar_{t-1} cancels: 4.5e-5 relative at t = 1) while ours
+    stays within 1e-6 of the float64 result, which the last assertion checks.
+    """
+    import diffusers.schedulers.scheduling_ddpm as ddpm
+
+    sched = DDPMScheduler(**{**CIFAR10_SCHEDULER, "variance_type": variance})
+    diffusion, meta = diffusion_from_scheduler(dict(sched.config))
+    assert diffusion.var_type == variance.replace("_", "") and meta["clip_denoised"]
+    sched64 = DDPMScheduler(**{**CIFAR10_SCHEDULER, "variance_type": variance})
+    betas = diffusion.schedule.betas
+    sched64.betas, sched64.alphas = betas, 1.0 - betas
+    sched64.alphas_cumprod, sched64.one = torch.cumprod(1.0 - betas, 0), torch.tensor(1.0, dtype=torch.float64)
+    seed, g = 123, torch.Generator().manual_seed(0)
+    for t in (999, 500, 37, 1, 0):
+        x = torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64)
+        eps = torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64)
+        z = noise(seed, t, x.shape, dtype=torch.float64)
+        monkeypatch.setattr(ddpm, "randn_tensor", lambda shape, dtype=None, **kw: z.reshape(shape).to(dtype))
+        ours64, x0_64 = reference_step(diffusion, x, t, eps, seed=seed)
+        theirs64 = sched64.step(eps, t, x)
+        assert rel_err(ours64, theirs64.prev_sample) < 1e-12, t
+        assert rel_err(x0_64, theirs64.pred_original_sample) < 1e-12, t
+        ours32, _ = reference_step(diffusion, x.float(), t, eps.float(), seed=seed)
+        assert rel_err(ours32, ours64) < 1e-6, t
+        if t >= 37:
+            assert rel_err(ours32, sched.step(eps.float(), t, x.float()).prev_sample) < TOL, t
+
+
+# ------------------------------------------------------------------------------------- bad input
+def _small_folder(tmp_path, mutate_state=None, mutate_config=None):
+    dmodel = diffusers_unet(SMALL_CONFIG)
+    folder = tmp_path / "bad"
+    dmodel.save_pretrained(folder)
+    if mutate_state is not None:
+        from safetensors.torch import load_file, save_file
+        sd = load_file(folder / "diffusion_pytorch_model.safetensors")
+        mutate_state(sd)
+        save_file(sd, folder / "diffusion_pytorch_model.safetensors")
+    if mutate_config is not None:
+        cfg = json.loads((folder / "config.json").read_text())
+        mutate_config(cfg)
+        (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.mark.parametrize("case, mutate, expected", [
+    ("missing", lambda sd: sd.pop("down_blocks.1.attentions.0.to_k.weight"),
+     ["missing keys", "down_blocks.1.attentions.0.to_k.weight"]),
+    ("unexpected", lambda sd: sd.update({"extra.head.weight": torch.ones(2)}),
+     ["unexpected keys", "extra.head.weight"]),
+    ("shape", lambda sd: sd.update({"conv_in.weight": torch.ones(32, 3, 5, 5)}),
+     ["shape mismatches", "conv_in.weight (32, 3, 5, 5) (expected (32, 3, 3, 3))"]),
+])
+def test_key_problems_are_named_with_exit_2(tmp_path, capsys, case, mutate, expected):
+    folder = _small_folder(tmp_path, mutate_state=mutate)
+    dst = tmp_path / "o.safetensors"
+    code, _, err = run_cli(["convert", folder, "--out", dst], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    for text in expected:
+        assert text in err
+    assert not dst.exists()
+
+
+def test_unsupported_config_is_named(tmp_path, capsys):
+    folder = _small_folder(tmp_path, mutate_config=lambda c: c.update(flip_sin_to_cos=True))
+    code, _, err = run_cli(["convert", folder, "--out", tmp_path / "o.safetensors"], capsys)
+    assert code == 2 and "flip_sin_to_cos=True" in err
+    folder = _small_folder(tmp_path, mutate_config=lambda c: c.update(attention_head_dim=8))
+    code, _, err = run_cli(["convert", folder, "--out", tmp_path / "o.safetensors"], capsys)
+    assert code == 2 and "one head" in err
+
+
+def test_pickled_code_is_never_run(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    with open(tmp_path / "evil.ckpt", "wb") as f:
+        pickle.dump({"temb.dense.0.weight": Evil()}, f, protocol=2)
+    code, _, err = run_cli(["convert", tmp_path / "evil.ckpt", "--out", tmp_path / "o.safetensors"], capsys)
+    assert code == 2 and "weights_only" in err
+    assert not marker.exists()
+
+
+def test_missing_and_foreign_sources(tmp_path, capsys):
+    code, _, err = run_cli(["convert", tmp_path / "nope", "--out", tmp_path / "o.safetensors"], capsys)
+    assert code == 2 and "does not exist" in err
+    torch.save({"foo.weight": torch.ones(1)}, tmp_path / "foreign.pt")
+    code, _, err = run_cli(["convert", tmp_path / "foreign.pt", "--out", tmp_path / "o.safetensors"], capsys)
+    assert code == 2 and "neither" in err
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(["convert", tmp_path / "empty", "--out", tmp_path / "o.safetensors"], capsys)
+    assert code == 2 and "config.json" in err
+
+
+def test_unet_config_norm_eps_round_trips_and_defaults():
+    """Checkpoints written before UNetConfig had norm_eps load with the old 1e-5."""
+    c = UNetConfig(norm_eps=1e-6)
+    assert UNetConfig.from_dict(c.to_dict()) == c
+    d = c.to_dict()
+    d.pop("norm_eps")
+    assert UNetConfig.from_dict(d).norm_eps == 1e-5
+    assert UNet(c).norm_out.eps == 1e-6 and UNet(c).mid[1].norm.eps == 1e-6
