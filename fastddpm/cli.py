@@ -81,8 +81,34 @@ def _add_export(sub) -> None:
 
 # ------------------------------------------------------------------------------------------ bench
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="side-by-side throughput of every backend")
-    p.set_defaults(func=_not_implemented("bench"))
+    from .bench import ROWS as BENCH_ROWS
+
+    p = sub.add_parser("bench", help="side-by-side throughput of every backend and of diffusers",
+                       description="Time sampling on every backend that can run on the device, side by side with "
+                                   "diffusers (UNet2DModel + DDPMScheduler, eager and compiled; random weights), "
+                                   "after measuring the device's matmul peak and copy bandwidth. Prints one table; "
+                                   "--json also writes it. On a CPU try --model tiny.")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--model", default="cifar10", help="U-Net preset with random weights: cifar10 (default) or tiny")
+    p.add_argument("--steps", type=_positive_int, default=100, help="sampling steps per run (default 100)")
+    p.add_argument("--batch", type=_positive_int, default=64, help="images per run (default 64)")
+    p.add_argument("--backends", default=",".join(BENCH_ROWS), metavar="a,b,...",
+                   help=f"rows to time, comma-separated (default all: {','.join(BENCH_ROWS)})")
+    p.add_argument("--repeat", type=_positive_int, default=3, help="timed runs per row; the median is reported "
+                                                                   "(default 3)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the table as JSON to FILE")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    from .bench import BenchRequest, format_table, run_bench
+
+    request = BenchRequest(device=args.device, model=args.model, steps=args.steps, batch=args.batch,
+                           backends=tuple(args.backends.split(",")), repeat=args.repeat, json=args.json)
+    print(format_table(run_bench(request)))
+    if args.json:
+        print(f"wrote {args.json}")
+    return 0
 
 
 # ------------------------------------------------------------------------------------------ convert

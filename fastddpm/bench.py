@@ -1,0 +1,532 @@
+"""The side-by-side throughput table behind `fastddpm bench`.
+
+One process times every sampling engine that can run on the device, on the same batch, the
+same number of steps and the same device, each drawing samples from x_T to x_0:
+
+    reference          fastddpm, plain eager PyTorch, float32, NCHW (the ground truth)
+    eager-bf16         fastddpm, plain eager PyTorch, bfloat16 weights, channels-last
+    compile, triton,   fastddpm's fast backends (fastddpm.backends), in the fast dtype
+    graph, onnx        (bfloat16 on CUDA, float32 on a CPU), channels-last
+    diffusers          the peer: diffusers' UNet2DModel in the google/ddpm-cifar10-32 layout
+                       (random weights, nothing downloaded) with its DDPMScheduler, in the
+                       loop DDPMPipeline runs, in the fast dtype
+    diffusers-compile  the same under torch.compile, channels-last, as diffusers recommends
+
+Before the rows, the device's two ceilings are measured in the same run: the matrix-product
+peak (a large bfloat16 matmul on CUDA, float32 on a CPU) and copy bandwidth (bytes read plus
+bytes written). Each row is warmed up first with a short run (compilation, graph capture and
+autotuning land there and are reported apart), then timed `repeat` times, synchronised, and
+the median is reported:
+
+    images/s = batch / seconds           ms/step = 1000 seconds / steps
+    TFLOP/s  = GFLOP(forward, 1 image) * batch * steps / seconds / 1000
+    of peak  = TFLOP/s / measured peak
+
+FLOPs come from torch's FLOP counter (convolutions, linear layers and attention matmuls): for
+the cifar10 preset 12.44 GFLOP per image forward, attention included, against the 12.1 the
+DDPM literature quotes without it; the diffusers model is counted the same way. A backend that
+cannot run here (BackendUnavailableError, "not implemented", no CUDA, no diffusers) becomes a
+`skipped` row with the reason; one that breaks becomes a `failed` row; the table always prints.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import functools
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .backends import get_backend
+from .errors import FastDDPMError
+from .files import atomic_write_bytes, ensure_writable_dir
+from .generate import default_diffusion, forward_gflops, resolve_device, respaced_for
+from .sampling import sample
+from .unet import PRESETS, UNet, UNetConfig, count_parameters
+
+SCHEMA = "fastddpm-bench/1"
+FASTDDPM_ROWS = ("reference", "eager-bf16", "compile", "triton", "graph", "onnx")
+PEER_ROWS = ("diffusers", "diffusers-compile")
+ROWS = FASTDDPM_ROWS + PEER_ROWS
+# The warm-up run: enough steps for compilation, graph capture and any recompilation on a new
+# timestep value to happen before the timed runs, few enough to stay cheap.
+WARMUP_STEPS = 3
+SEED = 0
+
+# google/ddpm-cifar10-32's scheduler_config.json: linear betas 1e-4 .. 0.02 over T = 1000,
+# sigma_t^2 = beta_t ("fixed_large"), x0 clipped to [-1, 1]. Same process as default_diffusion().
+DDPM_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                             variance_type="fixed_large", clip_sample=True)
+
+
+@dataclass
+class BenchRequest:
+    """Everything `fastddpm bench` takes (see `fastddpm bench --help`)."""
+
+    device: str = "auto"
+    model: str = "cifar10"
+    steps: int = 100
+    batch: int = 64
+    backends: tuple[str, ...] = ROWS
+    repeat: int = 3
+    json: str | None = None
+    progress: bool = True  # one line per row on stderr while it runs
+
+
+@dataclass
+class Row:
+    """One line of the table. `seconds` holds every timed run; the figures are their median."""
+
+    name: str
+    engine: str  # "fastddpm" or "diffusers"
+    dtype: str
+    layout: str  # "NCHW" or "channels-last"
+    status: str = "ok"  # "ok", "skipped" (cannot run here) or "failed" (raised while running)
+    reason: str = ""
+    notes: str = ""
+    warmup_s: float | None = None
+    seconds: list[float] = field(default_factory=list)
+    median_s: float | None = None
+    images_per_s: float | None = None
+    ms_per_step: float | None = None
+    tflops: float | None = None
+    peak_fraction: float | None = None
+    speedup_vs_reference: float | None = None
+    speedup_vs_diffusers: float | None = None
+    rel_err_vs_reference: float | None = None
+    peak_memory_gib: float | None = None
+
+
+# ----------------------------------------------------------------------------------- device ceilings
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_seconds(fn: Callable[[], object], device: torch.device, repeat: int, warmup: int = 2) -> float:
+    """Median wall time of fn() over `repeat` synchronised calls, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        _synchronize(device)
+        start = time.perf_counter()
+        fn()
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_peak_tflops(device: torch.device) -> dict:
+    """The matrix-product ceiling measured here: n x n x n matmuls on random data.
+
+    CUDA: bfloat16, n = 8192 (2 n^3 = 1.1 TFLOP a product, large enough to fill an H100).
+    CPU: float32, n = 1024 (2.1 GFLOP, a fraction of a second on a few cores).
+    Returns {"tflops", "dtype", "n"}; TFLOP/s = 2 n^3 / median seconds.
+    """
+    cuda = device.type == "cuda"
+    n, dtype = (8192, torch.bfloat16) if cuda else (1024, torch.float32)
+    gen = torch.Generator(device).manual_seed(SEED)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    seconds = _median_seconds(lambda: a @ b, device, repeat=10 if cuda else 5)
+    return {"tflops": 2 * n**3 / seconds / 1e12, "dtype": str(dtype).removeprefix("torch."), "n": n}
+
+
+def measure_copy_gbps(device: torch.device) -> dict:
+    """Copy bandwidth measured here: dst.copy_(src) of a buffer far larger than the caches.
+
+    CUDA: 1 GiB; CPU: 64 MiB. GB/s counts bytes read plus bytes written (2 x size / seconds).
+    """
+    cuda = device.type == "cuda"
+    nbytes = (1 << 30) if cuda else (64 << 20)
+    src = torch.rand(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    seconds = _median_seconds(lambda: dst.copy_(src), device, repeat=10 if cuda else 5)
+    return {"gbps": 2 * nbytes / seconds / 1e9, "bytes": nbytes}
+
+
+# ----------------------------------------------------------------------------------- the peer
+def diffusers_unet_kwargs(config: UNetConfig) -> dict:
+    """UNet2DModel keyword arguments for the same architecture as `config`.
+
+    For the cifar10 preset these are google/ddpm-cifar10-32's config.json values (35,746,307
+    parameters, as fastddpm's). A level gets an Attn block where fastddpm puts attention.
+    """
+    down, res = [], config.image_size
+    for level in range(len(config.channel_mult)):
+        down.append("AttnDownBlock2D" if res in config.attention_resolutions else "DownBlock2D")
+        if level != len(config.channel_mult) - 1:
+            res //= 2
+    up = [name.replace("Down", "Up") for name in reversed(down)]
+    return dict(sample_size=config.image_size, in_channels=config.in_channels, out_channels=config.out_channels,
+                layers_per_block=config.num_res_blocks,
+                block_out_channels=tuple(config.model_channels * m for m in config.channel_mult),
+                down_block_types=tuple(down), up_block_types=tuple(up), norm_num_groups=config.num_groups,
+                norm_eps=1e-6, act_fn="silu", attention_head_dim=None, center_input_sample=False,
+                downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, mid_block_scale_factor=1,
+                time_embedding_type="positional")
+
+
+@functools.lru_cache(maxsize=8)
+def diffusers_forward_gflops(config: UNetConfig) -> float:
+    """GFLOP of one forward of the diffusers twin of `config`, one image, by torch's FLOP counter."""
+    from diffusers import UNet2DModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = UNet2DModel(**diffusers_unet_kwargs(config))
+        x = torch.zeros(1, config.in_channels, config.image_size, config.image_size)
+        t = torch.zeros(1, dtype=torch.int64)
+    with FlopCounterMode(display=False) as counter:
+        model(x, t)
+    return counter.get_total_flops() / 1e9
+
+
+def _diffusers_sampler(config: UNetConfig, shape, device: torch.device, dtype: torch.dtype,
+                       compiled: bool) -> tuple[Callable[[int], torch.Tensor], str]:
+    """(run(steps) -> x_0, notes): DDPMPipeline's loop over a random-weight UNet2DModel.
+
+    The loop is DDPMPipeline.__call__ without its conversion to images: x_T and the state in the
+    UNet's dtype, unet(x, t).sample, then scheduler.step(...).prev_sample for each timestep.
+    """
+    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from diffusers.utils import logging as diffusers_logging
+
+    torch.manual_seed(SEED)
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # .to(dtype) warns about from_pretrained's torch_dtype
+    try:
+        unet = UNet2DModel(**diffusers_unet_kwargs(config)).to(device=device, dtype=dtype).eval()
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    notes = "DDPMPipeline loop"
+    if compiled:
+        unet = unet.to(memory_format=torch.channels_last)
+        mode = "reduce-overhead" if device.type == "cuda" else "default"
+        unet = torch.compile(unet, mode=mode)
+        notes += f", torch.compile mode={mode}"
+    scheduler = DDPMScheduler(**DDPM_SCHEDULER_CONFIG)
+
+    @torch.no_grad()
+    def run(steps: int) -> torch.Tensor:
+        scheduler.set_timesteps(steps, device=device)
+        generator = torch.Generator(device).manual_seed(SEED)
+        x = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        for t in scheduler.timesteps:
+            eps = unet(x, t).sample
+            x = scheduler.step(eps, t, x, generator=generator).prev_sample
+        return x
+
+    return run, notes
+
+
+# ----------------------------------------------------------------------------------- fastddpm rows
+def random_model(preset: str, device: torch.device) -> UNet:
+    """The preset with seeded random weights, its zero-initialised output convs re-randomised.
+
+    DDPM starts conv2, proj and conv_out at zero; a random-weight model would then predict
+    eps = 0 exactly, so the rows would be compared on a degenerate function.
+    """
+    torch.manual_seed(SEED)
+    model = UNet.from_preset(preset)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d) and not m.weight.any():
+            m.reset_parameters()
+    return model.to(device).eval()
+
+
+def _fastddpm_sampler(name: str, base: UNet, shape, device: torch.device,
+                      dtype: torch.dtype) -> tuple[Callable, str, str]:
+    """(run(process) -> x_0, dtype name, layout) for a fastddpm row; raises if it cannot run here."""
+    backend = "reference" if name in ("reference", "eager-bf16") else name
+    get_backend(backend).check(device)
+    channels_last = name != "reference"
+    model = copy.deepcopy(base).to(dtype)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    def run(process) -> torch.Tensor:
+        return sample(model, process, shape, seed=SEED, backend=backend)
+
+    return run, _dtype_name(dtype), "channels-last" if channels_last else "NCHW"
+
+
+def _parameter_count(config: UNetConfig) -> int:
+    with torch.device("meta"):
+        return count_parameters(UNet(config))
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def fast_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of the fast rows and the peer: bfloat16 on CUDA, float32 on a CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+# ----------------------------------------------------------------------------------- the run
+def _validate(request: BenchRequest) -> tuple[str, ...]:
+    if request.model not in PRESETS:
+        raise FastDDPMError(f"unknown model preset {request.model!r}; choose one of {', '.join(map(repr, PRESETS))}")
+    names = tuple(dict.fromkeys(n.strip() for n in request.backends if n.strip()))
+    unknown = [n for n in names if n not in ROWS]
+    if unknown or not names:
+        raise FastDDPMError(f"unknown bench backend {(unknown or [''])[0]!r}; choose from {', '.join(ROWS)}")
+    for flag, value in (("--steps", request.steps), ("--batch", request.batch), ("--repeat", request.repeat)):
+        if value < 1:
+            raise FastDDPMError(f"{flag} must be a positive integer, got {value}")
+    return names
+
+
+def machine_info(device: torch.device) -> dict:
+    """Where the numbers were taken: device, library versions, the settings that move them, the commit."""
+    info = {
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or
+                                                                                        platform.machine()),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+        "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": _git_commit(),
+        # Other work on the machine moves CPU timings: the 1-minute load average when the run began.
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+    if importlib.util.find_spec("diffusers") is not None:
+        from importlib.metadata import version
+        info["diffusers"] = version("diffusers")
+    return info
+
+
+def _git_commit() -> str | None:
+    """HEAD of the checkout fastddpm runs from, with '-dirty' for uncommitted changes; None outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _time_row(row: Row, run: Callable, warm_arg, timed_arg, device: torch.device, repeat: int) -> torch.Tensor:
+    """Warm up with run(warm_arg), then time run(timed_arg) `repeat` times; fills row's timings."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _synchronize(device)
+    start = time.perf_counter()
+    run(warm_arg)
+    _synchronize(device)
+    row.warmup_s = time.perf_counter() - start
+    x = None
+    for _ in range(repeat):
+        _synchronize(device)
+        start = time.perf_counter()
+        x = run(timed_arg)
+        _synchronize(device)
+        row.seconds.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        row.peak_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
+    return x
+
+
+def _fill_rates(row: Row, batch: int, steps: int, gflop: float, peak_tflops: float) -> None:
+    row.median_s = statistics.median(row.seconds)
+    row.images_per_s = batch / row.median_s
+    row.ms_per_step = 1000.0 * row.median_s / steps
+    row.tflops = gflop * batch * steps / row.median_s / 1000.0
+    row.peak_fraction = row.tflops / peak_tflops
+
+
+def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.double(), ref.double()
+    return float(torch.linalg.vector_norm(x - ref) / torch.linalg.vector_norm(ref))
+
+
+def _log(request: BenchRequest, message: str) -> None:
+    if request.progress:
+        print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def _release(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_bench(request: BenchRequest) -> dict:
+    """Time every requested row on one device; returns the report (also written to request.json).
+
+    The JSON is rewritten after each row ("complete": false until the last), so a run cut off
+    by a time limit still leaves the rows it finished.
+    """
+    names = _validate(request)
+    device = resolve_device(request.device)
+    if request.json is not None:
+        ensure_writable_dir(Path(request.json).parent)
+    config = PRESETS[request.model]
+    shape = (request.batch, config.in_channels, config.image_size, config.image_size)
+    full = default_diffusion()
+    process = respaced_for(full, request.steps, "ancestral")
+    warmup = respaced_for(full, min(request.steps, WARMUP_STEPS), "ancestral")
+    gflop = forward_gflops(config)
+    have_diffusers = importlib.util.find_spec("diffusers") is not None
+    count_peer = have_diffusers and any(n in PEER_ROWS for n in names)
+
+    _log(request, f"measuring the device's ceilings on {device.type}")
+    report = {
+        "schema": SCHEMA,
+        "complete": False,
+        "request": {"device": request.device, "model": request.model, "steps": process.num_steps,
+                    "batch": request.batch, "backends": list(names), "repeat": request.repeat,
+                    "warmup_steps": warmup.num_steps, "seed": SEED},
+        "machine": machine_info(device),
+        "model": {"preset": request.model, "parameters": _parameter_count(config),
+                  "gflop_per_image_forward": gflop,
+                  "diffusers_gflop_per_image_forward": diffusers_forward_gflops(config) if count_peer else None},
+        "ceilings": {"peak": measure_peak_tflops(device), "copy": measure_copy_gbps(device)},
+        "fast_dtype": _dtype_name(fast_dtype(device)),
+        "rows": [],
+    }
+    peak = report["ceilings"]["peak"]["tflops"]
+    _log(request, f"peak {peak:.3g} TFLOP/s ({report['ceilings']['peak']['dtype']} matmul), "
+                  f"copy {report['ceilings']['copy']['gbps']:.4g} GB/s")
+
+    base = random_model(request.model, device) if any(n in FASTDDPM_ROWS for n in names) else None
+    reference_x = None
+    rows: list[Row] = []
+    for name in names:
+        row, x = _run_row(name, request, device, base, shape, process, warmup, config, gflop, peak, have_diffusers)
+        if name == "reference" and x is not None:
+            reference_x = x
+        if x is not None and reference_x is not None and row.engine == "fastddpm":
+            row.rel_err_vs_reference = _rel_err(x, reference_x)
+        rows.append(row)
+        _speedups(rows)
+        report["rows"] = [asdict(r) for r in rows]
+        _write_json(request, report)
+        _release(device)
+    report["complete"] = True
+    _write_json(request, report)
+    return report
+
+
+def _run_row(name: str, request: BenchRequest, device: torch.device, base, shape, process, warmup,
+             config: UNetConfig, gflop: float, peak: float, have_diffusers: bool) -> tuple[Row, torch.Tensor | None]:
+    """(row, final samples): build, warm up and time one row; one that cannot run here comes back skipped."""
+    peer = name in PEER_ROWS
+    dtype = torch.float32 if name == "reference" else torch.bfloat16 if name == "eager-bf16" else fast_dtype(device)
+    layout = "NCHW" if name in ("reference", "diffusers") else "channels-last"
+    row = Row(name=name, engine="diffusers" if peer else "fastddpm", dtype=_dtype_name(dtype), layout=layout)
+    try:
+        if peer:
+            if not have_diffusers:
+                raise FastDDPMError("diffusers is not installed (pip install diffusers)")
+            run, row.notes = _diffusers_sampler(config, shape, device, dtype, compiled=name == "diffusers-compile")
+            warm_arg, timed_arg, row_gflop = warmup.num_steps, process.num_steps, diffusers_forward_gflops(config)
+        else:
+            run, row.dtype, row.layout = _fastddpm_sampler(name, base, shape, device, dtype)
+            warm_arg, timed_arg, row_gflop = warmup, process, gflop
+        _log(request, f"{name}: warm-up ({warmup.num_steps} steps), then {request.repeat} x {process.num_steps} steps")
+        x = _time_row(row, run, warm_arg, timed_arg, device, request.repeat)
+    except FastDDPMError as e:  # BackendUnavailableError included: cannot run here
+        row.status, row.reason = "skipped", str(e)
+        _log(request, f"{name}: skipped: {e}")
+        return row, None
+    except Exception as e:  # noqa: BLE001 - one broken backend must not hide the others' numbers
+        if name == "reference":
+            raise
+        row.status, row.reason = "failed", f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        _log(request, f"{name}: failed:\n{traceback.format_exc()}")
+        return row, None
+    _fill_rates(row, request.batch, process.num_steps, row_gflop, peak)
+    _log(request, f"{name}: {row.images_per_s:.4g} images/s, {row.ms_per_step:.4g} ms/step "
+                  f"(warm-up {row.warmup_s:.2f} s)")
+    return row, x.float()
+
+
+def _speedups(rows: list[Row]) -> None:
+    """vs reference: over the reference row; vs diffusers: over the fastest diffusers row."""
+    ok = [r for r in rows if r.status == "ok"]
+    ref = next((r for r in ok if r.name == "reference"), None)
+    peers = [r for r in ok if r.engine == "diffusers"]
+    best_peer = max(peers, key=lambda r: r.images_per_s, default=None)
+    for r in ok:
+        r.speedup_vs_reference = r.images_per_s / ref.images_per_s if ref else None
+        r.speedup_vs_diffusers = r.images_per_s / best_peer.images_per_s if best_peer else None
+
+
+def _write_json(request: BenchRequest, report: dict) -> None:
+    if request.json is not None:
+        atomic_write_bytes(request.json, (json.dumps(report, indent=2) + "\n").encode())
+
+
+# ----------------------------------------------------------------------------------- the table
+def _fmt(value, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else format(value, spec) + suffix
+
+
+def format_table(report: dict) -> str:
+    """The report as the text table `fastddpm bench` prints."""
+    req, mach, ceil, model = report["request"], report["machine"], report["ceilings"], report["model"]
+    lines = [
+        f"fastddpm bench: {model['preset']} ({model['gflop_per_image_forward']:.2f} GFLOP/image forward, "
+        f"{model['parameters']:,} parameters), batch {req['batch']}, {req['steps']} steps, "
+        f"on {mach['device_name']} ({mach['device']})",
+        f"measured peak {ceil['peak']['tflops']:.4g} TFLOP/s ({ceil['peak']['dtype']} matmul "
+        f"{ceil['peak']['n']}^3), copy {ceil['copy']['gbps']:.4g} GB/s (read + write); "
+        f"torch {mach['torch']}, commit {(mach['commit'] or 'unknown')[:12]}, {mach['date']}",
+        "",
+    ]
+    header = ("row", "dtype", "layout", "images/s", "ms/step", "TFLOP/s", "of peak", "vs ref", "vs diffusers",
+              "warm-up s", "err vs ref")
+    table = [header]
+    notes = []
+    for r in report["rows"]:
+        if r["status"] != "ok":
+            table.append((r["name"], r["dtype"], r["layout"], r["status"]) + ("",) * (len(header) - 4))
+            notes.append(f"  {r['name']}: {r['status']}: {r['reason']}")
+            continue
+        table.append((r["name"], r["dtype"], r["layout"], _fmt(r["images_per_s"], ".4g"), _fmt(r["ms_per_step"], ".4g"),
+                      _fmt(r["tflops"], ".3g"), _fmt(100 * r["peak_fraction"], ".3g", "%"),
+                      _fmt(r["speedup_vs_reference"], ".2f", "x"), _fmt(r["speedup_vs_diffusers"], ".2f", "x"),
+                      _fmt(r["warmup_s"], ".3g"), _fmt(r["rel_err_vs_reference"], ".1e")))
+    widths = [max(len(str(line[i])) for line in table) for i in range(len(header))]
+    for i, line in enumerate(table):
+        cells = [str(c).ljust(w) if j < 3 else str(c).rjust(w) for j, (c, w) in enumerate(zip(line, widths))]
+        lines.append("  ".join(cells).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    peers = [r for r in report["rows"] if r["engine"] == "diffusers" and r["status"] == "ok"]
+    best = max(peers, key=lambda r: r["images_per_s"], default=None)
+    lines += ["", f"medians of {req['repeat']} timed run(s) each, after a {req['warmup_steps']}-step warm-up "
+                  "(compilation and capture included there, reported as warm-up s); 'of peak' against the "
+                  "measured matmul peak above;"
+                  f" vs diffusers: over {best['name'] if best else 'no diffusers row'};"
+                  " err vs ref: ||x0 - x0_ref|| / ||x0_ref|| of the final samples (same seed and noise)"]
+    if notes:
+        lines += ["not timed:"] + notes
+    return "\n".join(lines)
