@@ -18,10 +18,11 @@ import torch
 
 from .checkpoint import load_checkpoint
 from .diffusion import GaussianDiffusion
-from .errors import FastDDPMError
+from .backends import get_backend
+from .errors import FastDDPMError, check_choice
 from .files import atomic_write_bytes, ensure_writable_dir
 from .images import save_grid, save_npz, to_uint8
-from .sampling import sample
+from .sampling import SAMPLERS, sample
 from .schedule import make_betas
 from .unet import PRESETS, UNet, UNetConfig
 
@@ -100,14 +101,21 @@ def forward_gflops(config: UNetConfig) -> float:
 
 def build_model(request: SampleRequest, device: torch.device):
     """(model, diffusion, description) for a request: a checkpoint, or a preset with seeded random weights."""
+    # --- backend "onnx" (issue 7): the model config, schedule and settings come from the .onnx file
+    if request.backend == "onnx":
+        from .export.ort_backend import load_onnx
+
+        if request.checkpoint is not None or request.model is not None:
+            raise FastDDPMError("--backend onnx takes the model from --onnx FILE.onnx; leave out --checkpoint and --model")
+        model, diffusion = load_onnx(request.onnx, device)
+        return model, diffusion, f"onnx {request.onnx}"
+    # --- end backend "onnx"
     if request.checkpoint is not None:
         model, diffusion, _ = load_checkpoint(request.checkpoint, device=device)
         return model, diffusion, f"checkpoint {request.checkpoint}"
     preset = request.model or "cifar10"
     torch.manual_seed(request.seed)
     model = UNet.from_preset(preset).to(device).eval()
-    print(f"fastddpm: no checkpoint given: random {preset} weights (seed {request.seed}); a throughput run, "
-          "the images are not meaningful", file=sys.stderr)
     return model, default_diffusion(), f"random {preset} weights"
 
 
@@ -116,17 +124,32 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_sample(request: SampleRequest) -> dict:
-    """Run one sampling job and write its outputs; returns the stats written to stats.json."""
+def validate(request: SampleRequest) -> None:
+    """Check a request's values before any long work; FastDDPMError names the bad one."""
+    check_choice("sampler", request.sampler, SAMPLERS)
+    check_choice("dtype", request.dtype, tuple(DTYPES))
+    get_backend(request.backend)
+    if request.batch < 1:
+        raise FastDDPMError(f"--batch must be a positive integer, got {request.batch}")
+    if not 0.0 <= request.eta <= 1.0:
+        raise FastDDPMError(f"--eta must be in [0, 1], got {request.eta}")
     if request.backend == "onnx" and request.onnx is None:
         raise FastDDPMError("--backend onnx needs --onnx FILE.onnx (make one with `fastddpm export`)")
     if request.checkpoint is None and (request.model or "cifar10") not in PRESETS:
         raise FastDDPMError(f"unknown model preset {request.model!r}; choose one of {', '.join(map(repr, PRESETS))}")
+
+
+def run_sample(request: SampleRequest) -> dict:
+    """Run one sampling job and write its outputs; returns the stats written to stats.json."""
+    validate(request)
     device = resolve_device(request.device)
     out = ensure_writable_dir(request.out)
     model, diffusion, source = build_model(request, device)
     model = model.to(DTYPES[request.dtype])
     process = respaced_for(diffusion, request.steps, request.sampler)
+    if request.checkpoint is None and request.backend != "onnx":  # (onnx: the weights come from the file)
+        print(f"fastddpm: no checkpoint given: {source} (seed {request.seed}); a throughput run, "
+              "the images are not meaningful", file=sys.stderr)
     c = model.config
     shape = (request.batch, c.in_channels, c.image_size, c.image_size)
 

@@ -45,27 +45,20 @@ _UNIFORM_SCALE = 4.6566127342e-10  # largest float32 s with (2^31 - 1) * s < 1
 _PHILOX_ROUNDS = 10
 
 
-def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """High and low 32-bit words of a * b for a uint32 constant `a` and uint32 values in int64.
-
-    The product needs 64 unsigned bits; int64 multiplication wraps modulo 2^64, so the low 64
-    bits are right and the masks recover both halves.
-    """
-    p = b * a
-    return (p >> 32) & _MASK32, p & _MASK32
-
-
-def philox4x32(c0, c1, c2, c3, k0, k1, rounds: int = _PHILOX_ROUNDS):
-    """Philox-4x32 on uint32 values held in int64 tensors (any broadcastable shapes).
+def philox4x32(c0, c1, c2, c3, k0: int, k1: int, rounds: int = _PHILOX_ROUNDS):
+    """Philox-4x32 on uint32 counters held in int64 tensors (any broadcastable shapes), key (k0, k1) ints.
 
     Round function, as Triton's `philox_impl`:
         c0' = hi(B * c2) ^ c1 ^ k0,  c2' = hi(A * c0) ^ c3 ^ k1,  c1' = lo(B * c2),  c3' = lo(A * c0)
         k0 += 0x9E3779B9, k1 += 0xBB67AE85  (mod 2^32)
+    The 64-bit products wrap modulo 2^64 in int64, which keeps their low 64 bits exact; the
+    masks recover the two 32-bit halves.
     """
+    k0, k1 = int(k0) & _MASK32, int(k1) & _MASK32
     for _ in range(rounds):
-        hi_b, lo_b = _mulhilo(_PHILOX_ROUND_B, c2)
-        hi_a, lo_a = _mulhilo(_PHILOX_ROUND_A, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        pb = c2 * _PHILOX_ROUND_B
+        pa = c0 * _PHILOX_ROUND_A
+        c0, c1, c2, c3 = ((pb >> 32) & _MASK32) ^ c1 ^ k0, pb & _MASK32, ((pa >> 32) & _MASK32) ^ c3 ^ k1, pa & _MASK32
         k0 = (k0 + _PHILOX_KEY_A) & _MASK32
         k1 = (k1 + _PHILOX_KEY_B) & _MASK32
     return c0, c1, c2, c3
@@ -104,9 +97,7 @@ def noise(
     e = torch.arange(per_sample, dtype=torch.int64, device=dev).unsqueeze(0)
     i = torch.arange(sample_offset, sample_offset + batch, dtype=torch.int64, device=dev).unsqueeze(1)
     zero = torch.zeros((), dtype=torch.int64, device=dev)
-    k0 = torch.full((), int(seed) & _MASK32, dtype=torch.int64, device=dev)
-    k1 = torch.full((), int(step) & _MASK32, dtype=torch.int64, device=dev)
-    r0, r1, _, _ = philox4x32(e, i, zero, zero, k0, k1)
+    r0, r1, _, _ = philox4x32(e, i, zero, zero, seed, step)
     u1 = torch.clamp(_uniform(r0), min=1e-7)
     u2 = _uniform(r1)
     z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(6.283185307179586 * u2)

@@ -39,6 +39,8 @@ def make_betas(name: str, T: int) -> torch.Tensor:
     if not isinstance(T, int) or T < 1:
         raise FastDDPMError(f"the number of diffusion steps must be a positive integer, got {T!r}")
     if name == "linear":
+        if T < 20:
+            raise FastDDPMError(f"the linear schedule needs T >= 20 (its last beta is 20 / T), got T={T}")
         scale = 1000.0 / T
         return torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64)
 

@@ -1,0 +1,112 @@
+"""`fastddpm sample`: the files it writes, reproducibility, and one-line exit-2 errors for bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fastddpm import GaussianDiffusion, make_betas, save_checkpoint
+from fastddpm.cli import main
+from helpers import randomized_unet
+
+
+def run_cli(*args):
+    """The CLI in a subprocess, as a user runs it: (exit status, stdout, stderr)."""
+    proc = subprocess.run([sys.executable, "-m", "fastddpm", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_sample_writes_npz_grid_and_stats(tmp_path):
+    out = tmp_path / "run"
+    code, stdout, stderr = run_cli("sample", "--model", "tiny", "--steps", "3", "--batch", "5", "--seed", "1",
+                                   "--out", out)
+    assert code == 0, stderr
+    images = np.load(out / "samples.npz")["arr_0"]
+    assert images.shape == (5, 16, 16, 3) and images.dtype == np.uint8
+    grid = Image.open(out / "grid.png")
+    assert grid.size[0] >= 3 * 32 and grid.mode == "RGB"
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["steps"] == 3 and stats["request"]["batch"] == 5 and stats["images_per_s"] > 0
+    assert "images/s" in stdout and "ms/step" in stdout
+    assert "random tiny weights" in stderr  # says it is a throughput run
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "samples.npz", "stats.json"]
+
+
+def test_same_seed_same_images(tmp_path):
+    for name in ("a", "b"):
+        assert main(["sample", "--model", "tiny", "--steps", "2", "--batch", "2", "--seed", "7",
+                     "--no-progress", "--out", str(tmp_path / name)]) == 0
+    a, b = (np.load(tmp_path / n / "samples.npz")["arr_0"] for n in ("a", "b"))
+    assert np.array_equal(a, b)
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    path = tmp_path / "tiny.safetensors"
+    save_checkpoint(path, randomized_unet("tiny", image_size=8, in_channels=1),
+                    GaussianDiffusion(make_betas("linear", 100)))
+    return path
+
+
+@pytest.mark.parametrize("sampler", ["ancestral", "ddim"])
+def test_sample_from_a_checkpoint(tmp_path, checkpoint, sampler):
+    out = tmp_path / "ck"
+    assert main(["sample", "--checkpoint", str(checkpoint), "--steps", "4", "--batch", "3", "--sampler", sampler,
+                 "--no-progress", "--out", str(out)]) == 0
+    images = np.load(out / "samples.npz")["arr_0"]
+    assert images.shape == (3, 8, 8, 1) and images.std() > 0
+    assert Image.open(out / "grid.png").mode == "L"
+
+
+def _bad(tmp_path, checkpoint):
+    trunc = tmp_path / "trunc.safetensors"
+    trunc.write_bytes(checkpoint.read_bytes()[:1000])
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    return {
+        "steps 0": ["--model", "tiny", "--steps", "0"],
+        "steps > T": ["--model", "tiny", "--steps", "1001"],
+        "steps > T of a checkpoint": ["--checkpoint", checkpoint, "--steps", "101"],
+        "batch 0": ["--model", "tiny", "--batch", "0"],
+        "batch not a number": ["--model", "tiny", "--batch", "many"],
+        "unknown preset": ["--model", "imagenet"],
+        "unknown sampler": ["--model", "tiny", "--sampler", "euler"],
+        "eta out of range": ["--model", "tiny", "--sampler", "ddim", "--eta", "3"],
+        "unknown flag": ["--model", "tiny", "--colour"],
+        "missing checkpoint": ["--checkpoint", tmp_path / "nope.safetensors"],
+        "truncated checkpoint": ["--checkpoint", trunc],
+        "not a checkpoint": ["--checkpoint", blocker],
+        "onnx without file": ["--model", "tiny", "--backend", "onnx"],
+        "unwritable out": ["--model", "tiny", "--out", blocker / "sub"],
+    }
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path, checkpoint, capsys):
+    for label, args in _bad(tmp_path, checkpoint).items():
+        out = tmp_path / ("out-" + label.replace(" ", "-"))
+        if "--out" not in args:
+            args = [*args, "--out", out]
+        code = main(["sample", "--no-progress", *map(str, args)])
+        stderr = capsys.readouterr().err
+        lines = [ln for ln in stderr.splitlines() if ln.strip()]
+        assert code == 2, (label, code, stderr)
+        assert len(lines) == 1 and lines[0].startswith("fastddpm: error:"), (label, stderr)
+        assert not (out / "samples.npz").exists(), label
+
+
+@pytest.mark.parametrize("label", ["truncated checkpoint", "unknown flag"])
+def test_bad_input_in_a_real_process_has_no_traceback(tmp_path, checkpoint, label):
+    args = _bad(tmp_path, checkpoint)[label]
+    code, stdout, stderr = run_cli("sample", *args, "--out", tmp_path / "o")
+    assert code == 2 and stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
+
+
+def test_errors_are_checked_before_long_work(tmp_path, checkpoint):
+    """A bad --steps against a checkpoint fails at once and writes nothing into --out."""
+    out = tmp_path / "o"
+    assert main(["sample", "--checkpoint", str(checkpoint), "--steps", "500", "--out", str(out)]) == 2
+    assert not out.exists() or not any(out.iterdir())

@@ -1,0 +1,128 @@
+"""Schedules and their float64 tables against closed forms (DDPM eq. 4-7, IDDPM eq. 17)."""
+import math
+
+import pytest
+import torch
+
+from fastddpm.errors import FastDDPMError
+from fastddpm.schedule import Schedule, check_betas, make_betas, respaced_betas, space_timesteps
+
+
+def test_linear_is_the_paper_schedule_at_T_1000():
+    b = make_betas("linear", 1000)
+    assert b.dtype == torch.float64 and b.shape == (1000,)
+    assert b[0].item() == pytest.approx(1e-4, abs=1e-18) and b[-1].item() == pytest.approx(0.02, abs=1e-17)
+    assert torch.all(b[1:] > b[:-1])
+
+
+def test_linear_scales_with_T():
+    # Scaled by 1000 / T so a shorter process has comparable total noise.
+    b = make_betas("linear", 100)
+    assert b[0].item() == pytest.approx(1e-3) and b[-1].item() == pytest.approx(0.2)
+
+
+def test_cosine_alphabar_matches_closed_form():
+    T, s = 1000, 0.008
+    sched = Schedule.from_betas(make_betas("cosine", T))
+    f = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
+    ab = torch.tensor([f(t + 1) / f(0) for t in range(T)], dtype=torch.float64)
+    # Where beta is not capped, the cumulative product reproduces f(t)/f(0) exactly.
+    uncapped = (sched.betas < 0.999).nonzero().max().item()
+    torch.testing.assert_close(sched.alphas_cumprod[:uncapped + 1], ab[:uncapped + 1], rtol=1e-10, atol=1e-14)
+    assert sched.betas.max().item() == pytest.approx(0.999)
+
+
+def test_alphabar_is_the_cumulative_product():
+    betas = make_betas("linear", 1000)
+    sched = Schedule.from_betas(betas)
+    ab = math.exp(sum(math.log(1 - float(b)) for b in betas[:500]))
+    assert sched.alphas_cumprod[499].item() == pytest.approx(ab, rel=1e-12)
+    assert sched.alphas_cumprod_prev[0].item() == 1.0
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_posterior_tables_match_gaussian_conditioning(name):
+    """q(x_{t-1} | x_t, x_0) from the generic conditioning formula of a jointly Gaussian pair."""
+    sched = Schedule.from_betas(make_betas(name, 200))
+    for t in [1, 2, 57, 199]:
+        ab, ab_prev, beta = (float(v[t]) for v in (sched.alphas_cumprod, sched.alphas_cumprod_prev, sched.betas))
+        v_prev, v_t = 1 - ab_prev, 1 - ab  # Var(x_{t-1} | x0), Var(x_t | x0)
+        cov = math.sqrt(1 - beta) * v_prev  # Cov(x_{t-1}, x_t | x0)
+        # mean = sqrt(ab_prev) x0 + cov / v_t (x_t - sqrt(ab) x0)  =>  coefficients of x0 and x_t
+        c_xt = cov / v_t
+        c_x0 = math.sqrt(ab_prev) - c_xt * math.sqrt(ab)
+        assert sched.posterior_mean_coef1[t].item() == pytest.approx(c_x0, rel=1e-10)
+        assert sched.posterior_mean_coef2[t].item() == pytest.approx(c_xt, rel=1e-10)
+        assert sched.posterior_variance[t].item() == pytest.approx(v_prev - cov**2 / v_t, rel=1e-8)
+
+
+def test_posterior_log_variance_is_clipped_at_t0():
+    sched = Schedule.from_betas(make_betas("linear", 1000))
+    assert sched.posterior_variance[0].item() == 0.0
+    assert sched.posterior_log_variance_clipped[0].item() == math.log(sched.posterior_variance[1].item())
+    torch.testing.assert_close(sched.posterior_log_variance_clipped[1:], sched.posterior_variance[1:].log())
+    assert sched.fixedlarge_variance[0].item() == sched.posterior_variance[1].item()
+    torch.testing.assert_close(sched.fixedlarge_variance[1:], sched.betas[1:])
+
+
+def test_reciprocal_tables():
+    sched = Schedule.from_betas(make_betas("cosine", 100))
+    ab = sched.alphas_cumprod
+    torch.testing.assert_close(sched.sqrt_recip_alphas_cumprod, 1 / ab.sqrt())
+    torch.testing.assert_close(sched.sqrt_recipm1_alphas_cumprod, (1 / ab - 1).sqrt())
+
+
+def test_user_betas():
+    sched = Schedule.from_betas([0.1, 0.2, 0.3])
+    assert sched.alphas_cumprod[-1].item() == pytest.approx(0.9 * 0.8 * 0.7)
+    for bad in ([], [0.1, 0.0], [0.5, 1.5], [float("nan")]):
+        with pytest.raises(FastDDPMError):
+            check_betas(bad)
+
+
+def test_linear_needs_T_of_at_least_20():
+    assert make_betas("linear", 20)[-1].item() == pytest.approx(1.0)
+    with pytest.raises(FastDDPMError, match="T >= 20"):
+        make_betas("linear", 10)
+
+
+def test_unknown_schedule_names_the_valid_ones():
+    with pytest.raises(FastDDPMError, match="'linear', 'cosine'"):
+        make_betas("quadratic", 10)
+
+
+def test_space_timesteps_even():
+    kept = space_timesteps(1000, "50")
+    assert len(kept) == 50 and kept[0] == 0 and kept[-1] == 999
+    assert space_timesteps(1000, "1000") == list(range(1000))
+
+
+def test_space_timesteps_sections():
+    # T=100 in 3 sections of 34, 33, 33 steps (the first T mod 3 one longer), keeping 2, 3 and 4
+    # evenly spaced steps: strides 33, 16 and 32/3, rounded as improved-diffusion rounds.
+    assert space_timesteps(100, "2,3,4") == [0, 33, 34, 50, 66, 67, 78, 88, 99]
+
+
+def test_space_timesteps_ddim_stride():
+    assert space_timesteps(1000, "ddim50") == list(range(0, 1000, 20))
+    assert space_timesteps(1000, "ddim1000") == list(range(1000))
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("ddim300", "exactly 300 of 1000"),  # strides 3 and 4 give 334 and 250 steps
+    ("0", "positive"),
+    ("abc", "bad respacing"),
+    ("1001", "cannot keep 1001"),
+    ("600,600", "cannot keep 600 steps of a section of 500"),
+])
+def test_bad_respacing_is_explained(spec, message):
+    with pytest.raises(FastDDPMError, match=message):
+        space_timesteps(1000, spec)
+
+
+@pytest.mark.parametrize("spec", ["50", "10,20,30", "ddim25", "7"])
+def test_respacing_keeps_alphabar_of_kept_steps(spec):
+    full = Schedule.from_betas(make_betas("linear", 1000))
+    kept = space_timesteps(1000, spec)
+    short = Schedule.from_betas(respaced_betas(full.alphas_cumprod, kept))
+    torch.testing.assert_close(short.alphas_cumprod, full.alphas_cumprod[kept], rtol=1e-12, atol=0)
