@@ -18,6 +18,7 @@ import torch
 
 from .checkpoint import load_checkpoint
 from .diffusion import GaussianDiffusion
+from .distributed import Distributed, resolve_device  # noqa: F401  (re-exported for bench)
 from .backends import get_backend
 from .errors import FastDDPMError, check_choice
 from .files import atomic_write_bytes, ensure_writable_dir
@@ -46,15 +47,6 @@ class SampleRequest:
     device: str = "auto"
     out: str = "samples"
     progress: bool = True
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; 'cuda' without CUDA is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise FastDDPMError("--device cuda was asked for, but this machine has no usable CUDA device")
-    return torch.device(name)
 
 
 def default_diffusion(T: int = 1000) -> GaussianDiffusion:
@@ -142,7 +134,15 @@ def validate(request: SampleRequest) -> None:
 def run_sample(request: SampleRequest) -> dict:
     """Run one sampling job and write its outputs; returns the stats written to stats.json."""
     validate(request)
-    device = resolve_device(request.device)
+    dist = Distributed(request.device)  # one process, or this rank of a torchrun job
+    try:
+        return _run(request, dist)
+    finally:
+        dist.close()
+
+
+def _run(request: SampleRequest, dist: Distributed) -> dict:
+    device = dist.device
     out = ensure_writable_dir(request.out)
     model, diffusion, source = build_model(request, device)
     model = model.to(DTYPES[request.dtype])
@@ -151,14 +151,21 @@ def run_sample(request: SampleRequest) -> dict:
         print(f"fastddpm: no checkpoint given: {source} (seed {request.seed}); a throughput run, "
               "the images are not meaningful", file=sys.stderr)
     c = model.config
-    shape = (request.batch, c.in_channels, c.image_size, c.image_size)
+    first, count = dist.shard(request.batch)  # this rank's samples: first .. first + count - 1
+    shape = (count, c.in_channels, c.image_size, c.image_size)
 
     _synchronize(device)
     start = time.perf_counter()
-    x = sample(model, process, shape, seed=request.seed, sampler=request.sampler, eta=request.eta,
-               backend=request.backend, progress=request.progress)
+    if count:
+        x = sample(model, process, shape, seed=request.seed, sampler=request.sampler, eta=request.eta,
+                   backend=request.backend, progress=request.progress and dist.is_main, sample_offset=first)
+    else:
+        x = torch.zeros(shape, device=device)
     _synchronize(device)
-    seconds = time.perf_counter() - start
+    seconds = dist.max(time.perf_counter() - start)
+    x = dist.gather_rows(x.float(), request.batch)
+    if not dist.is_main:
+        return {}
 
     images = to_uint8(x)
     save_npz(out / "samples.npz", images)
@@ -176,10 +183,12 @@ def run_sample(request: SampleRequest) -> dict:
         "gflop_per_image_forward": gflop,
         "achieved_tflops": gflop * request.batch * steps / seconds / 1000.0,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "processes": dist.world_size,
         "torch": torch.__version__,
     }
     atomic_write_bytes(out / "stats.json", (json.dumps(stats, indent=2) + "\n").encode())
-    print(f"{request.batch} samples, {steps} steps, {request.backend} backend, {request.dtype} on {device.type}: "
+    print(f"{request.batch} samples, {steps} steps, {request.backend} backend, {request.dtype} on {device.type}"
+          f"{f' x {dist.world_size} processes' if dist.world_size > 1 else ''}: "
           f"{seconds:.2f} s, {stats['images_per_s']:.2f} images/s, {stats['ms_per_step']:.1f} ms/step, "
           f"{stats['achieved_tflops']:.3f} TFLOP/s achieved")
     print(f"wrote {out / 'samples.npz'}, {out / 'grid.png'} and {out / 'stats.json'}")
