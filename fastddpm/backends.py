@@ -61,9 +61,24 @@ def triton_available(device: torch.device) -> None:
     raise BackendUnavailableError(f"backend 'triton' cannot run on device {device.type!r}")
 
 
+def _triton_group_norm_silu(x, num_groups, weight, bias, emb=None, silu=True, eps=1e-5):
+    """kernels.group_norm.group_norm_silu, imported on first call so `import fastddpm` never imports Triton."""
+    from .kernels.group_norm import group_norm_silu
+
+    return group_norm_silu(x, num_groups, weight, bias, emb, silu, eps)
+
+
+def _triton_step(diffusion, x, k, model_output, **kwargs):
+    """kernels.step.triton_step (reference_step's signature), imported on first call."""
+    from .kernels.step import triton_step
+
+    return triton_step(diffusion, x, k, model_output, **kwargs)
+
+
 BACKENDS: dict[str, Backend] = {
     "reference": Backend("reference", "plain eager PyTorch; the ground truth", _always),
-    "triton": Backend("triton", "fused Triton GroupNorm+SiLU and step kernels", _not_yet("triton")),
+    "triton": Backend("triton", "fused Triton GroupNorm+SiLU and step kernels", triton_available,
+                      group_norm_silu=_triton_group_norm_silu, step=_triton_step),
     "graph": Backend("graph", "the whole step captured in one CUDA graph", _not_yet("graph")),
     "compile": Backend("compile", "the model under torch.compile", _not_yet("compile")),
     "onnx": Backend("onnx", "the eps-model in ONNX Runtime", _not_yet("onnx")),
