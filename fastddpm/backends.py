@@ -75,13 +75,41 @@ def _triton_step(diffusion, x, k, model_output, **kwargs):
     return triton_step(diffusion, x, k, model_output, **kwargs)
 
 
+def _onnx_available(device: torch.device) -> None:
+    """export.ort_backend.onnx_available, imported on first call so `import fastddpm` never imports onnxruntime."""
+    from .export.ort_backend import onnx_available
+
+    onnx_available(device)
+
+
+def _onnx_run(model, diffusion, shape, **kwargs):
+    """export.ort_backend.run (the whole loop in ONNX Runtime), imported on first call."""
+    from .export.ort_backend import run
+
+    return run(model, diffusion, shape, **kwargs)
+
+
+def _compile_available(device: torch.device) -> None:
+    from .compiled import compile_available
+
+    compile_available(device)
+
+
+def _compile_model(model):
+    """compiled.compile_model: torch.compile with the documented mode, imported on first call."""
+    from .compiled import compile_model
+
+    return compile_model(model)
+
+
 BACKENDS: dict[str, Backend] = {
     "reference": Backend("reference", "plain eager PyTorch; the ground truth", _always),
     "triton": Backend("triton", "fused Triton GroupNorm+SiLU and step kernels", triton_available,
                       group_norm_silu=_triton_group_norm_silu, step=_triton_step),
     "graph": Backend("graph", "the whole step captured in one CUDA graph", _not_yet("graph")),
-    "compile": Backend("compile", "the model under torch.compile", _not_yet("compile")),
-    "onnx": Backend("onnx", "the eps-model in ONNX Runtime", _not_yet("onnx")),
+    "compile": Backend("compile", "the model under torch.compile", _compile_available, prepare_model=_compile_model),
+    "onnx": Backend("onnx", "the eps-model (or the whole step) in ONNX Runtime, the loop of export/ort_sample.py",
+                    _onnx_available, run=_onnx_run),
 }
 
 
