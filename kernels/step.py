@@ -64,7 +64,8 @@ def _step_kernel(
     A,  # *[K] float32: 1 / sqrt(alphabar)
     B_,  # *[K] float32: sqrt(1 / alphabar - 1)
     C1,  # *[K] float32: posterior c1 (ancestral) or sqrt(alphabar_prev) (ddim), multiplies x0
-    C2,  # *[K] float32: posterior c2, multiplies x_t (ancestral); or sqrt(1 - alphabar_prev - s^2), multiplies eps (ddim)
+    C2,  # *[K] float32: posterior c2, multiplies x_t (ancestral); or sqrt(1 - alphabar_prev - s^2),
+    #      multiplies eps (ddim)
     SIGMA,  # *[K] float32: the noise scale when VAR == "table"
     LOG_BETA,  # *[K] float32: log beta, learned_range's upper end
     LOG_POST,  # *[K] float32: log beta~ (clipped), learned_range's lower end
