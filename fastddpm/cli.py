@@ -70,7 +70,55 @@ def _add_train(sub) -> None:
 # ------------------------------------------------------------------------------------------ eval
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="evaluate samples or a checkpoint: fid | bpd")
-    p.set_defaults(func=_not_implemented("eval"))
+    metrics = p.add_subparsers(dest="metric", required=True, parser_class=_Parser)
+    _add_eval_fid(metrics)
+    _add_eval_bpd(metrics)
+
+
+def _add_eval_fid(metrics) -> None:
+    p = metrics.add_parser(
+        "fid", help="FID / Inception Score / KID of samples against a reference set",
+        description="FID, Inception Score and KID with torch-fidelity's port of the TensorFlow Inception network "
+                    "(the one published FIDs use). Image sets: an .npz of uint8 NHWC images under arr_0, a folder "
+                    "of image files, or a `fastddpm sample` output folder. The reference may also be an .npz of "
+                    "FID statistics (mu, sigma), e.g. written by --save-ref-stats. Nothing is downloaded: the "
+                    "Inception weights (weights-inception-2015-12-05-6726825d.pth) come from "
+                    "--inception-weights or torch.hub's checkpoint folder.")
+    p.add_argument("samples", metavar="SAMPLES", help="generated images: .npz, image folder, or sample output folder")
+    p.add_argument("--ref", default=None, metavar="REF", help="reference images (.npz or folder) or an .npz of FID "
+                                                              "statistics (needed for FID and KID)")
+    p.add_argument("--inception-weights", default=None, metavar="FILE.pth",
+                   help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: look in "
+                        "$TORCH_HOME/hub/checkpoints)")
+    p.add_argument("--metrics", default="fid,is,kid", metavar="a,b", help="any of fid,is,kid (default all)")
+    p.add_argument("--batch", type=_positive_int, default=64, help="images per Inception forward (default 64)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--save-ref-stats", default=None, metavar="FILE.npz",
+                   help="also write the reference's FID statistics, to pass as --ref next time")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--kid-subsets", type=_positive_int, default=100, help="KID subsets (default 100)")
+    p.add_argument("--kid-subset-size", type=_positive_int, default=1000,
+                   help="images per KID subset, capped at the smaller set (default 1000)")
+    p.add_argument("--is-splits", type=_positive_int, default=10, help="Inception Score splits (default 10)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval_fid)
+
+
+def cmd_eval_fid(args) -> int:
+    from .evaluate import FIDRequest, evaluate_fid, format_result
+
+    request = FIDRequest(samples=args.samples, ref=args.ref, inception_weights=args.inception_weights,
+                         metrics=tuple(m.strip() for m in args.metrics.split(",") if m.strip()), batch=args.batch,
+                         device=args.device, save_ref_stats=args.save_ref_stats, json=args.json,
+                         kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
+                         is_splits=args.is_splits, progress=not args.no_progress)
+    print(format_result(evaluate_fid(request)))
+    return 0
+
+
+def _add_eval_bpd(metrics) -> None:
+    p = metrics.add_parser("bpd", help="test-set bits/dim of a checkpoint")
+    p.set_defaults(func=_not_implemented("eval bpd"))
 
 
 # ------------------------------------------------------------------------------------------ export

@@ -436,7 +436,7 @@ def _read_torch(path: Path) -> dict:
     return value
 
 
-def _read_tensors(path: Path) -> tuple[dict, dict]:
+def read_weights_file(path: Path) -> tuple[dict, dict]:
     """(tensors, safetensors metadata) of a weights file: safetensors by its header, else torch.load."""
     with open(path, "rb") as f:
         head = f.read(9)
@@ -474,7 +474,7 @@ def detect_format(src) -> str:
     if p.is_dir():
         _diffusers_folder(p)
         return "diffusers"
-    tensors, metadata = _read_tensors(p)
+    tensors, metadata = read_weights_file(p)
     return _format_of(p, tensors, metadata)
 
 
@@ -590,10 +590,10 @@ def convert(request: ConvertRequest) -> str:
         raise CheckpointError(f"{str(src)!r} does not exist")
     if src.is_dir():
         config_path, weights_path = _diffusers_folder(src)
-        tensors, metadata = _read_tensors(weights_path)
+        tensors, metadata = read_weights_file(weights_path)
         fmt = "diffusers"
     else:
-        tensors, metadata = _read_tensors(src)
+        tensors, metadata = read_weights_file(src)
         fmt = _format_of(src, tensors, metadata)
         config_path = src.parent / DIFFUSERS_CONFIG
     if fmt == "fastddpm":
