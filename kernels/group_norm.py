@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -315,8 +316,6 @@ def _check(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.T
     if emb is not None and tuple(emb.shape) != tuple(x.shape[:2]):
         raise FastDDPMError(f"emb must have shape {list(x.shape[:2])}, got {list(emb.shape)}")
     if x.device.type != "cuda":
-        import os
-
         if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
             raise BackendUnavailableError(
                 f"the Triton group_norm_silu runs on CUDA tensors, or on {x.device.type} tensors only under "

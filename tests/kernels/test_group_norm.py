@@ -151,6 +151,18 @@ def test_one_input_needs_grad(which):
     assert rel_err(inputs[which].grad, ref[which].grad) < 1e-5
 
 
+def test_broadcast_upstream_gradient():
+    """y.sum().backward() hands the backward an expanded dy (every stride 0), read through its strides."""
+    x, G, w, b, e, _ = make_inputs((2, 6, 5, 7, 3), torch.float32)
+    grads = []
+    for fn, dtype in ((gn.group_norm_silu, torch.float32), (gn.group_norm_silu_reference, torch.float64)):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (x, w, b, e)]
+        fn(leaves[0], G, *leaves[1:]).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for got, want in zip(*grads):
+        assert rel_err(got, want) < 1e-5
+
+
 def test_no_grad_matches():
     """Under no_grad the forward launches without autograd bookkeeping and gives the same y."""
     x, G, w, b, e, _ = make_inputs((2, 6, 5, 7, 3), torch.float32)
