@@ -6,6 +6,8 @@ A backend is one frozen `Backend` record in `BACKENDS`, chosen by name (`backend
     step              the fused reverse-step update (see `sampling.reference_step`),
     prepare_model     a wrapper around the whole model callable (torch.compile, ...),
     run               a whole sampling loop of its own (CUDA graphs, ONNX Runtime),
+    warmup            one-time preparation of a run's shape (capture, compile, session start),
+                      which `sampling.warm_up` times apart from the steady state,
 and says with `check(device)` whether it can run here. Nothing falls back silently: a backend
 that cannot run raises BackendUnavailableError, and the CLI turns that into exit status 2.
 """
@@ -31,6 +33,7 @@ class Backend:
     step: Callable | None = None
     prepare_model: Callable | None = None
     run: Callable | None = None
+    warmup: Callable | None = None
 
     def __post_init__(self):
         if not self.name or not self.description:
@@ -39,12 +42,6 @@ class Backend:
 
 def _always(device: torch.device) -> None:
     return None
-
-
-def _not_yet(name: str) -> Callable[[torch.device], None]:
-    def check(device: torch.device) -> None:
-        raise BackendUnavailableError(f"backend {name!r} is not implemented in this version of fastddpm")
-    return check
 
 
 def triton_available(device: torch.device) -> None:
@@ -89,6 +86,26 @@ def _onnx_run(model, diffusion, shape, **kwargs):
     return run(model, diffusion, shape, **kwargs)
 
 
+def _graph_available(device: torch.device) -> None:
+    from .graph import graph_available
+
+    graph_available(device)
+
+
+def _graph_run(model, diffusion, shape, **kwargs):
+    """graph.run: capture the step once, replay it per step; imported on first call."""
+    from .graph import run
+
+    return run(model, diffusion, shape, **kwargs)
+
+
+def _graph_warmup(model, diffusion, shape, **kwargs):
+    """graph.warmup: build and capture the sampler for this shape (cached for the run that follows)."""
+    from .graph import warmup
+
+    return warmup(model, diffusion, shape, **kwargs)
+
+
 def _compile_available(device: torch.device) -> None:
     from .compiled import compile_available
 
@@ -106,7 +123,8 @@ BACKENDS: dict[str, Backend] = {
     "reference": Backend("reference", "plain eager PyTorch; the ground truth", _always),
     "triton": Backend("triton", "fused Triton GroupNorm+SiLU and step kernels", triton_available,
                       group_norm_silu=_triton_group_norm_silu, step=_triton_step),
-    "graph": Backend("graph", "the whole step captured in one CUDA graph", _not_yet("graph")),
+    "graph": Backend("graph", "the whole step captured in one CUDA graph", _graph_available, run=_graph_run,
+                     warmup=_graph_warmup),
     "compile": Backend("compile", "the model under torch.compile", _compile_available, prepare_model=_compile_model),
     "onnx": Backend("onnx", "the eps-model (or the whole step) in ONNX Runtime, the loop of export/ort_sample.py",
                     _onnx_available, run=_onnx_run),

@@ -111,10 +111,23 @@ def denoise_loop(model_fn: Callable, diffusion: GaussianDiffusion, x: torch.Tens
     return x
 
 
-def _as_model_fn(model, model_dtype: torch.dtype, state_dtype: torch.dtype) -> Callable:
-    if model_dtype == state_dtype:
+def channels_last(model) -> bool:
+    """Whether the model's conv weights are channels-last (then its inputs are made so too)."""
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            if p.ndim == 4:
+                return p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+    return False
+
+
+def _as_model_fn(model, model_dtype: torch.dtype, state_dtype: torch.dtype, layout_of=None) -> Callable:
+    """model as a callable on the float state: inputs cast to the model's dtype (and layout)."""
+    fmt = torch.channels_last if channels_last(layout_of if layout_of is not None else model) else None
+    if model_dtype == state_dtype and fmt is None:
         return model
-    return lambda x, t: model(x.to(model_dtype), t).to(state_dtype)
+    if fmt is None:
+        return lambda x, t: model(x.to(model_dtype), t).to(state_dtype)
+    return lambda x, t: model(x.to(dtype=model_dtype, memory_format=fmt), t).to(state_dtype)
 
 
 @torch.no_grad()
@@ -149,9 +162,45 @@ def sample(model, diffusion: GaussianDiffusion, shape, seed: int = 0, sampler: s
             x = noise(seed, XT_STEP, shape, sample_offset, dtype=state_dtype, device=device)
             fn = be.prepare_model(model) if be.prepare_model is not None else model
             with group_norm_impl(model, be.group_norm_silu):
-                x = denoise_loop(_as_model_fn(fn, m_dtype, state_dtype), diffusion, x, diffusion.num_steps - 1,
+                x = denoise_loop(_as_model_fn(fn, m_dtype, state_dtype, layout_of=model), diffusion, x, diffusion.num_steps - 1,
                                  step_fn=be.step or reference_step, **kw)
     return x.clamp(-1.0, 1.0) if clip_denoised else x
+
+
+@torch.no_grad()
+def warm_up(model, diffusion: GaussianDiffusion, shape, backend: str = "reference", sampler: str = "ancestral",
+            eta: float = 0.0, clip_denoised: bool = True, device=None, dtype=None) -> float:
+    """Do a backend's one-time work for this shape now (capture, compilation, autotuning, session
+    start) so that a following `sample` call measures the steady state. Returns the seconds taken.
+
+    Backends with a `warmup` hook run it; the others run one model call and one step.
+    """
+    import time
+
+    shape = _validate(diffusion, shape, sampler, eta)
+    be = get_backend(backend)
+    m_device, m_dtype = model_device_dtype(model)
+    device = torch.device(device) if device is not None else m_device
+    be.check(device)
+    state_dtype = dtype or (torch.float32 if m_dtype in (torch.float16, torch.bfloat16) else m_dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    with eval_mode(model):
+        if be.warmup is not None:
+            be.warmup(model, diffusion, shape, device=device, dtype=state_dtype, sampler=sampler, eta=eta,
+                      clip_denoised=clip_denoised)
+        elif be.run is None:
+            x = noise(0, XT_STEP, shape, dtype=state_dtype, device=device)
+            fn = be.prepare_model(model) if be.prepare_model is not None else model
+            with group_norm_impl(model, be.group_norm_silu):
+                k = diffusion.num_steps - 1
+                t = diffusion.tables(device, torch.float32)["timesteps"][k].expand(shape[0])  # as denoise_loop
+                out = _as_model_fn(fn, m_dtype, state_dtype, layout_of=model)(x, t)
+                (be.step or reference_step)(diffusion, x, k, out, seed=0, sampler=sampler, eta=eta,
+                                            clip_denoised=clip_denoised)
+    sync()
+    return time.perf_counter() - start
 
 
 @torch.no_grad()
