@@ -123,8 +123,27 @@ def _add_eval_bpd(metrics) -> None:
 
 # ------------------------------------------------------------------------------------------ export
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="export a checkpoint to ONNX")
-    p.set_defaults(func=_not_implemented("export"))
+    p = sub.add_parser("export", help="export a checkpoint to one ONNX file (model, schedule and settings)",
+                       description="Export a checkpoint to ONNX with a dynamic batch. The file alone is enough to "
+                                   "sample: `fastddpm sample --backend onnx --onnx FILE.onnx`, or the torch-free "
+                                   "export/ort_sample.py on a host with only numpy and onnxruntime.")
+    p.add_argument("--checkpoint", required=True, help="a fastddpm .safetensors checkpoint, or 'digits' (bundled)")
+    p.add_argument("--out", required=True, metavar="FILE.onnx", help="the ONNX file to write")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"],
+                   help="compute precision inside the graph; inputs and outputs stay float32 (default fp32)")
+    p.add_argument("--step-graph", action="store_true",
+                   help="export the whole sampling step (eps-model + update, noise as an input), so a GPU host "
+                        "keeps the state on the device between steps")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    from .export.onnx_export import export_checkpoint
+
+    info = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, step_graph=args.step_graph)
+    print(f"wrote {args.out}: {info['graph']} graph, {info['dtype']}, opset {info['opset']}, "
+          f"GroupNorm as {info['group_norm']}, T={info['diffusion']['num_timesteps']}")
+    return 0
 
 
 # ------------------------------------------------------------------------------------------ bench

@@ -1,0 +1,178 @@
+"""The `onnx` backend: sampling in ONNX Runtime through the numpy loop of ort_sample.py.
+
+`fastddpm sample --backend onnx --onnx model.onnx` loads the file with `load_onnx` (the model
+config, schedule and diffusion settings come from its metadata) and `sample(...)` hands the
+whole loop to `run` (the backend's run hook), which calls `ort_sample.sample_loop`: the very
+code the torch-free script runs, so both give the same samples.
+
+`sample(unet, diffusion, backend="onnx")` with a plain fastddpm UNet also works: the model is
+exported in memory (eps graph, its own dtype; cached while its weights are unchanged) and
+sampled the same way.
+"""
+from __future__ import annotations
+
+import importlib.util
+import weakref
+
+import numpy as np
+import torch
+
+from fastddpm.diffusion import GaussianDiffusion
+from fastddpm.errors import BackendUnavailableError, CheckpointError, FastDDPMError
+from fastddpm.unet import UNet, UNetConfig
+
+from . import ort_sample
+
+_DTYPE_NAMES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+class OnnxEpsModel:
+    """A fastddpm .onnx file as a model object for `sample(..., backend="onnx")`.
+
+    config   the UNetConfig from the file; ort  the ort_sample.OnnxModel (session + description).
+    Calling it, model(x [B, C, H, W], t [B] int64) -> output [B, C_out, H, W] float32 (eps
+    graphs only), lets the generic loop use it too.
+    """
+
+    def __init__(self, ort_model: ort_sample.OnnxModel):
+        self.ort = ort_model
+        try:
+            self.config = UNetConfig.from_dict(ort_model.unet)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{ort_model.path!r} has a U-Net config this fastddpm cannot read ({e})") from None
+        self.dtype = _DTYPE_NAMES.get(ort_model.dtype, torch.float32)
+
+    def to(self, dtype=None, device=None) -> "OnnxEpsModel":
+        """Accepts only the file's own dtype: the precision of an .onnx file is fixed at export."""
+        if isinstance(dtype, torch.dtype) and dtype != self.dtype:
+            want = {v: k for k, v in _DTYPE_NAMES.items()}.get(dtype, str(dtype))
+            raise FastDDPMError(f"{self.ort.path!r} was exported as {self.ort.dtype}; sample it with --dtype "
+                                f"{self.ort.dtype} (or export again with --dtype {want})")
+        return self
+
+    def eval(self) -> "OnnxEpsModel":
+        return self
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = t.expand(x.shape[0]) if t.ndim == 0 else t
+        try:
+            out = self.ort.eps(x.detach().to("cpu", torch.float32).numpy(), t.to("cpu", torch.int64).numpy())
+        except ort_sample.SampleError as e:
+            raise FastDDPMError(str(e)) from None
+        return torch.from_numpy(out).to(x.device)
+
+    def diffusion(self) -> GaussianDiffusion:
+        """The full diffusion process stored in the file."""
+        d = self.ort.diffusion
+        try:
+            return GaussianDiffusion(torch.from_numpy(self.ort.betas.copy()), mean_type=d["mean_type"],
+                                     var_type=d["var_type"], loss_type=d.get("loss_type", "simple"))
+        except KeyError as e:
+            raise CheckpointError(f"{self.ort.path!r} lacks the diffusion setting {e}") from None
+
+
+def _provider(device) -> str:
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    return "cuda" if device.type == "cuda" else "cpu"
+
+
+def load_onnx(path, device="cpu") -> tuple[OnnxEpsModel, GaussianDiffusion]:
+    """(model, full diffusion) of a `fastddpm export` file, on ONNX Runtime's CPU or CUDA provider.
+
+    A missing, truncated or foreign file raises CheckpointError (exit 2 on the command line).
+    """
+    onnx_available(torch.device(device))
+    try:
+        model = OnnxEpsModel(ort_sample.OnnxModel(path, provider=_provider(device)))
+    except ort_sample.SampleError as e:
+        raise CheckpointError(str(e)) from None
+    return model, model.diffusion()
+
+
+def onnx_available(device: torch.device) -> None:
+    """The backend's check: onnxruntime is installed and, for a CUDA device, offers the CUDA provider."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        raise BackendUnavailableError("backend 'onnx' needs onnxruntime (pip install onnxruntime, or "
+                                      "fastddpm[gpu] for onnxruntime-gpu)")
+    if device.type == "cuda":
+        import onnxruntime
+
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            raise BackendUnavailableError("backend 'onnx' on CUDA needs onnxruntime-gpu (pip install fastddpm[gpu]); "
+                                          "this onnxruntime has no CUDA execution provider")
+    elif device.type != "cpu":
+        raise BackendUnavailableError(f"backend 'onnx' cannot run on device {device.type!r}")
+
+
+# In-memory exports by model, reused while the weights are unchanged (a benchmark calls
+# sample() again and again): the fingerprint holds every parameter's storage, in-place version,
+# dtype and device.
+_EXPORTS: "weakref.WeakKeyDictionary[UNet, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _fingerprint(model: UNet) -> tuple:
+    return tuple((p.data_ptr(), p._version, p.dtype, str(p.device)) for p in model.parameters())
+
+
+def _in_memory(model: UNet, diffusion: GaussianDiffusion) -> ort_sample.OnnxModel:
+    """Export a UNet to an eps graph in memory (cached) and open it on the provider for its device."""
+    from .onnx_export import trace_onnx
+
+    key = _fingerprint(model)
+    cached = _EXPORTS.get(model)
+    if cached is not None and cached[0] == key:
+        ort_model = cached[1]
+    else:
+        p = next(model.parameters())
+        names = {v: k for k, v in _DTYPE_NAMES.items()}
+        if p.dtype not in names:
+            raise FastDDPMError(f"backend 'onnx' exports fp32 or fp16 models, not {p.dtype}")
+        proto = trace_onnx(model, dtype=names[p.dtype])
+        description = {"format": ort_sample.FORMAT, "version": ort_sample.FORMAT_VERSION, "graph": "eps",
+                       "dtype": names[p.dtype], "clip_denoised": True, "unet": model.config.to_dict(),
+                       "diffusion": diffusion.config(), "betas": None}
+        try:
+            ort_model = ort_sample.OnnxModel(proto.SerializeToString(), provider=_provider(p.device),
+                                             description=description)
+        except ort_sample.SampleError as e:
+            raise FastDDPMError(str(e)) from None
+        _EXPORTS[model] = (key, ort_model)
+    return ort_model
+
+
+def run(model, diffusion: GaussianDiffusion, shape, *, device, dtype, seed: int, sample_offset: int, sampler: str,
+        eta: float, clip_denoised: bool, progress: bool, callback) -> torch.Tensor:
+    """The backend's run hook (see fastddpm.sampling.sample): the whole loop in ONNX Runtime + numpy.
+
+    `diffusion` (possibly respaced) defines the tables, exactly as for the reference loop.
+    Returns x_0 [B, C, H, W] float32 on the CPU.
+    """
+    from tqdm.auto import tqdm
+
+    if isinstance(model, OnnxEpsModel):
+        ort_model = model.ort
+    elif isinstance(model, UNet):
+        ort_model = _in_memory(model, diffusion)
+    else:
+        raise FastDDPMError("backend 'onnx' samples a model loaded with fastddpm.export.ort_backend.load_onnx "
+                            f"or a fastddpm UNet, not {type(model).__name__}")
+    if dtype not in (None, torch.float32):
+        raise FastDDPMError(f"backend 'onnx' keeps the sampler state in float32, not {dtype}")
+    process = ort_sample.Process(diffusion.schedule.betas.numpy(), diffusion.timesteps.numpy(),
+                                 diffusion.mean_type, diffusion.var_type)
+    bar = tqdm(total=process.num_steps, disable=not progress, desc="sampling", unit="step", leave=False)
+
+    def torch_callback(info):
+        callback({**info, "x": torch.from_numpy(np.array(info["x"])),
+                  "pred_x0": torch.from_numpy(np.array(info["pred_x0"]))})
+
+    try:
+        x = ort_sample.sample_loop(ort_model, process, shape, seed=seed, sampler=sampler, eta=eta,
+                                   sample_offset=sample_offset, clip_denoised=clip_denoised,
+                                   callback=torch_callback if callback is not None else None,
+                                   progress=(lambda index: bar.update(1)) if progress else None)
+    except ort_sample.SampleError as e:
+        raise FastDDPMError(str(e)) from None
+    finally:
+        bar.close()
+    return torch.from_numpy(x)
