@@ -39,8 +39,11 @@ def pytest_addoption(parser):
 
 
 def pytest_collect_file(file_path, parent):
-    """Collect bench/bench_*.py as test modules (pytest's default rule wants test_*.py)."""
-    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+    """Collect bench/bench_*.py as test modules (pytest's default rule wants test_*.py).
+
+    A file named on the command line is collected by pytest itself, so it is left alone here.
+    """
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_") and not parent.session.isinitpath(file_path):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
 
@@ -62,12 +65,14 @@ def pytest_runtest_setup(item):
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    """What moves the numbers besides the code: the accelerator, torch, the threads, the load."""
+    """What moves the numbers besides the code: the accelerator, torch, the threads.
+
+    Only what stays put between runs on one machine: pytest-benchmark warns when a compared
+    run's machine_info differs. The load, which does not, goes into each case's extra_info.
+    """
     info = {"torch": torch.__version__, "cuda": torch.version.cuda, "torch_threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
-    if hasattr(os, "getloadavg"):
-        info["load_average_at_start"] = os.getloadavg()
     machine_info["fastddpm"] = info
 
 
@@ -151,6 +156,8 @@ def _first_call(fn) -> float:
 def _record_rates(benchmark, *, images: int, gflop: float, first_call_s: float, **extra) -> None:
     info = benchmark.extra_info
     info.update(extra, images_per_call=images, gflop_per_call=gflop, first_call_s=first_call_s)
+    if hasattr(os, "getloadavg"):  # other work on the machine moves CPU timings
+        info["load_average"] = os.getloadavg()[0]
     stats = getattr(benchmark, "stats", None)
     if stats is None:  # --benchmark-disable: the function ran once, untimed
         return
@@ -176,7 +183,8 @@ def record_rates(benchmark):
     """record_rates(images=, gflop=, first_call_s=, **extra): extra_info from the benchmark's median.
 
     images: images one timed call produces (or runs a forward for); gflop: FLOP of one call / 1e9.
-    Adds images_per_s and achieved tflops (skipped under --benchmark-disable, which times nothing).
+    Adds images_per_s and achieved tflops (not under --benchmark-disable, which times nothing) and
+    the 1-minute load average.
     """
     return functools.partial(_record_rates, benchmark)
 

@@ -98,6 +98,7 @@ class Row:
     warmup_s: float | None = None
     seconds: list[float] = field(default_factory=list)
     median_s: float | None = None
+    spread: float | None = None  # (slowest - fastest) / median of the timed runs: how noisy the row is
     images_per_s: float | None = None
     ms_per_step: float | None = None
     tflops: float | None = None
@@ -356,6 +357,7 @@ def _time_row(row: Row, run: Callable, warm_arg, timed_arg, device: torch.device
 
 def _fill_rates(row: Row, batch: int, steps: int, gflop: float, peak_tflops: float) -> None:
     row.median_s = statistics.median(row.seconds)
+    row.spread = (max(row.seconds) - min(row.seconds)) / row.median_s
     row.images_per_s = batch / row.median_s
     row.ms_per_step = 1000.0 * row.median_s / steps
     row.tflops = gflop * batch * steps / row.median_s / 1000.0
@@ -498,11 +500,13 @@ def format_table(report: dict) -> str:
         f"on {mach['device_name']} ({mach['device']})",
         f"measured peak {ceil['peak']['tflops']:.4g} TFLOP/s ({ceil['peak']['dtype']} matmul "
         f"{ceil['peak']['n']}^3), copy {ceil['copy']['gbps']:.4g} GB/s (read + write); "
-        f"torch {mach['torch']}, commit {(mach['commit'] or 'unknown')[:12]}, {mach['date']}",
+        f"torch {mach['torch']}, commit {(mach['commit'] or 'unknown')[:12]}, {mach['date']}"
+        + (f", load average {mach['load_average']:.2f} at start on {mach['cpu_count']} CPUs"
+           if mach.get("load_average") is not None else ""),
         "",
     ]
-    header = ("row", "dtype", "layout", "images/s", "ms/step", "TFLOP/s", "of peak", "vs ref", "vs diffusers",
-              "warm-up s", "err vs ref")
+    header = ("row", "dtype", "layout", "images/s", "ms/step", "spread", "TFLOP/s", "of peak", "vs ref",
+              "vs diffusers", "warm-up s", "err vs ref")
     table = [header]
     notes = []
     for r in report["rows"]:
@@ -511,7 +515,8 @@ def format_table(report: dict) -> str:
             notes.append(f"  {r['name']}: {r['status']}: {r['reason']}")
             continue
         table.append((r["name"], r["dtype"], r["layout"], _fmt(r["images_per_s"], ".4g"), _fmt(r["ms_per_step"], ".4g"),
-                      _fmt(r["tflops"], ".3g"), _fmt(100 * r["peak_fraction"], ".3g", "%"),
+                      _fmt(100 * r["spread"], ".0f", "%"), _fmt(r["tflops"], ".3g"),
+                      _fmt(100 * r["peak_fraction"], ".3g", "%"),
                       _fmt(r["speedup_vs_reference"], ".2f", "x"), _fmt(r["speedup_vs_diffusers"], ".2f", "x"),
                       _fmt(r["warmup_s"], ".3g"), _fmt(r["rel_err_vs_reference"], ".1e")))
     widths = [max(len(str(line[i])) for line in table) for i in range(len(header))]
@@ -522,11 +527,13 @@ def format_table(report: dict) -> str:
             lines.append("  ".join("-" * w for w in widths))
     peers = [r for r in report["rows"] if r["engine"] == "diffusers" and r["status"] == "ok"]
     best = max(peers, key=lambda r: r["images_per_s"], default=None)
-    lines += ["", f"medians of {req['repeat']} timed run(s) each, after a {req['warmup_steps']}-step warm-up "
-                  "(compilation and capture included there, reported as warm-up s); 'of peak' against the "
-                  "measured matmul peak above;"
-                  f" vs diffusers: over {best['name'] if best else 'no diffusers row'};"
-                  " err vs ref: ||x0 - x0_ref|| / ||x0_ref|| of the final samples (same seed and noise)"]
+    lines += ["",
+              f"medians of {req['repeat']} timed run(s) of {req['steps']} steps per row, after a "
+              f"{req['warmup_steps']}-step warm-up run (compilation and capture land there: 'warm-up s');",
+              "'spread': (slowest - fastest) / median of the timed runs; 'of peak': achieved TFLOP/s over the "
+              "matmul peak measured above;",
+              f"'vs diffusers': over {best['name'] if best else 'the fastest diffusers row (none ran)'}; "
+              "'err vs ref': ||x0 - x0_ref|| / ||x0_ref|| of the final samples (same seed, same noise)"]
     if notes:
         lines += ["not timed:"] + notes
     return "\n".join(lines)

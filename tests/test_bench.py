@@ -41,7 +41,7 @@ def test_bench_cli_writes_the_table_as_json(tmp_path, capsys):
     (row,) = report["rows"]
     assert (row["name"], row["engine"], row["dtype"], row["layout"], row["status"]) == \
         ("reference", "fastddpm", "fp32", "NCHW", "ok")
-    assert len(row["seconds"]) == 1 and row["median_s"] == row["seconds"][0] > 0
+    assert len(row["seconds"]) == 1 and row["median_s"] == row["seconds"][0] > 0 and row["spread"] == 0.0
     assert row["warmup_s"] > 0
     assert math.isclose(row["images_per_s"], 2 / row["median_s"])
     assert math.isclose(row["ms_per_step"], 1000 * row["median_s"] / 2)
