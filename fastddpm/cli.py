@@ -63,8 +63,56 @@ def cmd_sample(args) -> int:
 
 # ------------------------------------------------------------------------------------------ train
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a model (Algorithm 1 of DDPM)")
-    p.set_defaults(func=_not_implemented("train"))
+    p = sub.add_parser("train", help="train a model (Algorithm 1 of DDPM); writes DIR/last.safetensors",
+                       description="Train a DDPM. Multi-GPU / multi-node: launch with torchrun "
+                                   "(torchrun --nproc_per_node N -m fastddpm train ...); --batch is per process.")
+    p.add_argument("--data", required=True, help="digits | cifar10:DIR | images:DIR | npz:FILE")
+    p.add_argument("--model", required=True, help="U-Net preset: tiny or cifar10 (resolution follows the data)")
+    p.add_argument("--out", required=True, metavar="DIR", help="run folder: last.safetensors, ckpt-STEP.safetensors, "
+                                                                "log.jsonl, samples/")
+    p.add_argument("--steps", type=_positive_int, default=10_000, help="total steps to reach (default 10000)")
+    p.add_argument("--batch", type=_positive_int, default=128, help="batch per process (default 128)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="autocast precision with float32 master weights (default fp32)")
+    p.add_argument("--compile", action="store_true", help="put the training step through torch.compile")
+    p.add_argument("--save-every", type=_positive_int, default=5_000, help="checkpoint interval (default 5000)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the weights, data order, timesteps and noise")
+    p.add_argument("--resume", action="store_true", help="continue DIR/last.safetensors up to --steps")
+    p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (default 2e-4)")
+    p.add_argument("--warmup", type=int, default=5_000, help="linear learning-rate warm-up steps (default 5000)")
+    p.add_argument("--ema", type=float, default=0.9999, help="EMA rate of the saved weights (default 0.9999)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip, 0 for none (default 1.0)")
+    p.add_argument("--loss", default="simple", choices=["simple", "kl", "hybrid"],
+                   help="simple: eps MSE with fixed variance; kl / hybrid: learned variance (IDDPM)")
+    p.add_argument("--timestep-sampler", default="uniform", choices=["uniform", "loss-second-moment"])
+    p.add_argument("--schedule", default="linear", choices=["linear", "cosine"])
+    p.add_argument("--diffusion-steps", type=_positive_int, default=1000, help="T (default 1000)")
+    p.add_argument("--keep", type=int, default=3, help="how many ckpt-STEP files to keep (default 3)")
+    p.add_argument("--log-every", type=_positive_int, default=100, help="JSONL log interval (default 100)")
+    p.add_argument("--sample-every", type=int, default=0, metavar="K", help="EMA sample grid every K steps (0: never)")
+    p.add_argument("--sample-steps", type=_positive_int, default=100, help="sampling steps of those grids")
+    p.add_argument("--max-bad-steps", type=_positive_int, default=50,
+                   help="stop after this many non-finite steps in a row (default 50)")
+    p.add_argument("--flip", default="auto", choices=["auto", "on", "off"],
+                   help="random left-right flip (auto: on, except for digits)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig(data=args.data, out=args.out, model=args.model, steps=args.steps, batch=args.batch,
+                      precision=args.precision, compile=args.compile, save_every=args.save_every, seed=args.seed,
+                      resume=args.resume, lr=args.lr, warmup=args.warmup, ema=args.ema, grad_clip=args.grad_clip,
+                      loss=args.loss, timestep_sampler=args.timestep_sampler, schedule=args.schedule,
+                      diffusion_steps=args.diffusion_steps, keep=args.keep, log_every=args.log_every,
+                      sample_every=args.sample_every, sample_steps=args.sample_steps, max_bad_steps=args.max_bad_steps,
+                      flip={"auto": None, "on": True, "off": False}[args.flip], device=args.device,
+                      progress=not args.no_progress)
+    train(cfg)
+    return 0
 
 
 # ------------------------------------------------------------------------------------------ eval
@@ -117,8 +165,26 @@ def cmd_eval_fid(args) -> int:
 
 
 def _add_eval_bpd(metrics) -> None:
-    p = metrics.add_parser("bpd", help="test-set bits/dim of a checkpoint")
-    p.set_defaults(func=_not_implemented("eval bpd"))
+    p = metrics.add_parser("bpd", help="test-set bits/dim of a checkpoint",
+                           description="Bits/dim of a checkpoint on a data set's test split through the "
+                                       "variational bound, with a per-timestep breakdown in JSON.")
+    p.add_argument("--checkpoint", required=True, help="a fastddpm .safetensors checkpoint, or 'digits' (bundled)")
+    p.add_argument("--data", required=True, help="digits | cifar10:DIR | images:DIR | npz:FILE (its test split)")
+    p.add_argument("--batch", type=_positive_int, default=256, help="images per batch (default 256)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="evaluate only the first N test images")
+    p.add_argument("--seed", type=int, default=0, help="seeds the x_t draws (default 0)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--out", default="bpd.json", metavar="FILE.json", help="result file (default bpd.json)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval_bpd)
+
+
+def cmd_eval_bpd(args) -> int:
+    from .bpd import BpdRequest, evaluate_bpd
+
+    evaluate_bpd(BpdRequest(checkpoint=args.checkpoint, data=args.data, batch=args.batch, limit=args.limit,
+                            seed=args.seed, device=args.device, out=args.out, progress=not args.no_progress))
+    return 0
 
 
 # ------------------------------------------------------------------------------------------ export
