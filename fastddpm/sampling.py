@@ -30,7 +30,7 @@ SAMPLERS = ("ancestral", "ddim")
 
 def reference_step(diffusion: GaussianDiffusion, x: torch.Tensor, k: int, model_output: torch.Tensor, *,
                    seed: int, sample_offset: int = 0, sampler: str = "ancestral", eta: float = 0.0,
-                   clip_denoised: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                   clip_denoised: bool = True, return_pred_x0: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """One reverse step from x = x_{t_k} [B, C, ...] given the model's output at step index k.
 
     ancestral (DDPM Algorithm 2, line 4):  x_{t-1} = mu_theta(x_t, t) + sigma_t z,  z = 0 at k = 0;
@@ -38,7 +38,8 @@ def reference_step(diffusion: GaussianDiffusion, x: torch.Tensor, k: int, model_
     ddim (Song et al. 2021, eq. 12):  x_{t-1} = sqrt(alphabar_{t-1}) x0 + sqrt(1 - alphabar_{t-1} - s^2) eps + s z,
         s = eta sqrt((1 - alphabar_{t-1}) / (1 - alphabar_t)) sqrt(1 - alphabar_t / alphabar_{t-1}).
     With clip_denoised, x0 is clipped to [-1, 1] and eps recomputed from it.
-    Returns (x_{t-1}, predicted x0).
+    Returns (x_{t-1}, predicted x0). (return_pred_x0=False lets a fused step skip writing x0; the
+    reference computes it anyway.)
     """
     B = x.shape[0]
     t_vec = torch.full((B,), k, dtype=torch.int64, device=x.device)
@@ -105,7 +106,7 @@ def denoise_loop(model_fn: Callable, diffusion: GaussianDiffusion, x: torch.Tens
         t_model = tables["timesteps"][k].expand(B)
         out = model_fn(x, t_model)
         x, pred_x0 = step_fn(diffusion, x, k, out, seed=seed, sample_offset=sample_offset, sampler=sampler,
-                             eta=eta, clip_denoised=clip_denoised)
+                             eta=eta, clip_denoised=clip_denoised, return_pred_x0=callback is not None)
         if callback is not None:
             callback({"index": index, "k": k, "t": int(diffusion.timesteps[k]), "x": x, "pred_x0": pred_x0})
     return x
