@@ -49,10 +49,11 @@ DIFFUSERS_VERSION = "0.24.0"
 # DDPM's process (Ho et al. 2020, sec. 4): linear betas from 1e-4 to 0.02 over T = 1000.
 DDPM_BETA_START, DDPM_BETA_END, DDPM_T = 1e-4, 0.02, 1000
 
+# diffusers' "learned" takes the model output as the variance itself (ours, as IDDPM's, as its log), and its
+# "fixed_large_log" step takes the square root of a log: neither has a counterpart here.
 _VAR_FROM_DIFFUSERS = {"fixed_small": "fixedsmall", "fixed_small_log": "fixedsmall", "fixed_large": "fixedlarge",
-                       "fixed_large_log": "fixedlarge", "learned": "learned", "learned_range": "learned_range"}
-_VAR_TO_DIFFUSERS = {"fixedsmall": "fixed_small", "fixedlarge": "fixed_large", "learned": "learned",
-                     "learned_range": "learned_range"}
+                       "learned_range": "learned_range"}
+_VAR_TO_DIFFUSERS = {"fixedsmall": "fixed_small", "fixedlarge": "fixed_large", "learned_range": "learned_range"}
 _MEAN_FROM_DIFFUSERS = {"epsilon": "eps", "sample": "x0"}
 _MEAN_TO_DIFFUSERS = {v: k for k, v in _MEAN_FROM_DIFFUSERS.items()}
 
@@ -387,16 +388,18 @@ def scheduler_config(diffusion: GaussianDiffusion, clip: bool = True) -> dict:
     """GaussianDiffusion -> a DDPMScheduler scheduler_config.json describing the same process."""
     if diffusion.mean_type not in _MEAN_TO_DIFFUSERS:
         raise FastDDPMError(f"diffusers' DDPMScheduler has no mean_type {diffusion.mean_type!r} (it reads eps and x0)")
+    if diffusion.var_type not in _VAR_TO_DIFFUSERS:
+        raise FastDDPMError(f"diffusers' DDPMScheduler has no var_type {diffusion.var_type!r} "
+                            f"(it reads {', '.join(_VAR_TO_DIFFUSERS)})")
     betas = diffusion.schedule.betas
     T = len(betas)
     cfg = {"_class_name": "DDPMScheduler", "_diffusers_version": DIFFUSERS_VERSION, "num_train_timesteps": T,
            "variance_type": _VAR_TO_DIFFUSERS[diffusion.var_type], "clip_sample": clip, "clip_sample_range": 1.0,
            "prediction_type": _MEAN_TO_DIFFUSERS[diffusion.mean_type], "thresholding": False}
     start, end = float(betas[0]), float(betas[-1])
-    if torch.allclose(betas, torch.linspace(start, end, T, dtype=torch.float64), rtol=1e-12, atol=0.0):
-        cfg.update(beta_schedule="linear", beta_start=start, beta_end=end, trained_betas=None)
-    else:
-        cfg.update(beta_schedule="linear", beta_start=start, beta_end=end, trained_betas=betas.tolist())
+    linear = torch.allclose(betas, torch.linspace(start, end, T, dtype=torch.float64), rtol=1e-12, atol=0.0)
+    # diffusers uses trained_betas, when given, over the schedule
+    cfg.update(beta_schedule="linear", beta_start=start, beta_end=end, trained_betas=None if linear else betas.tolist())
     return cfg
 
 
@@ -428,9 +431,11 @@ def _read_torch(path: Path) -> dict:
     try:
         value = torch.load(str(path), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{str(path)!r} is not a state dict torch.load(weights_only=True) can read ({first})") \
-            from None
+        # torch's weights_only refusal is a paragraph; the sentence naming what it refused is the useful one
+        msg, tag = " ".join(str(e).split()), "WeightsUnpickler error:"
+        detail = (msg[msg.index(tag) + len(tag):] if tag in msg else msg).strip().split(". ")[0] or type(e).__name__
+        raise CheckpointError(f"{str(path)!r} is not a state dict torch.load(weights_only=True) can read ({detail}); "
+                              "nothing else is unpickled") from None
     if not isinstance(value, dict) or not all(isinstance(v, torch.Tensor) for v in value.values()):
         raise CheckpointError(f"{str(path)!r} does not hold a plain state dict (name -> tensor)")
     return value
@@ -524,8 +529,11 @@ def pytorch_diffusion_config(tensors: dict, image_size: int | None = None) -> UN
     except KeyError as e:
         raise CheckpointError(f"pytorch_diffusion state dict lacks {e.args[0]!r}") from None
     ch, in_ch = int(conv_in.shape[0]), int(conv_in.shape[1])
-    levels = 1 + max(int(k.split(".")[1]) for k in tensors if k.startswith("down."))
-    blocks = 1 + max(int(k.split(".")[3]) for k in tensors if k.startswith("down.0.block."))
+    level_ids = {k.split(".")[1] for k in tensors if k.startswith("down.")}
+    block_ids = {k.split(".")[3] for k in tensors if k.startswith("down.0.block.")}
+    if not level_ids or not block_ids or not all(i.isdigit() for i in level_ids | block_ids):
+        raise CheckpointError("pytorch_diffusion state dict has no down.<level>.block.<i>.* keys")
+    levels, blocks = 1 + max(map(int, level_ids)), 1 + max(map(int, block_ids))
     mult = []
     for i in range(levels):
         w = tensors.get(f"down.{i}.block.0.conv1.weight")
@@ -588,6 +596,8 @@ def convert(request: ConvertRequest) -> str:
     src = Path(request.src)
     if not src.exists():
         raise CheckpointError(f"{str(src)!r} does not exist")
+    if Path(request.out).resolve() == src.resolve():
+        raise FastDDPMError(f"--out {request.out!r} is SRC itself; write the conversion somewhere else")
     if src.is_dir():
         config_path, weights_path = _diffusers_folder(src)
         tensors, metadata = read_weights_file(weights_path)
@@ -607,6 +617,8 @@ def convert(request: ConvertRequest) -> str:
         model, diffusion, meta = from_diffusers(config_path, tensors, request.var_type)
     else:
         model, diffusion, meta = from_pytorch_diffusion(src, tensors, request.image_size, request.var_type)
+    if Path(request.out).is_dir():
+        raise FastDDPMError(f"--out {request.out!r} is a folder; importing writes one DST.safetensors file")
     save_checkpoint(request.out, model, diffusion, converted_from=fmt, source=str(src), **meta)
     T = diffusion.num_timesteps
     return (f"wrote {request.out}: {fmt} U-Net, {count_parameters(model):,} parameters, "

@@ -199,8 +199,8 @@ def _import_fidelity_module(name: str):
         return importlib.import_module(f"torch_fidelity.{name}")
     except ModuleNotFoundError as e:
         if e.name == "torch_fidelity":
-            raise FastDDPMError("`fastddpm eval fid` needs torch-fidelity: pip install --no-deps 'torch-fidelity>=0.3' "
-                                "(--no-deps: its torchvision requirement would replace torch)") from None
+            raise FastDDPMError("`fastddpm eval fid` needs torch-fidelity: pip install --no-deps 'torch-fidelity>=0.4,<0.5' "
+                                "(--no-deps: its torchvision requirement would pull another torch)") from None
         if not (e.name or "").startswith("torchvision"):
             raise
     except (ImportError, RuntimeError, AttributeError, OSError):

@@ -176,6 +176,26 @@ def test_export_round_trip_through_diffusers(tmp_path, capsys):
     torch.testing.assert_close(back_diffusion.schedule.betas, diffusion.schedule.betas, rtol=0, atol=0)
 
 
+def test_learned_range_model_round_trips(tmp_path, capsys):
+    """IDDPM's learned variances: 2C outputs, variance_type learned_range (same interpolation in diffusers)."""
+    from fastddpm.diffusion import GaussianDiffusion
+
+    model = randomized_unet("tiny", seed=6, learn_sigma=True, norm_eps=1e-6)
+    save_checkpoint(tmp_path / "iddpm.safetensors", model,
+                    GaussianDiffusion(make_betas("cosine", 1000), var_type="learned_range"))
+    assert run_cli(["convert", tmp_path / "iddpm.safetensors", "--out", tmp_path / "hf"], capsys)[0] == 0
+    dmodel = UNet2DModel.from_pretrained(tmp_path / "hf").eval()
+    assert DDPMScheduler.from_pretrained(tmp_path / "hf").config.variance_type == "learned_range"
+    x, t = random_inputs(2, 16, seed=8)
+    with torch.no_grad():
+        theirs = dmodel(x, t).sample
+        assert theirs.shape[1] == 6 and rel_err(theirs, model(x, t)) < TOL
+    assert run_cli(["convert", tmp_path / "hf", "--out", tmp_path / "back.safetensors"], capsys)[0] == 0
+    _, back, _ = load_checkpoint(tmp_path / "back.safetensors")
+    assert back.var_type == "learned_range"
+    torch.testing.assert_close(back.schedule.betas, make_betas("cosine", 1000), rtol=0, atol=0)
+
+
 def test_export_refuses_a_safetensors_destination(tmp_path, capsys):
     save_checkpoint(tmp_path / "ours.safetensors", UNet.from_preset("tiny"), diffusion_from_scheduler({})[0])
     code, _, err = run_cli(["convert", tmp_path / "ours.safetensors", "--out", tmp_path / "x.safetensors"], capsys)
@@ -305,6 +325,11 @@ def test_unsupported_config_is_named(tmp_path, capsys):
     folder = _small_folder(tmp_path, mutate_config=lambda c: c.update(attention_head_dim=8))
     code, _, err = run_cli(["convert", folder, "--out", tmp_path / "o.safetensors"], capsys)
     assert code == 2 and "one head" in err
+    # diffusers' "learned" variance is the output itself, not its log as in IDDPM: refused, not misread.
+    folder = _small_folder(tmp_path)
+    (folder / "scheduler_config.json").write_text(json.dumps({**CIFAR10_SCHEDULER, "variance_type": "learned"}))
+    code, _, err = run_cli(["convert", folder, "--out", tmp_path / "o.safetensors"], capsys)
+    assert code == 2 and "variance_type='learned'" in err
 
 
 def test_pickled_code_is_never_run(tmp_path, capsys):
