@@ -132,7 +132,8 @@ def _add_eval_fid(metrics) -> None:
                     "FID statistics (mu, sigma), e.g. written by --save-ref-stats. Nothing is downloaded: the "
                     "Inception weights (weights-inception-2015-12-05-6726825d.pth) come from "
                     "--inception-weights or torch.hub's checkpoint folder.")
-    p.add_argument("samples", metavar="SAMPLES", help="generated images: .npz, image folder, or sample output folder")
+    p.add_argument("samples", metavar="SAMPLES", nargs="+",
+                   help="generated images: one or more .npz files, image folders or sample output folders (pooled)")
     p.add_argument("--ref", default=None, metavar="REF", help="reference images (.npz or folder) or an .npz of FID "
                                                               "statistics (needed for FID and KID)")
     p.add_argument("--inception-weights", default=None, metavar="FILE.pth",

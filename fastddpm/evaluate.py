@@ -55,7 +55,7 @@ _PLACEHOLDER = "__fastddpm_placeholder__"
 class FIDRequest:
     """Everything `fastddpm eval fid` takes (see `fastddpm eval fid --help`)."""
 
-    samples: str  # .npz (arr_0 uint8 NHWC), a folder of images, or a `fastddpm sample` output folder
+    samples: str | list  # one or more of: .npz (arr_0 uint8 NHWC), image folder, `fastddpm sample` output folder
     ref: str | None = None  # the same kinds, or an .npz of precomputed statistics (mu, sigma)
     inception_weights: str | None = None
     metrics: tuple[str, ...] = METRICS
@@ -70,14 +70,15 @@ class FIDRequest:
 
 
 # ------------------------------------------------------------------------------------------- images
-class ImageSet:
-    """Images read in batches as uint8 [B, H, W, 3]: an .npz (arr_0, uint8 NHWC or NHW), a folder of
-    image files (searched recursively, sorted by path), or a folder holding samples.npz."""
+class _ImageSource:
+    """One image source: an .npz (arr_0, uint8 NHWC or NHW), a folder of image files (searched
+    recursively, sorted by path), or a folder holding samples.npz (a `fastddpm sample` output)."""
 
     def __init__(self, path):
         self.path = p = Path(path)
         self.array: np.ndarray | None = None
         self.files: list[Path] = []
+        self.size: tuple | None = None
         if p.is_dir():
             self.files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
             if not self.files and (p / "samples.npz").is_file():
@@ -91,7 +92,6 @@ class ImageSet:
         return len(self.files) if self.files else len(self.array)
 
     def batches(self, batch: int):
-        """Yield uint8 [B, H, W, 3] arrays of at most `batch` images, in order."""
         for start in range(0, len(self), batch):
             if self.array is not None:
                 images = self.array[start:start + batch]
@@ -107,11 +107,29 @@ class ImageSet:
                 arr = np.asarray(img.convert("RGB"))
         except (OSError, UnidentifiedImageError) as e:
             raise DataError(f"cannot read image {str(f)!r} ({e})") from None
-        first = self.__dict__.setdefault("_size", arr.shape)
-        if arr.shape != first:
+        self.size = self.size or arr.shape
+        if arr.shape != self.size:
             raise DataError(f"images in {str(self.path)!r} differ in size: {str(f)!r} is {arr.shape[1]}x{arr.shape[0]}, "
-                            f"{str(self.files[0])!r} {first[1]}x{first[0]}")
+                            f"{str(self.files[0])!r} {self.size[1]}x{self.size[0]}")
         return arr
+
+
+class ImageSet:
+    """Images from one or more sources (each an .npz, an image folder or a sample output folder),
+    read in batches of uint8 [B, H, W, 3], source after source."""
+
+    def __init__(self, paths):
+        paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+        self.sources = [_ImageSource(p) for p in paths]
+        self.name = ", ".join(str(s.path) for s in self.sources)
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.sources)
+
+    def batches(self, batch: int):
+        """Yield uint8 [B, H, W, 3] arrays of at most `batch` images, in order."""
+        for source in self.sources:
+            yield from source.batches(batch)
 
 
 def _load_npz(path: Path) -> dict:
@@ -279,7 +297,7 @@ def inception_features(net: torch.nn.Module, images: ImageSet, batch: int = 64, 
                        progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(pool features [N, 2048], unbiased logits [N, 1008]) as float64, for the uint8 images of `images`."""
     pools, logits = [], []
-    with tqdm(total=len(images), disable=not progress, desc=f"inception {images.path.name}", unit="image",
+    with tqdm(total=len(images), disable=not progress, desc="inception features", unit="image",
               leave=False) as bar:
         for chunk in images.batches(batch):
             x = torch.from_numpy(np.ascontiguousarray(chunk)).permute(0, 3, 1, 2).to(device)
@@ -395,7 +413,7 @@ def evaluate_fid(request: FIDRequest) -> dict:
     net, info = load_inception(request.inception_weights, device)
 
     pool, logits = inception_features(net, samples, request.batch, device, request.progress)
-    result = {"num_samples": len(samples), "samples": str(samples.path)}
+    result = {"num_samples": len(samples), "samples": samples.name}
     if needs_ref:
         result["ref"] = str(request.ref)
     if ref_images is not None:

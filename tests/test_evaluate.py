@@ -140,14 +140,17 @@ def test_identical_sets_give_fid_zero_and_shifted_sets_do_not(tmp_path, capsys, 
     hub.mkdir(parents=True)
     (hub / INCEPTION_FILE).symlink_to(weights_file)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-    save_npz(tmp_path / "shifted.npz", np.clip(images.astype(int) + 40, 0, 255).astype(np.uint8))
-    code, out, err = run_cli(["eval", "fid", tmp_path / "shifted.npz", "--ref", tmp_path / "ref-stats.npz",
+    brighter = np.clip(images.astype(int) + 40, 0, 255).astype(np.uint8)
+    save_npz(tmp_path / "shifted-a.npz", brighter[:3])  # two sampling runs, pooled
+    save_npz(tmp_path / "shifted-b.npz", brighter[3:])
+    code, out, err = run_cli(["eval", "fid", tmp_path / "shifted-a.npz", tmp_path / "shifted-b.npz", "--ref",
+                              tmp_path / "ref-stats.npz",
                               "--json", tmp_path / "shifted.json", "--no-progress"], capsys)
     assert code == 0, err
     shifted = json.loads((tmp_path / "shifted.json").read_text())
     assert shifted["fid"] > 0.1 * trace and shifted["fid"] > 1e4 * abs(same["fid"])
     assert "kid_skipped" in shifted and "KID  skipped" in out
-    assert shifted["inception_weights"].endswith(INCEPTION_FILE)
+    assert shifted["inception_weights"].endswith(INCEPTION_FILE) and shifted["num_samples"] == 5
 
 
 def test_the_torchvision_free_import_leaves_no_half_package_behind(weights_file):
