@@ -49,7 +49,8 @@ TRACE_OPSET = 17  # the TorchScript exporter's opset; "groupnorm21" is converted
 DEFAULT_GROUP_NORM = "instancenorm"
 
 
-def _trace(module: torch.nn.Module, model: UNet, inputs: tuple, input_names: list, output_names: list) -> onnx.ModelProto:
+def _trace(module: torch.nn.Module, model: UNet, inputs: tuple, input_names: list,
+           output_names: list) -> onnx.ModelProto:
     """torch.onnx.export of `module` with a dynamic batch on every input and output but `coef`."""
     dynamic = {name: {0: "batch"} for name in input_names + output_names if name != "coef"}
     buf = io.BytesIO()

@@ -72,6 +72,9 @@ class OnnxEpsModel:
 
 
 def _provider(device) -> str:
+    """ONNX Runtime provider choice for a device: "auto" stays "auto" (CUDA when onnxruntime-gpu finds a GPU)."""
+    if isinstance(device, str) and device == "auto":
+        return "auto"
     device = torch.device(device) if device is not None else torch.device("cpu")
     return "cuda" if device.type == "cuda" else "cpu"
 
@@ -79,11 +82,17 @@ def _provider(device) -> str:
 def load_onnx(path, device="cpu") -> tuple[OnnxEpsModel, GaussianDiffusion]:
     """(model, full diffusion) of a `fastddpm export` file, on ONNX Runtime's CPU or CUDA provider.
 
-    A missing, truncated or foreign file raises CheckpointError (exit 2 on the command line).
+    device: "cpu", "cuda" or "auto" (ONNX Runtime's CUDA provider when onnxruntime-gpu finds a GPU,
+    whether or not torch was built with CUDA). A missing, truncated or foreign file raises
+    CheckpointError (exit 2 on the command line).
     """
-    onnx_available(torch.device(device))
+    provider = _provider(device)
+    if provider != "auto":
+        onnx_available(torch.device(provider))
+    elif importlib.util.find_spec("onnxruntime") is None:
+        onnx_available(torch.device("cpu"))  # raises the "needs onnxruntime" error
     try:
-        model = OnnxEpsModel(ort_sample.OnnxModel(path, provider=_provider(device)))
+        model = OnnxEpsModel(ort_sample.OnnxModel(path, provider=provider))
     except ort_sample.SampleError as e:
         raise CheckpointError(str(e)) from None
     return model, model.diffusion()

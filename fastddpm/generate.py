@@ -98,8 +98,9 @@ def build_model(request: SampleRequest, device: torch.device):
         from .export.ort_backend import load_onnx
 
         if request.checkpoint is not None or request.model is not None:
-            raise FastDDPMError("--backend onnx takes the model from --onnx FILE.onnx; leave out --checkpoint and --model")
-        model, diffusion = load_onnx(request.onnx, device)
+            raise FastDDPMError("--backend onnx takes the model from --onnx FILE.onnx; "
+                                "leave out --checkpoint and --model")
+        model, diffusion = load_onnx(request.onnx, request.device)  # "auto": ORT's CUDA provider if it has one
         return model, diffusion, f"onnx {request.onnx}"
     # --- end backend "onnx"
     if request.checkpoint is not None:

@@ -59,7 +59,8 @@ def stub_env(tmp_path: Path, *modules: str) -> dict:
     stubs = tmp_path / "stubs"
     for name in modules:
         (stubs / name).mkdir(parents=True, exist_ok=True)
-        (stubs / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed on this host (test stub)')\n")
+        stub = f"raise ImportError('{name} is not installed on this host (test stub)')\n"
+        (stubs / name / "__init__.py").write_text(stub)
     return {**os.environ, "PYTHONPATH": str(stubs), "OMP_NUM_THREADS": "1"}
 
 

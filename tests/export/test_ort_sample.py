@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import itertools
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -55,10 +56,9 @@ def test_normals_match_the_torch_stream(seed, step, shape, offset):
 def test_noise_depends_only_on_the_sample_index():
     whole = ort_sample.noise(3, 40, (6, 2, 5, 5))
     assert np.array_equal(whole[2:], ort_sample.noise(3, 40, (4, 2, 5, 5), sample_offset=2))
-    from concurrent.futures import ThreadPoolExecutor
-
     with ThreadPoolExecutor(2) as pool:  # drawn in parallel blocks: the same numbers
-        assert np.array_equal(ort_sample.noise(3, 40, (300, 2, 15, 15), pool=pool), ort_sample.noise(3, 40, (300, 2, 15, 15)))
+        parallel = ort_sample.noise(3, 40, (300, 2, 15, 15), pool=pool)
+    assert np.array_equal(parallel, ort_sample.noise(3, 40, (300, 2, 15, 15)))
 
 
 # ------------------------------------------------------------------------------------------ schedule
@@ -74,7 +74,8 @@ def test_respacing_and_tables_match_the_reference(T, steps, sampler):
     for name, want in [("alphas_cumprod", s.alphas_cumprod), ("alphas_cumprod_prev", s.alphas_cumprod_prev),
                        ("sqrt_recip_alphas_cumprod", s.sqrt_recip_alphas_cumprod),
                        ("sqrt_recipm1_alphas_cumprod", s.sqrt_recipm1_alphas_cumprod),
-                       ("posterior_mean_coef1", s.posterior_mean_coef1), ("posterior_mean_coef2", s.posterior_mean_coef2),
+                       ("posterior_mean_coef1", s.posterior_mean_coef1),
+                       ("posterior_mean_coef2", s.posterior_mean_coef2),
                        ("posterior_log_variance_clipped", s.posterior_log_variance_clipped),
                        ("log_fixedlarge_variance", torch.log(s.fixedlarge_variance))]:
         np.testing.assert_allclose(getattr(ours, name), want.numpy(), rtol=1e-13, atol=0, err_msg=name)
