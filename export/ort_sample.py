@@ -345,6 +345,11 @@ class OnnxModel:
                               f"{', '.join(available)})")
         use_cuda = provider == "cuda" or (provider == "auto" and "CUDAExecutionProvider" in available)
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
+        if use_cuda and hasattr(ort, "preload_dlls"):
+            try:  # CUDA and cuDNN from torch or the nvidia-* wheels (onnxruntime-gpu[cuda,cudnn]), ORT >= 1.21
+                ort.preload_dlls()
+            except Exception:  # noqa: BLE001 - best effort: without them the session reports the provider it got
+                pass
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: no optimizer chatter on stderr
         if threads:
@@ -417,18 +422,19 @@ class OnnxModel:
 
 
 class _DeviceLoop:
-    """Step-graph state kept on the GPU: x and x_prev are device OrtValues, swapped after each run.
+    """Step-graph state kept on the device: x and x_prev are device OrtValues, swapped after each run.
 
     Per step only t [B], the coefficients [12] and the noise go up; outputs come down only
-    when asked for (a callback, or the last step).
+    when asked for (a callback, or the last step). `device` is "cuda" on a GPU; "cpu" runs the
+    same I/O-binding code on the CPU provider (how the tests exercise it without a GPU).
     """
 
-    def __init__(self, model: OnnxModel, x: np.ndarray):
+    def __init__(self, model: OnnxModel, x: np.ndarray, device: str = "cuda"):
         ort = _import_onnxruntime()
-        self.session = model.session
+        self.session, self.device = model.session, device
         self.binding = model.session.io_binding()
-        self.x = ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)
-        self.x_next = ort.OrtValue.ortvalue_from_shape_and_type(list(x.shape), np.float32, "cuda", 0)
+        self.x = ort.OrtValue.ortvalue_from_numpy(x, device, 0)
+        self.x_next = ort.OrtValue.ortvalue_from_shape_and_type(list(x.shape), np.float32, device, 0)
 
     def step(self, t: np.ndarray, coef: np.ndarray, z: np.ndarray, fetch: bool):
         """Run one step; returns host copies [x_prev, pred_x0] when `fetch`, else None."""
@@ -438,7 +444,7 @@ class _DeviceLoop:
         b.bind_cpu_input("coef", coef)
         b.bind_cpu_input("z", z)
         b.bind_ortvalue_output("x_prev", self.x_next)
-        b.bind_output("pred_x0", "cuda", 0)
+        b.bind_output("pred_x0", self.device, 0)
         self.session.run_with_iobinding(b)
         fetched = b.copy_outputs_to_cpu() if fetch else None
         self.x, self.x_next = self.x_next, self.x
@@ -447,14 +453,15 @@ class _DeviceLoop:
 
 def sample_loop(model: OnnxModel, process: Process, shape, seed: int = 0, sampler: str = "ancestral",
                 eta: float = 0.0, sample_offset: int = 0, clip_denoised: bool = True, callback=None,
-                progress=None) -> np.ndarray:
+                progress=None, device_loop: bool | None = None) -> np.ndarray:
     """Draw samples of `shape` = [B, C, H, W]; the numpy twin of fastddpm.sampling.sample.
 
     x_T = noise(seed, XT_STEP); then for step index k = K-1 .. 0 the model runs at original
     timestep t = process.timesteps[k] and the update uses z = noise(seed, t). callback, if
     given, gets dict(index, k, t, x, pred_x0) of numpy arrays after every step (on the GPU
     this fetches the state every step); progress, if given, gets the step's index only.
-    Returns x_0 float32 [B, C, H, W], clipped to [-1, 1] when clip_denoised.
+    device_loop: keep a step graph's state in device OrtValues (I/O binding); None means on
+    CUDA only. Returns x_0 float32 [B, C, H, W], clipped to [-1, 1] when clip_denoised.
     """
     if sampler not in SAMPLERS:
         raise SampleError(f"unknown sampler {sampler!r}; choose one of 'ancestral', 'ddim'")
@@ -487,7 +494,11 @@ def sample_loop(model: OnnxModel, process: Process, shape, seed: int = 0, sample
 
     try:
         x = noise(seed, XT_STEP, shape, sample_offset, pool=workers)
-        device = _DeviceLoop(model, x) if (model.kind == "step" and model.on_cuda) else None
+        if device_loop is None:
+            device_loop = model.kind == "step" and model.on_cuda
+        if device_loop and model.kind != "step":
+            raise SampleError("the device loop needs a whole-step graph (fastddpm export --step-graph)")
+        device = _DeviceLoop(model, x, "cuda" if model.on_cuda else "cpu") if device_loop else None
         z_spare = np.zeros(shape, np.float32)  # a step graph needs some z even where its weight is 0
         pending = ahead.submit(draw, 0) if ahead else None
         for index, (k, coef) in enumerate(zip(steps, coefs)):

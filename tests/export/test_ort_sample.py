@@ -140,6 +140,29 @@ def test_trajectory_equals_the_reference(exports, tiny, name, sampler, eta):
     assert rel_err(torch.from_numpy(final), want[-1].clamp(-1, 1)) < 1e-5
 
 
+def test_io_binding_loop_equals_the_host_loop(exports):
+    """The device loop (I/O binding, state in OrtValues swapped per step) run on the CPU provider.
+
+    On a GPU the same code binds CUDA OrtValues; here it proves the binding, the buffer swap and
+    the fetches (every step with a callback, else only the last) give the host loop's numbers.
+    """
+    step = ort_sample.OnnxModel(exports["step"], provider="cpu", threads=ORT_THREADS)
+    for sampler, eta in (("ancestral", 0.0), ("ddim", 0.5)):
+        process = ort_sample.Process.from_full(step.betas, 5, sampler, "eps", "fixedlarge")
+        host = ort_sample.sample_loop(step, process, (3, 3, 16, 16), seed=5, sampler=sampler, eta=eta)
+        bound = ort_sample.sample_loop(step, process, (3, 3, 16, 16), seed=5, sampler=sampler, eta=eta,
+                                       device_loop=True)
+        np.testing.assert_array_equal(bound, host)
+        states = []
+        ort_sample.sample_loop(step, process, (3, 3, 16, 16), seed=5, sampler=sampler, eta=eta, device_loop=True,
+                               callback=lambda info: states.append((info["x"].copy(), info["pred_x0"].copy())))
+        assert len(states) == 5 and np.array_equal(np.clip(states[-1][0], -1, 1), host)
+        assert all(np.abs(x0).max() <= 1.0 for _, x0 in states)  # pred_x0 is clipped, and really fetched
+    eps = ort_sample.OnnxModel(exports["fp32"], provider="cpu", threads=ORT_THREADS)
+    with pytest.raises(ort_sample.SampleError, match="whole-step graph"):
+        ort_sample.sample_loop(eps, process, (1, 3, 16, 16), device_loop=True)
+
+
 def test_sample_offset_shards_exactly(exports):
     onnx_model = ort_sample.OnnxModel(exports["fp32"], provider="cpu", threads=ORT_THREADS)
     process = ort_sample.Process.from_full(onnx_model.betas, 3, "ancestral", "eps", "fixedlarge")
