@@ -36,7 +36,8 @@ setup(
         "triton": ["triton"],
         # Inference hosts with a GPU: the CUDA build of ONNX Runtime.
         "gpu": ["onnxruntime-gpu"],
-        "test": ["pytest", "pytest-benchmark", "triton"],
+        # diffusers is the parity peer in tests and benchmarks only (it does not require torch).
+        "test": ["pytest", "pytest-benchmark", "triton", "diffusers"],
     },
     entry_points={"console_scripts": ["fastddpm = fastddpm.cli:main"]},
 )

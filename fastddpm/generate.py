@@ -92,7 +92,9 @@ def forward_gflops(config: UNetConfig) -> float:
 
 
 def build_model(request: SampleRequest, device: torch.device):
-    """(model, diffusion, description) for a request: a checkpoint, or a preset with seeded random weights."""
+    """(model, diffusion, description, clip_denoised) for a request: a checkpoint (which may say whether
+    its data is clipped to [-1, 1] in meta["clip_denoised"]; images are), or a preset with seeded
+    random weights."""
     # --- backend "onnx" (issue 7): the model config, schedule and settings come from the .onnx file
     if request.backend == "onnx":
         from .export.ort_backend import load_onnx
@@ -104,12 +106,12 @@ def build_model(request: SampleRequest, device: torch.device):
         return model, diffusion, f"onnx {request.onnx}"
     # --- end backend "onnx"
     if request.checkpoint is not None:
-        model, diffusion, _ = load_checkpoint(request.checkpoint, device=device)
-        return model, diffusion, f"checkpoint {request.checkpoint}"
+        model, diffusion, meta = load_checkpoint(request.checkpoint, device=device)
+        return model, diffusion, f"checkpoint {request.checkpoint}", bool(meta.get("clip_denoised", True))
     preset = request.model or "cifar10"
     torch.manual_seed(request.seed)
     model = UNet.from_preset(preset).to(device).eval()
-    return model, default_diffusion(), f"random {preset} weights"
+    return model, default_diffusion(), f"random {preset} weights", True
 
 
 def _synchronize(device: torch.device) -> None:
@@ -146,7 +148,7 @@ def _run(request: SampleRequest, dist: Distributed) -> dict:
     device = dist.device
     get_backend(request.backend).check(device)
     out = ensure_writable_dir(request.out)
-    model, diffusion, source = build_model(request, device)
+    model, diffusion, source, clip_denoised = build_model(request, device)
     model = model.to(DTYPES[request.dtype])
     if device.type == "cuda" and request.dtype != "fp32":
         # Half precision on a GPU: channels-last activations feed the tensor cores' NHWC kernels.
@@ -163,12 +165,13 @@ def _run(request: SampleRequest, dist: Distributed) -> dict:
     if count and (request.backend != "reference" or device.type == "cuda"):
         # Compilation, graph capture, autotuning: timed apart from the steady state below.
         warmup_seconds = dist.max(warm_up(model, process, shape, backend=request.backend,
-                                          sampler=request.sampler, eta=request.eta))
+                                          sampler=request.sampler, eta=request.eta, clip_denoised=clip_denoised))
     _synchronize(device)
     start = time.perf_counter()
     if count:
         x = sample(model, process, shape, seed=request.seed, sampler=request.sampler, eta=request.eta,
-                   backend=request.backend, progress=request.progress and dist.is_main, sample_offset=first)
+                   backend=request.backend, progress=request.progress and dist.is_main, sample_offset=first,
+                   clip_denoised=clip_denoised)
     else:
         x = torch.zeros(shape, device=device)
     _synchronize(device)

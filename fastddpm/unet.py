@@ -75,8 +75,9 @@ class UNetConfig:
 
 
 PRESETS: dict[str, UNetConfig] = {
-    # The DDPM CIFAR-10 model: 35,746,307 parameters, as google/ddpm-cifar10-32.
-    "cifar10": UNetConfig(),
+    # The DDPM CIFAR-10 model: 35,746,307 parameters, as google/ddpm-cifar10-32, and GroupNorm's
+    # epsilon 1e-6 as DDPM's TF code (tf.contrib group_norm) and the diffusers ddpm-* configs.
+    "cifar10": UNetConfig(norm_eps=1e-6),
     # Small enough for tests and CPU demos; 8 groups so each group spans several channels.
     "tiny": UNetConfig(image_size=16, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
                        attention_resolutions=(8,), dropout=0.0, num_groups=8),
