@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .checkpoint import load_checkpoint
-from .data import load_dataset, parse_data_spec
+from .data import load_dataset
 from .errors import DataError
 from .files import atomic_write_bytes
 
@@ -53,7 +53,6 @@ def evaluate_bpd(request: BpdRequest) -> dict:
     device = resolve_device(request.device)
     model, diffusion, _ = load_checkpoint(request.checkpoint, device=device)
     c = model.config
-    kind, _ = parse_data_spec(request.data)
     data = load_dataset(request.data, image_size=c.image_size, split="test")
     if data.channels != c.in_channels:
         raise DataError(f"{data.name} has {data.channels} channel(s) but the checkpoint's model takes {c.in_channels}")

@@ -129,6 +129,26 @@ def test_resume_after_sigkill_is_exact(npz, tmp_path):
     assert not list(killed.glob(".*.tmp"))
 
 
+def test_sigterm_saves_at_the_step_boundary_and_resumes_exactly(npz, tmp_path):
+    trainer = Trainer(_cfg(npz, tmp_path / "stopped", steps=6, save_every=100))
+    original = trainer.loss_fn
+
+    def send_sigterm_during_step_2(*args):
+        if trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a cluster's pre-emption would
+        return original(*args)
+
+    trainer.loss_fn = send_sigterm_during_step_2
+    handler_before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    assert _meta(tmp_path / "stopped" / "last.safetensors")["step"] == 3  # step 2 finished, then saved
+    assert signal.getsignal(signal.SIGTERM) == handler_before  # the trainer's handler is gone again
+    train(_cfg(npz, tmp_path / "stopped", steps=6, save_every=100, resume=True))
+    train(_cfg(npz, tmp_path / "straight", steps=6, save_every=100))
+    _assert_same_state(tmp_path / "straight" / "last.safetensors", tmp_path / "stopped" / "last.safetensors")
+
+
 # ------------------------------------------------------------------------------------ DDP
 def test_two_gloo_ranks_match_one_rank_at_twice_the_batch(npz, tmp_path):
     steps = 4
@@ -150,7 +170,7 @@ def test_two_gloo_ranks_match_one_rank_at_twice_the_batch(npz, tmp_path):
             da, db = a[prefix + k] - v, b[prefix + k] - v
             if db.norm() > 0:
                 rel = float((da - db).norm() / db.norm())
-                assert rel < 1e-4, f"{prefix}{k}: relative difference {rel:.2e}"
+                assert rel < 1e-4, f"{prefix}{k}: relative difference {rel:.2e}"  # measured <= 4e-5
     la = [json.loads(x) for x in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in la] == [r["step"] for r in lb]

@@ -1,0 +1,100 @@
+"""`fastddpm eval bpd` (fastddpm.bpd): test-set bits/dim through calc_bpd_loop, JSON breakdown, bad input."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fastddpm.bpd import BpdRequest, evaluate_bpd
+from fastddpm.checkpoint import save_checkpoint
+from fastddpm.cli import main
+from fastddpm.diffusion import GaussianDiffusion
+from fastddpm.images import from_uint8
+from fastddpm.schedule import make_betas
+from fastddpm.unet import UNet
+
+T = 20
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny learned-variance checkpoint (output convs re-randomised) and 10 images 8x8x3 in an npz."""
+    folder = tmp_path_factory.mktemp("bpd")
+    torch.manual_seed(3)
+    model = UNet.from_preset("tiny", learn_sigma=True, image_size=8)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d) and not m.weight.any():
+            m.reset_parameters()
+    diffusion = GaussianDiffusion(make_betas("cosine", T), var_type="learned_range", loss_type="hybrid")
+    save_checkpoint(folder / "model.safetensors", model, diffusion, step=0)
+    images = np.random.default_rng(5).integers(0, 256, size=(10, 8, 8, 3), dtype=np.uint8)
+    np.savez(folder / "images.npz", arr_0=images)
+    return folder, model.eval(), diffusion, images
+
+
+def test_bpd_matches_calc_bpd_loop(files, tmp_path):
+    folder, model, diffusion, images = files
+    out = tmp_path / "bpd.json"
+    result = evaluate_bpd(BpdRequest(checkpoint=str(folder / "model.safetensors"), data=f"npz:{folder / 'images.npz'}",
+                                     batch=16, seed=11, out=str(out), progress=False, device="cpu"))
+    torch.manual_seed(11)  # one batch: the same x_t draws as evaluate_bpd (randn_like follows the memory
+    ref = diffusion.calc_bpd_loop(model, from_uint8(images).contiguous())  # layout: NCHW-contiguous as there)
+    assert result["images"] == 10 and result["T"] == T
+    assert result["bpd"] == pytest.approx(float(ref["total_bpd"].mean()), rel=1e-6)
+    assert result["prior_bpd"] == pytest.approx(float(ref["prior_bpd"].mean()), rel=1e-6)
+    assert result["bpd_stderr"] == pytest.approx(float(ref["total_bpd"].std() / np.sqrt(10)), rel=1e-5)
+    for key in ("vb", "mse", "xstart_mse"):
+        assert np.allclose(result["per_timestep"][key], ref[key].mean(dim=0).numpy(), rtol=1e-6)
+    # the bound is the sum of its terms, and the JSON file holds the same numbers
+    assert result["bpd"] == pytest.approx(sum(result["per_timestep"]["vb"]) + result["prior_bpd"], rel=1e-6)
+    assert json.loads(out.read_text())["bpd"] == result["bpd"]
+    assert result["bpd"] > 0  # discrete data: every term is a KL or a -log of a probability mass
+
+
+def test_bpd_batches_and_limit(files, tmp_path):
+    folder, *_ = files
+    kw = dict(checkpoint=str(folder / "model.safetensors"), data=f"npz:{folder / 'images.npz'}", progress=False,
+              out=None, device="cpu")
+    whole = evaluate_bpd(BpdRequest(batch=16, **kw))
+    split = evaluate_bpd(BpdRequest(batch=3, **kw))  # 4 batches, other x_t draws: the same estimate
+    assert split["images"] == 10
+    assert split["bpd"] == pytest.approx(whole["bpd"], abs=4 * whole["bpd_stderr"] + 0.05 * whole["bpd"])
+    assert evaluate_bpd(BpdRequest(batch=16, limit=4, **kw))["images"] == 4
+
+
+def _one_line_error(capsys, *pieces):
+    err = capsys.readouterr().err
+    assert err.startswith("fastddpm: error: ") and err.count("\n") == 1, err
+    for piece in pieces:
+        assert piece in err, (piece, err)
+
+
+def test_cli(files, tmp_path, capsys):
+    folder, *_ = files
+    ckpt, data = str(folder / "model.safetensors"), f"npz:{folder / 'images.npz'}"
+    out = tmp_path / "r.json"
+    assert main(["eval", "bpd", "--checkpoint", ckpt, "--data", data, "--out", str(out), "--no-progress",
+                 "--device", "cpu", "--limit", "2"]) == 0
+    assert "bits/dim over 2 test images" in capsys.readouterr().out
+    assert len(json.loads(out.read_text())["per_timestep"]["vb"]) == T
+
+    np.savez(tmp_path / "grey.npz", arr_0=np.zeros((3, 8, 8, 1), dtype=np.uint8) + 7)
+    assert main(["eval", "bpd", "--checkpoint", ckpt, "--data", f"npz:{tmp_path / 'grey.npz'}", "--out",
+                 str(tmp_path / "x.json")]) == 2
+    _one_line_error(capsys, "1 channel(s)", "takes 3")
+    np.savez(tmp_path / "big.npz", arr_0=np.zeros((3, 16, 16, 3), dtype=np.uint8) + 7)
+    assert main(["eval", "bpd", "--checkpoint", ckpt, "--data", f"npz:{tmp_path / 'big.npz'}"]) == 2
+    _one_line_error(capsys, "16x16", "8x8")
+    assert main(["eval", "bpd", "--checkpoint", str(tmp_path / "none.safetensors"), "--data", data]) == 2
+    _one_line_error(capsys, "does not exist")
+    assert not (tmp_path / "x.json").exists()
