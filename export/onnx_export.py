@@ -118,6 +118,8 @@ def build_onnx(model: UNet, diffusion: GaussianDiffusion, dtype: str = "fp32", s
 
     diffusion  the FULL process the model was trained with: its betas and settings go into the
                metadata (respacing happens at sampling time).
+    clip_denoised  clip the predicted x0 to [-1, 1] (images): built into a step graph, and
+               recorded in the metadata for the sampler of an eps graph.
     """
     if diffusion.num_steps != diffusion.num_timesteps:
         raise FastDDPMError("export the full diffusion process, not a respaced one (respacing happens at sampling)")
@@ -149,6 +151,7 @@ def export_checkpoint(checkpoint, out, dtype: str = "fp32", step_graph: bool = F
     check_choice("export dtype", dtype, tuple(EXPORT_DTYPES))
     model, diffusion, meta = load_checkpoint(checkpoint, device="cpu")
     return export_onnx(model, diffusion, out, dtype=dtype, step_graph=step_graph, group_norm=group_norm,
+                       clip_denoised=bool(meta.get("clip_denoised", True)),  # as `fastddpm sample` honours it
                        meta={"checkpoint": str(checkpoint), **_json_safe(meta)})
 
 

@@ -42,8 +42,12 @@ class OnnxEpsModel:
             raise CheckpointError(f"{ort_model.path!r} has a U-Net config this fastddpm cannot read ({e})") from None
         self.dtype = _DTYPE_NAMES.get(ort_model.dtype, torch.float32)
 
-    def to(self, dtype=None, device=None) -> "OnnxEpsModel":
-        """Accepts only the file's own dtype: the precision of an .onnx file is fixed at export."""
+    def to(self, dtype=None, device=None, memory_format=None) -> "OnnxEpsModel":
+        """Accepts only the file's own dtype: the precision of an .onnx file is fixed at export.
+
+        device and memory_format are accepted and ignored: the provider was chosen at load time
+        and ONNX Runtime picks its own layouts.
+        """
         if isinstance(dtype, torch.dtype) and dtype != self.dtype:
             want = {v: k for k, v in _DTYPE_NAMES.items()}.get(dtype, str(dtype))
             raise FastDDPMError(f"{self.ort.path!r} was exported as {self.ort.dtype}; sample it with --dtype "
@@ -149,6 +153,34 @@ def _in_memory(model: UNet, diffusion: GaussianDiffusion) -> ort_sample.OnnxMode
     return ort_model
 
 
+def _ort_model_for(model, diffusion: GaussianDiffusion) -> ort_sample.OnnxModel:
+    if isinstance(model, OnnxEpsModel):
+        return model.ort
+    if isinstance(model, UNet):
+        return _in_memory(model, diffusion)
+    raise FastDDPMError("backend 'onnx' samples a model loaded with fastddpm.export.ort_backend.load_onnx "
+                        f"or a fastddpm UNet, not {type(model).__name__}")
+
+
+def warmup(model, diffusion: GaussianDiffusion, shape, *, device=None, dtype=None, sampler: str = "ancestral",
+           eta: float = 0.0, clip_denoised: bool = True) -> None:
+    """The backend's warmup hook: the in-memory export (for a UNet) and one run of the graph at `shape`,
+    where ONNX Runtime allocates its buffers, so that `run` measures the steady state."""
+    ort_model = _ort_model_for(model, diffusion)
+    shape = tuple(int(s) for s in shape)
+    x = ort_sample.noise(0, ort_sample.XT_STEP, shape)
+    t = np.full((shape[0],), int(diffusion.timesteps[-1]), dtype=np.int64)
+    try:
+        if ort_model.kind == "step":
+            process = ort_sample.Process(diffusion.schedule.betas.numpy(), diffusion.timesteps.numpy(),
+                                         diffusion.mean_type, diffusion.var_type)
+            ort_model.step(x, t, process.coefficients(process.num_steps - 1, sampler, eta), x)
+        else:
+            ort_model.eps(x, t)
+    except ort_sample.SampleError as e:
+        raise FastDDPMError(str(e)) from None
+
+
 def run(model, diffusion: GaussianDiffusion, shape, *, device, dtype, seed: int, sample_offset: int, sampler: str,
         eta: float, clip_denoised: bool, progress: bool, callback) -> torch.Tensor:
     """The backend's run hook (see fastddpm.sampling.sample): the whole loop in ONNX Runtime + numpy.
@@ -158,13 +190,7 @@ def run(model, diffusion: GaussianDiffusion, shape, *, device, dtype, seed: int,
     """
     from tqdm.auto import tqdm
 
-    if isinstance(model, OnnxEpsModel):
-        ort_model = model.ort
-    elif isinstance(model, UNet):
-        ort_model = _in_memory(model, diffusion)
-    else:
-        raise FastDDPMError("backend 'onnx' samples a model loaded with fastddpm.export.ort_backend.load_onnx "
-                            f"or a fastddpm UNet, not {type(model).__name__}")
+    ort_model = _ort_model_for(model, diffusion)
     if dtype not in (None, torch.float32):
         raise FastDDPMError(f"backend 'onnx' keeps the sampler state in float32, not {dtype}")
     process = ort_sample.Process(diffusion.schedule.betas.numpy(), diffusion.timesteps.numpy(),

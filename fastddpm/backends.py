@@ -86,6 +86,13 @@ def _onnx_run(model, diffusion, shape, **kwargs):
     return run(model, diffusion, shape, **kwargs)
 
 
+def _onnx_warmup(model, diffusion, shape, **kwargs):
+    """export.ort_backend.warmup (an in-memory export, one model call), imported on first call."""
+    from .export.ort_backend import warmup
+
+    warmup(model, diffusion, shape, **kwargs)
+
+
 def _graph_available(device: torch.device) -> None:
     from .graph import graph_available
 
@@ -127,7 +134,7 @@ BACKENDS: dict[str, Backend] = {
                      warmup=_graph_warmup),
     "compile": Backend("compile", "the model under torch.compile", _compile_available, prepare_model=_compile_model),
     "onnx": Backend("onnx", "the eps-model (or the whole step) in ONNX Runtime, the loop of export/ort_sample.py",
-                    _onnx_available, run=_onnx_run),
+                    _onnx_available, run=_onnx_run, warmup=_onnx_warmup),
 }
 
 

@@ -103,7 +103,7 @@ def build_model(request: SampleRequest, device: torch.device):
             raise FastDDPMError("--backend onnx takes the model from --onnx FILE.onnx; "
                                 "leave out --checkpoint and --model")
         model, diffusion = load_onnx(request.onnx, request.device)  # "auto": ORT's CUDA provider if it has one
-        return model, diffusion, f"onnx {request.onnx}"
+        return model, diffusion, f"onnx {request.onnx}", model.ort.clip_denoised
     # --- end backend "onnx"
     if request.checkpoint is not None:
         model, diffusion, meta = load_checkpoint(request.checkpoint, device=device)
