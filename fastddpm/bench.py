@@ -14,9 +14,10 @@ same number of steps and the same device, each drawing samples from x_T to x_0:
 
 Before the rows, the device's two ceilings are measured in the same run: the matrix-product
 peak (a large bfloat16 matmul on CUDA, float32 on a CPU) and copy bandwidth (bytes read plus
-bytes written). Each row is warmed up first with a short run (compilation, graph capture and
-autotuning land there and are reported apart), then timed `repeat` times, synchronised, and
-the median is reported:
+bytes written). Each row is warmed up first (compilation, graph capture and autotuning land
+there and are reported apart: fastddpm rows through `sampling.warm_up` on the very process and
+shape that is timed, so a backend's capture cache is hit; the diffusers rows by a 3-step run),
+then timed `repeat` times, synchronised, and the median is reported:
 
     images/s = batch / seconds           ms/step = 1000 seconds / steps
     TFLOP/s  = GFLOP(forward, 1 image) * batch * steps / seconds / 1000
@@ -52,16 +53,16 @@ from .backends import get_backend
 from .errors import FastDDPMError
 from .files import atomic_write_bytes, ensure_writable_dir
 from .generate import default_diffusion, forward_gflops, resolve_device, respaced_for
-from .sampling import sample
+from .sampling import sample, warm_up
 from .unet import PRESETS, UNet, UNetConfig, count_parameters
 
 SCHEMA = "fastddpm-bench/1"
 FASTDDPM_ROWS = ("reference", "eager-bf16", "compile", "triton", "graph", "onnx")
 PEER_ROWS = ("diffusers", "diffusers-compile")
 ROWS = FASTDDPM_ROWS + PEER_ROWS
-# The warm-up run: enough steps for compilation, graph capture and any recompilation on a new
-# timestep value to happen before the timed runs, few enough to stay cheap.
-WARMUP_STEPS = 3
+# The diffusers rows' warm-up run: enough steps for compilation, CUDA-graph recording and any
+# recompilation on a new timestep value to happen before the timed runs, few enough to stay cheap.
+PEER_WARMUP_STEPS = 3
 SEED = 0
 
 # google/ddpm-cifar10-32's scheduler_config.json: linear betas 1e-4 .. 0.02 over T = 1000,
@@ -115,8 +116,12 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_seconds(fn: Callable[[], object], device: torch.device, repeat: int, warmup: int = 2) -> float:
-    """Median wall time of fn() over `repeat` synchronised calls, after `warmup` untimed calls."""
+def _fastest_seconds(fn: Callable[[], object], device: torch.device, repeat: int, warmup: int = 2) -> float:
+    """Shortest wall time of fn() over `repeat` synchronised calls, after `warmup` untimed calls.
+
+    A ceiling is what the device can do, so the fastest call estimates it: other work on a shared
+    machine only ever slows a call down.
+    """
     for _ in range(warmup):
         fn()
     times = []
@@ -126,7 +131,7 @@ def _median_seconds(fn: Callable[[], object], device: torch.device, repeat: int,
         fn()
         _synchronize(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def measure_peak_tflops(device: torch.device) -> dict:
@@ -134,27 +139,28 @@ def measure_peak_tflops(device: torch.device) -> dict:
 
     CUDA: bfloat16, n = 8192 (2 n^3 = 1.1 TFLOP a product, large enough to fill an H100).
     CPU: float32, n = 1024 (2.1 GFLOP, a fraction of a second on a few cores).
-    Returns {"tflops", "dtype", "n"}; TFLOP/s = 2 n^3 / median seconds.
+    Returns {"tflops", "dtype", "n"}; TFLOP/s = 2 n^3 / seconds of the fastest of 10 products.
     """
     cuda = device.type == "cuda"
     n, dtype = (8192, torch.bfloat16) if cuda else (1024, torch.float32)
     gen = torch.Generator(device).manual_seed(SEED)
     a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
-    seconds = _median_seconds(lambda: a @ b, device, repeat=10 if cuda else 5)
+    seconds = _fastest_seconds(lambda: a @ b, device, repeat=10)
     return {"tflops": 2 * n**3 / seconds / 1e12, "dtype": str(dtype).removeprefix("torch."), "n": n}
 
 
 def measure_copy_gbps(device: torch.device) -> dict:
     """Copy bandwidth measured here: dst.copy_(src) of a buffer far larger than the caches.
 
-    CUDA: 1 GiB; CPU: 64 MiB. GB/s counts bytes read plus bytes written (2 x size / seconds).
+    CUDA: 1 GiB; CPU: 64 MiB. GB/s counts bytes read plus bytes written (2 x size / seconds),
+    from the fastest of 10 copies.
     """
     cuda = device.type == "cuda"
     nbytes = (1 << 30) if cuda else (64 << 20)
     src = torch.rand(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    seconds = _median_seconds(lambda: dst.copy_(src), device, repeat=10 if cuda else 5)
+    seconds = _fastest_seconds(lambda: dst.copy_(src), device, repeat=10)
     return {"gbps": 2 * nbytes / seconds / 1e9, "bytes": nbytes}
 
 
@@ -250,9 +256,13 @@ def random_model(preset: str, device: torch.device) -> UNet:
     return model.to(device).eval()
 
 
-def _fastddpm_sampler(name: str, base: UNet, shape, device: torch.device,
-                      dtype: torch.dtype) -> tuple[Callable, str, str]:
-    """(run(process) -> x_0, dtype name, layout) for a fastddpm row; raises if it cannot run here."""
+def _fastddpm_sampler(name: str, base: UNet, process, shape, device: torch.device,
+                      dtype: torch.dtype) -> tuple[Callable, Callable, str, str]:
+    """(warm(), run() -> x_0, dtype name, layout) for a fastddpm row; raises if it cannot run here.
+
+    warm() is `sampling.warm_up` on the same model, process and shape as run(): the backend's
+    one-time work (compilation, capture, session start) for exactly what is timed next.
+    """
     backend = "reference" if name in ("reference", "eager-bf16") else name
     get_backend(backend).check(device)
     channels_last = name != "reference"
@@ -260,10 +270,13 @@ def _fastddpm_sampler(name: str, base: UNet, shape, device: torch.device,
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
 
-    def run(process) -> torch.Tensor:
+    def warm() -> None:
+        warm_up(model, process, shape, backend=backend)
+
+    def run() -> torch.Tensor:
         return sample(model, process, shape, seed=SEED, backend=backend)
 
-    return run, _dtype_name(dtype), "channels-last" if channels_last else "NCHW"
+    return warm, run, _dtype_name(dtype), "channels-last" if channels_last else "NCHW"
 
 
 def _parameter_count(config: UNetConfig) -> int:
@@ -334,20 +347,20 @@ def _git_commit() -> str | None:
         return None
 
 
-def _time_row(row: Row, run: Callable, warm_arg, timed_arg, device: torch.device, repeat: int) -> torch.Tensor:
-    """Warm up with run(warm_arg), then time run(timed_arg) `repeat` times; fills row's timings."""
+def _time_row(row: Row, warm: Callable, run: Callable, device: torch.device, repeat: int) -> torch.Tensor:
+    """Time warm() once, then run() `repeat` times, each synchronised; fills row's timings."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _synchronize(device)
     start = time.perf_counter()
-    run(warm_arg)
+    warm()
     _synchronize(device)
     row.warmup_s = time.perf_counter() - start
     x = None
     for _ in range(repeat):
         _synchronize(device)
         start = time.perf_counter()
-        x = run(timed_arg)
+        x = run()
         _synchronize(device)
         row.seconds.append(time.perf_counter() - start)
     if device.type == "cuda":
@@ -393,7 +406,6 @@ def run_bench(request: BenchRequest) -> dict:
     shape = (request.batch, config.in_channels, config.image_size, config.image_size)
     full = default_diffusion()
     process = respaced_for(full, request.steps, "ancestral")
-    warmup = respaced_for(full, min(request.steps, WARMUP_STEPS), "ancestral")
     gflop = forward_gflops(config)
     have_diffusers = importlib.util.find_spec("diffusers") is not None
     count_peer = have_diffusers and any(n in PEER_ROWS for n in names)
@@ -404,7 +416,7 @@ def run_bench(request: BenchRequest) -> dict:
         "complete": False,
         "request": {"device": request.device, "model": request.model, "steps": process.num_steps,
                     "batch": request.batch, "backends": list(names), "repeat": request.repeat,
-                    "warmup_steps": warmup.num_steps, "seed": SEED},
+                    "peer_warmup_steps": min(process.num_steps, PEER_WARMUP_STEPS), "seed": SEED},
         "machine": machine_info(device),
         "model": {"preset": request.model, "parameters": _parameter_count(config),
                   "gflop_per_image_forward": gflop,
@@ -421,7 +433,7 @@ def run_bench(request: BenchRequest) -> dict:
     reference_x = None
     rows: list[Row] = []
     for name in names:
-        row, x = _run_row(name, request, device, base, shape, process, warmup, config, gflop, peak, have_diffusers)
+        row, x = _run_row(name, request, device, base, shape, process, config, gflop, peak, have_diffusers)
         if name == "reference" and x is not None:
             reference_x = x
         if x is not None and reference_x is not None and row.engine == "fastddpm":
@@ -436,8 +448,7 @@ def run_bench(request: BenchRequest) -> dict:
     return report
 
 
-def _run_row(name: str, request: BenchRequest, device: torch.device, base, shape, process, warmup,
-             config: UNetConfig, gflop: float, peak: float, have_diffusers: bool) -> tuple[Row, torch.Tensor | None]:
+def _run_row(name: str, request: BenchRequest, device: torch.device, base, shape, process, config: UNetConfig, gflop: float, peak: float, have_diffusers: bool) -> tuple[Row, torch.Tensor | None]:
     """(row, final samples): build, warm up and time one row; one that cannot run here comes back skipped."""
     peer = name in PEER_ROWS
     dtype = torch.float32 if name == "reference" else torch.bfloat16 if name == "eager-bf16" else fast_dtype(device)
@@ -447,13 +458,16 @@ def _run_row(name: str, request: BenchRequest, device: torch.device, base, shape
         if peer:
             if not have_diffusers:
                 raise FastDDPMError("diffusers is not installed (pip install diffusers)")
-            run, row.notes = _diffusers_sampler(config, shape, device, dtype, compiled=name == "diffusers-compile")
-            warm_arg, timed_arg, row_gflop = warmup.num_steps, process.num_steps, diffusers_forward_gflops(config)
+            run_steps, row.notes = _diffusers_sampler(config, shape, device, dtype,
+                                                      compiled=name == "diffusers-compile")
+            warm_steps = min(process.num_steps, PEER_WARMUP_STEPS)
+            warm, run = (lambda: run_steps(warm_steps)), (lambda: run_steps(process.num_steps))
+            row_gflop = diffusers_forward_gflops(config)
         else:
-            run, row.dtype, row.layout = _fastddpm_sampler(name, base, shape, device, dtype)
-            warm_arg, timed_arg, row_gflop = warmup, process, gflop
-        _log(request, f"{name}: warm-up ({warmup.num_steps} steps), then {request.repeat} x {process.num_steps} steps")
-        x = _time_row(row, run, warm_arg, timed_arg, device, request.repeat)
+            warm, run, row.dtype, row.layout = _fastddpm_sampler(name, base, process, shape, device, dtype)
+            row_gflop = gflop
+        _log(request, f"{name}: warm-up, then {request.repeat} x {process.num_steps} steps")
+        x = _time_row(row, warm, run, device, request.repeat)
     except FastDDPMError as e:  # BackendUnavailableError included: cannot run here
         row.status, row.reason = "skipped", str(e)
         _log(request, f"{name}: skipped: {e}")
@@ -528,8 +542,10 @@ def format_table(report: dict) -> str:
     peers = [r for r in report["rows"] if r["engine"] == "diffusers" and r["status"] == "ok"]
     best = max(peers, key=lambda r: r["images_per_s"], default=None)
     lines += ["",
-              f"medians of {req['repeat']} timed run(s) of {req['steps']} steps per row, after a "
-              f"{req['warmup_steps']}-step warm-up run (compilation and capture land there: 'warm-up s');",
+              f"medians of {req['repeat']} timed run(s) of {req['steps']} steps per row, after a warm-up reported "
+              "apart ('warm-up s': compilation, capture):",
+              "fastddpm rows: sampling.warm_up on the timed process and shape; diffusers rows: a "
+              f"{req['peer_warmup_steps']}-step run;",
               "'spread': (slowest - fastest) / median of the timed runs; 'of peak': achieved TFLOP/s over the "
               "matmul peak measured above;",
               f"'vs diffusers': over {best['name'] if best else 'the fastest diffusers row (none ran)'}; "

@@ -28,7 +28,7 @@ def test_bench_cli_writes_the_table_as_json(tmp_path, capsys):
 
     assert report["schema"] == SCHEMA and report["complete"] is True
     assert report["request"] == {"device": "cpu", "model": "tiny", "steps": 2, "batch": 2, "backends": ["reference"],
-                                 "repeat": 1, "warmup_steps": 2, "seed": 0}
+                                 "repeat": 1, "peer_warmup_steps": 2, "seed": 0}
     for key in ("device", "device_name", "torch", "python", "date", "commit", "cudnn_allow_tf32", "load_average"):
         assert key in report["machine"]
     assert report["machine"]["device"] == "cpu"
