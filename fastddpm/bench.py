@@ -6,7 +6,8 @@ same number of steps and the same device, each drawing samples from x_T to x_0:
     reference          fastddpm, plain eager PyTorch, float32, NCHW (the ground truth)
     eager-bf16         fastddpm, plain eager PyTorch, bfloat16 weights, channels-last
     compile, triton,   fastddpm's fast backends (fastddpm.backends), in the fast dtype
-    graph, onnx        (bfloat16 on CUDA, float32 on a CPU), channels-last
+    graph, onnx        (bfloat16 on CUDA, float32 on a CPU; onnx float16 on CUDA, since ONNX
+                       export has no bfloat16 path), channels-last
     diffusers          the peer: diffusers' UNet2DModel in the google/ddpm-cifar10-32 layout
                        (random weights, nothing downloaded) with its DDPMScheduler, in the
                        loop DDPMPipeline runs, in the fast dtype
@@ -293,6 +294,18 @@ def fast_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def row_dtype(name: str, device: torch.device) -> torch.dtype:
+    """A row's model dtype: reference fp32, eager-bf16 bf16, onnx fp16 where the others run bf16
+    (ONNX export has no bf16 path), every other row the fast dtype."""
+    if name == "reference":
+        return torch.float32
+    if name == "eager-bf16":
+        return torch.bfloat16
+    if name == "onnx" and fast_dtype(device) == torch.bfloat16:
+        return torch.float16
+    return fast_dtype(device)
+
+
 # ----------------------------------------------------------------------------------- the run
 def _validate(request: BenchRequest) -> tuple[str, ...]:
     if request.model not in PRESETS:
@@ -448,10 +461,11 @@ def run_bench(request: BenchRequest) -> dict:
     return report
 
 
-def _run_row(name: str, request: BenchRequest, device: torch.device, base, shape, process, config: UNetConfig, gflop: float, peak: float, have_diffusers: bool) -> tuple[Row, torch.Tensor | None]:
+def _run_row(name: str, request: BenchRequest, device: torch.device, base, shape, process, config: UNetConfig,
+             gflop: float, peak: float, have_diffusers: bool) -> tuple[Row, torch.Tensor | None]:
     """(row, final samples): build, warm up and time one row; one that cannot run here comes back skipped."""
     peer = name in PEER_ROWS
-    dtype = torch.float32 if name == "reference" else torch.bfloat16 if name == "eager-bf16" else fast_dtype(device)
+    dtype = row_dtype(name, device)
     layout = "NCHW" if name in ("reference", "diffusers") else "channels-last"
     row = Row(name=name, engine="diffusers" if peer else "fastddpm", dtype=_dtype_name(dtype), layout=layout)
     try:
