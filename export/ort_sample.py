@@ -647,10 +647,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args) -> dict:
     """Sample as the parsed command line asks, write the outputs, and return the stats."""
+    if args.threads < 0:
+        raise SampleError(f"--threads must be 0 (ONNX Runtime's default) or positive, got {args.threads}")
+    out_dir = _writable_dir(args.out)
     model = OnnxModel(args.onnx, provider=args.provider, threads=args.threads)
     process = Process.from_full(model.betas, args.steps, args.sampler, model.diffusion["mean_type"],
                                 model.diffusion["var_type"])
-    out_dir = _writable_dir(args.out)
     shape = (args.batch, model.channels, model.image_size, model.image_size)
     show = not args.no_progress and sys.stderr.isatty()
 
