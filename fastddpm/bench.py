@@ -182,7 +182,7 @@ def diffusers_unet_kwargs(config: UNetConfig) -> dict:
                 layers_per_block=config.num_res_blocks,
                 block_out_channels=tuple(config.model_channels * m for m in config.channel_mult),
                 down_block_types=tuple(down), up_block_types=tuple(up), norm_num_groups=config.num_groups,
-                norm_eps=1e-6, act_fn="silu", attention_head_dim=None, center_input_sample=False,
+                norm_eps=config.norm_eps, act_fn="silu", attention_head_dim=None, center_input_sample=False,
                 downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, mid_block_scale_factor=1,
                 time_embedding_type="positional")
 

@@ -98,6 +98,7 @@ def test_diffusers_twin_is_google_ddpm_cifar10_32():
         "attention_head_dim": None, "act_fn": "silu", "time_embedding_type": "positional",
     }
     assert {k: kwargs[k] for k in expected} == expected
+    assert diffusers_unet_kwargs(PRESETS["tiny"])["norm_eps"] == PRESETS["tiny"].norm_eps
     counts = {}
     for preset in ("cifar10", "tiny"):
         with torch.device("meta"):
