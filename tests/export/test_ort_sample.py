@@ -163,6 +163,23 @@ def test_io_binding_loop_equals_the_host_loop(exports):
         ort_sample.sample_loop(eps, process, (1, 3, 16, 16), device_loop=True)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["step", "fp32"])
+def test_cuda_provider_matches_the_cpu_provider(exports, name):
+    """On a GPU host with onnxruntime-gpu: the CUDA run (device loop for the step graph, I/O binding)
+    against the CPU provider. 1e-2: ORT's CUDA convolutions may use TF32 (its use_tf32 default)."""
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu (the CUDA execution provider)")
+    cuda = ort_sample.OnnxModel(exports[name], provider="cuda")
+    cpu = ort_sample.OnnxModel(exports[name], provider="cpu", threads=ORT_THREADS)
+    process = ort_sample.Process.from_full(cpu.betas, 6, "ancestral", "eps", "fixedlarge")
+    got = ort_sample.sample_loop(cuda, process, (16, 3, 16, 16), seed=3)
+    want = ort_sample.sample_loop(cpu, process, (16, 3, 16, 16), seed=3)
+    assert rel_err(torch.from_numpy(got), torch.from_numpy(want)) < 1e-2
+
+
 def test_sample_offset_shards_exactly(exports):
     onnx_model = ort_sample.OnnxModel(exports["fp32"], provider="cpu", threads=ORT_THREADS)
     process = ort_sample.Process.from_full(onnx_model.betas, 3, "ancestral", "eps", "fixedlarge")
