@@ -27,17 +27,18 @@ setup(
         "tqdm",
         "pillow",
         "scikit-learn",  # the built-in `digits` data set
-        "onnx",
-        "onnxruntime",
     ],
     extras_require={
         # Triton ships with CUDA builds of torch; on CPU hosts it is only needed for the
         # interpreter-mode tests.
         "triton": ["triton"],
-        # Inference hosts with a GPU: the CUDA build of ONNX Runtime.
-        "gpu": ["onnxruntime-gpu"],
+        # ONNX export and the onnx backend. Install exactly ONE of [onnx] (CPU ONNX Runtime) or [gpu]
+        # (onnxruntime-gpu, which includes the CPU provider): both packages provide the module
+        # `onnxruntime` and break each other when installed together.
+        "onnx": ["onnx", "onnxruntime"],
+        "gpu": ["onnx", "onnxruntime-gpu"],
         # diffusers is the parity peer in tests and benchmarks only (it does not require torch).
-        "test": ["pytest", "pytest-benchmark", "triton", "diffusers"],
+        "test": ["pytest", "pytest-benchmark", "triton", "diffusers", "onnx", "onnxruntime"],
     },
     entry_points={"console_scripts": ["fastddpm = fastddpm.cli:main"]},
 )

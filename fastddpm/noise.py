@@ -5,7 +5,9 @@ Every Gaussian the samplers use is a fixed function of four numbers: the run's `
 So a sample depends only on its seed and its index, never on the batch size, the backend, the
 device or how a batch is split over GPUs, and trajectories can be compared across backends.
 
-Key layout (the Triton step kernel and export/ort_sample.py reproduce it bit for bit):
+Key layout (the Triton step kernel and export/ort_sample.py reproduce it: the Philox words and
+uniforms bit for bit, the normals to a few float32 ulp, since each library's float32 log and
+cos round differently; at most ~1e-6 absolute):
 
     Philox-4x32-10 with
         key     (k0, k1) = (seed mod 2^32, step mod 2^32)

@@ -148,7 +148,7 @@ class AttentionBlock(nn.Module):
         B, C, H, W = x.shape
         qkv = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(-1, -2)  # [B, 3, HW, C]
         h = F.scaled_dot_product_attention(qkv[:, 0:1], qkv[:, 1:2], qkv[:, 2:3])  # [B, 1, HW, C]
-        h = h.squeeze(1).transpose(1, 2).reshape(B, C, H, W)
+        h = h[:, 0].transpose(1, 2).reshape(B, C, H, W)  # indexing, not squeeze: no If nodes in ONNX
         return x + self.proj(h)
 
 
