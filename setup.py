@@ -39,6 +39,7 @@ setup(
         "gpu": ["onnx", "onnxruntime-gpu"],
         # diffusers is the parity peer in tests and benchmarks only (it does not require torch).
         "test": ["pytest", "pytest-benchmark", "triton", "diffusers", "onnx", "onnxruntime"],
+        "bench": ["pytest", "pytest-benchmark", "diffusers"],
     },
     entry_points={"console_scripts": ["fastddpm = fastddpm.cli:main"]},
 )

@@ -138,7 +138,9 @@ def _diffusers_run(config, shape, steps: int):
     return run
 
 
-def _case(device: str, preset: str):
+def _case(device: str, preset: str, config=None):
+    if device == "cpu" and preset == "cifar10" and config is not None and not config.getoption("--bench-cpu-cifar10"):
+        pytest.skip("cifar10 on a CPU takes minutes a case: pass --bench-cpu-cifar10 (or run this file as a script)")
     if device == "cuda":
         if preset != CUDA_CASE[0]:
             pytest.skip(f"on CUDA only {CUDA_CASE[0]} at batch {CUDA_CASE[1]} is timed")
@@ -160,8 +162,8 @@ def _threads(benchmark, engine: str) -> None:
 # ------------------------------------------------------------------------------------------ pytest
 @pytest.mark.parametrize("engine", EPS_ENGINES)
 @pytest.mark.parametrize("preset", tuple(CPU_CASES))
-def test_eps_call(benchmark, device, preset, engine):
-    batch, _ = _case(device, preset)
+def test_eps_call(benchmark, device, preset, engine, pytestconfig):
+    batch, _ = _case(device, preset, pytestconfig)
     fn = eps_call(preset, batch, engine, device)
     fn()  # first call untimed: ORT's graph optimisation, oneDNN's primitive creation
     out = benchmark.pedantic(fn, rounds=5 if preset == "tiny" else 3, iterations=1, warmup_rounds=1)
@@ -174,8 +176,8 @@ def test_eps_call(benchmark, device, preset, engine):
 
 @pytest.mark.parametrize("engine", RUN_ENGINES)
 @pytest.mark.parametrize("preset", tuple(CPU_CASES))
-def test_short_run(benchmark, device, preset, engine):
-    batch, steps = _case(device, preset)
+def test_short_run(benchmark, device, preset, engine, pytestconfig):
+    batch, steps = _case(device, preset, pytestconfig)
     if engine in ("graph", "diffusers") and device != "cuda":
         pytest.skip(f"{engine} is a CUDA comparison")
     if engine == "diffusers":

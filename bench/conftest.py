@@ -36,6 +36,8 @@ def pytest_addoption(parser):
     parser.addoption("--bench-cpu-compile", action="store_true", default=False,
                      help="also time torch.compile cases on the CPU (inductor takes about a minute per case "
                           "on a small CPU, so they are skipped by default)")
+    parser.addoption("--bench-cpu-cifar10", action="store_true", default=False,
+                     help="also time the cifar10 preset on the CPU in bench_onnx.py (minutes a case)")
 
 
 def pytest_collect_file(file_path, parent):

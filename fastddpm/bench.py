@@ -51,6 +51,7 @@ from typing import Callable
 import torch
 
 from .backends import get_backend
+from .ceilings import measure_copy_gbps, measure_peak_tflops, synchronize
 from .errors import FastDDPMError
 from .files import atomic_write_bytes, ensure_writable_dir
 from .generate import default_diffusion, forward_gflops, resolve_device, respaced_for
@@ -112,59 +113,6 @@ class Row:
 
 
 # ----------------------------------------------------------------------------------- device ceilings
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _fastest_seconds(fn: Callable[[], object], device: torch.device, repeat: int, warmup: int = 2) -> float:
-    """Shortest wall time of fn() over `repeat` synchronised calls, after `warmup` untimed calls.
-
-    A ceiling is what the device can do, so the fastest call estimates it: other work on a shared
-    machine only ever slows a call down.
-    """
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        _synchronize(device)
-        start = time.perf_counter()
-        fn()
-        _synchronize(device)
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def measure_peak_tflops(device: torch.device) -> dict:
-    """The matrix-product ceiling measured here: n x n x n matmuls on random data.
-
-    CUDA: bfloat16, n = 8192 (2 n^3 = 1.1 TFLOP a product, large enough to fill an H100).
-    CPU: float32, n = 1024 (2.1 GFLOP, a fraction of a second on a few cores).
-    Returns {"tflops", "dtype", "n"}; TFLOP/s = 2 n^3 / seconds of the fastest of 10 products.
-    """
-    cuda = device.type == "cuda"
-    n, dtype = (8192, torch.bfloat16) if cuda else (1024, torch.float32)
-    gen = torch.Generator(device).manual_seed(SEED)
-    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
-    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
-    seconds = _fastest_seconds(lambda: a @ b, device, repeat=10)
-    return {"tflops": 2 * n**3 / seconds / 1e12, "dtype": str(dtype).removeprefix("torch."), "n": n}
-
-
-def measure_copy_gbps(device: torch.device) -> dict:
-    """Copy bandwidth measured here: dst.copy_(src) of a buffer far larger than the caches.
-
-    CUDA: 1 GiB; CPU: 64 MiB. GB/s counts bytes read plus bytes written (2 x size / seconds),
-    from the fastest of 10 copies.
-    """
-    cuda = device.type == "cuda"
-    nbytes = (1 << 30) if cuda else (64 << 20)
-    src = torch.rand(nbytes // 4, device=device)
-    dst = torch.empty_like(src)
-    seconds = _fastest_seconds(lambda: dst.copy_(src), device, repeat=10)
-    return {"gbps": 2 * nbytes / seconds / 1e9, "bytes": nbytes}
-
-
 # ----------------------------------------------------------------------------------- the peer
 def diffusers_unet_kwargs(config: UNetConfig) -> dict:
     """UNet2DModel keyword arguments for the same architecture as `config`.
@@ -364,17 +312,17 @@ def _time_row(row: Row, warm: Callable, run: Callable, device: torch.device, rep
     """Time warm() once, then run() `repeat` times, each synchronised; fills row's timings."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     warm()
-    _synchronize(device)
+    synchronize(device)
     row.warmup_s = time.perf_counter() - start
     x = None
     for _ in range(repeat):
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         x = run()
-        _synchronize(device)
+        synchronize(device)
         row.seconds.append(time.perf_counter() - start)
     if device.type == "cuda":
         row.peak_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30

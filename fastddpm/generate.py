@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .ceilings import measure_peak_tflops, synchronize
 from .checkpoint import load_checkpoint
 from .diffusion import GaussianDiffusion
 from .distributed import Distributed, resolve_device  # noqa: F401  (re-exported for bench)
@@ -114,11 +115,6 @@ def build_model(request: SampleRequest, device: torch.device):
     return model, default_diffusion(), f"random {preset} weights", True
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def validate(request: SampleRequest) -> None:
     """Check a request's values before any long work; FastDDPMError names the bad one."""
     check_choice("sampler", request.sampler, SAMPLERS)
@@ -166,7 +162,7 @@ def _run(request: SampleRequest, dist: Distributed) -> dict:
         # Compilation, graph capture, autotuning: timed apart from the steady state below.
         warmup_seconds = dist.max(warm_up(model, process, shape, backend=request.backend,
                                           sampler=request.sampler, eta=request.eta, clip_denoised=clip_denoised))
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     if count:
         x = sample(model, process, shape, seed=request.seed, sampler=request.sampler, eta=request.eta,
@@ -174,7 +170,7 @@ def _run(request: SampleRequest, dist: Distributed) -> dict:
                    clip_denoised=clip_denoised)
     else:
         x = torch.zeros(shape, device=device)
-    _synchronize(device)
+    synchronize(device)
     seconds = dist.max(time.perf_counter() - start)
     x = dist.gather_rows(x.float(), request.batch)
     if not dist.is_main:
@@ -185,6 +181,7 @@ def _run(request: SampleRequest, dist: Distributed) -> dict:
     save_grid(out / "grid.png", images)
     steps = process.num_steps
     gflop = forward_gflops(c)
+    peak = measure_peak_tflops(device) if device.type == "cuda" else None  # a fraction of a second there
     stats = {
         "request": asdict(request),
         "source": source,
@@ -196,6 +193,7 @@ def _run(request: SampleRequest, dist: Distributed) -> dict:
         "ms_per_step": 1000.0 * seconds / steps,
         "gflop_per_image_forward": gflop,
         "achieved_tflops": gflop * request.batch * steps / seconds / 1000.0,
+        "peak": peak,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "processes": dist.world_size,
         "torch": torch.__version__,
@@ -205,6 +203,8 @@ def _run(request: SampleRequest, dist: Distributed) -> dict:
           f"{f' x {dist.world_size} processes' if dist.world_size > 1 else ''}: "
           f"{seconds:.2f} s, {stats['images_per_s']:.2f} images/s, {stats['ms_per_step']:.1f} ms/step, "
           f"{stats['achieved_tflops']:.3f} TFLOP/s achieved"
+          + (f" = {100 * stats['achieved_tflops'] / peak['tflops']:.1f}% of the measured {peak['dtype']} "
+             f"peak {peak['tflops']:.0f} TFLOP/s" if peak else "")
           + (f" (warm-up {warmup_seconds:.2f} s apart)" if warmup_seconds else ""))
     print(f"wrote {out / 'samples.npz'}, {out / 'grid.png'} and {out / 'stats.json'}")
     return stats
