@@ -80,6 +80,20 @@ def model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
+def _plan(model, backend: str, device, dtype):
+    """(backend, device, model dtype, state dtype) of a run; the backend checked for the device.
+
+    The state lives on the model's device unless `device` says otherwise, in float32 for a
+    half-precision model (the model sees its own dtype) and in the model's dtype otherwise.
+    """
+    be = get_backend(backend)
+    m_device, m_dtype = model_device_dtype(model)
+    device = torch.device(device) if device is not None else m_device
+    be.check(device)
+    state_dtype = dtype or (torch.float32 if m_dtype in (torch.float16, torch.bfloat16) else m_dtype)
+    return be, device, m_dtype, state_dtype
+
+
 def _validate(diffusion: GaussianDiffusion, shape, sampler: str, eta: float) -> tuple[int, ...]:
     check_choice("sampler", sampler, SAMPLERS)
     shape = tuple(int(s) for s in shape)
@@ -149,11 +163,7 @@ def sample(model, diffusion: GaussianDiffusion, shape, seed: int = 0, sampler: s
     Returns x_0 [B, C, ...]; in [-1, 1] when clip_denoised.
     """
     shape = _validate(diffusion, shape, sampler, eta)
-    be = get_backend(backend)
-    m_device, m_dtype = model_device_dtype(model)
-    device = torch.device(device) if device is not None else m_device
-    be.check(device)
-    state_dtype = dtype or (torch.float32 if m_dtype in (torch.float16, torch.bfloat16) else m_dtype)
+    be, device, m_dtype, state_dtype = _plan(model, backend, device, dtype)
     kw = dict(seed=seed, sample_offset=sample_offset, sampler=sampler, eta=eta, clip_denoised=clip_denoised,
               progress=progress, callback=callback)
     with eval_mode(model):
@@ -163,8 +173,8 @@ def sample(model, diffusion: GaussianDiffusion, shape, seed: int = 0, sampler: s
             x = noise(seed, XT_STEP, shape, sample_offset, dtype=state_dtype, device=device)
             fn = be.prepare_model(model) if be.prepare_model is not None else model
             with group_norm_impl(model, be.group_norm_silu):
-                x = denoise_loop(_as_model_fn(fn, m_dtype, state_dtype, layout_of=model), diffusion, x, diffusion.num_steps - 1,
-                                 step_fn=be.step or reference_step, **kw)
+                x = denoise_loop(_as_model_fn(fn, m_dtype, state_dtype, layout_of=model), diffusion, x,
+                                 diffusion.num_steps - 1, step_fn=be.step or reference_step, **kw)
     return x.clamp(-1.0, 1.0) if clip_denoised else x
 
 
@@ -179,11 +189,7 @@ def warm_up(model, diffusion: GaussianDiffusion, shape, backend: str = "referenc
     import time
 
     shape = _validate(diffusion, shape, sampler, eta)
-    be = get_backend(backend)
-    m_device, m_dtype = model_device_dtype(model)
-    device = torch.device(device) if device is not None else m_device
-    be.check(device)
-    state_dtype = dtype or (torch.float32 if m_dtype in (torch.float16, torch.bfloat16) else m_dtype)
+    be, device, m_dtype, state_dtype = _plan(model, backend, device, dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
