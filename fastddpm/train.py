@@ -47,7 +47,7 @@ from .errors import CheckpointError, FastDDPMError, check_choice
 from .files import atomic_write, ensure_writable_dir
 from .noise import noise
 from .schedule import SCHEDULES, make_betas
-from .unet import PRESETS, UNet
+from .unet import PRESETS, UNet, UNetConfig
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOSSES = ("simple", "kl", "hybrid")
@@ -357,9 +357,14 @@ class Trainer:
         state, config = read_training_state(path)
         meta = config["meta"]
         src = str(path)
-        if config.get("unet") != self.model.config.to_dict():
-            raise CheckpointError(f"{src!r} was trained with a different model ({_config_diff(config.get('unet'), self.model.config.to_dict())}); "
-                                  "resume with the same --model and --data")
+        try:  # through UNetConfig, so fields added since the checkpoint was written take their defaults
+            saved = UNetConfig.from_dict(config["unet"]).to_dict()
+        except (KeyError, TypeError, FastDDPMError) as e:
+            raise CheckpointError(f"{src!r} has no usable model config ({e})") from None
+        if saved != self.model.config.to_dict():
+            raise CheckpointError(f"{src!r} was trained with a different model "
+                                  f"({_config_diff(saved, self.model.config.to_dict())}); resume with the same "
+                                  "--model, --data and --loss")
         if config.get("diffusion") != self.diffusion.config():
             raise CheckpointError(f"{src!r} was trained with diffusion settings {config.get('diffusion')}, not "
                                   f"{self.diffusion.config()}")
@@ -382,6 +387,9 @@ class Trainer:
             self.scaler.load_state_dict(meta["scaler"])
         self.sampler.load_state_tensors(state)
         self.loader.load_state_dict(meta["data_position"])
+        if meta.get("data") not in (None, self.cfg.data) and self.dist.is_main:
+            print(f"fastddpm: note: {src!r} was trained on --data {meta['data']}; continuing on {self.cfg.data}",
+                  file=sys.stderr)
         if meta.get("global_batch") != self.loader.global_batch and self.dist.is_main:
             print(f"fastddpm: note: resuming with a global batch of {self.loader.global_batch} (was "
                   f"{meta.get('global_batch')}); the data order continues, but the run is not the one an "
