@@ -270,13 +270,14 @@ def checkpoint_paths(out) -> list[tuple[int, Path]]:
 
 
 def read_training_state(path) -> tuple[dict, dict]:
-    """(the "train.*" tensors, meta) of a checkpoint written by the trainer."""
+    """(every tensor, config) of a checkpoint written by the trainer: the EMA weights under the
+    model's names, "diffusion.betas", the training state under "train.*"; config["meta"] holds
+    the step, the data position and the rest (see Trainer.save)."""
     tensors, config = read_checkpoint(path)
     meta = config.get("meta", {})
-    state = {k: v for k, v in tensors.items() if k.startswith("train.")}
-    if "step" not in meta or not any(k.startswith("train.model.") for k in state):
+    if "step" not in meta or "data_position" not in meta or not any(k.startswith("train.model.") for k in tensors):
         raise CheckpointError(f"{str(path)!r} holds no training state (raw weights, optimizer, step) to resume from")
-    return state, config
+    return tensors, config
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -354,7 +355,8 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         """Restore everything a step depends on from a trainer checkpoint (exact resume)."""
-        state, config = read_training_state(path)
+        tensors, config = read_training_state(path)
+        state = {k: v for k, v in tensors.items() if k.startswith("train.")}
         meta = config["meta"]
         src = str(path)
         try:  # through UNetConfig, so fields added since the checkpoint was written take their defaults
@@ -368,7 +370,6 @@ class Trainer:
         if config.get("diffusion") != self.diffusion.config():
             raise CheckpointError(f"{src!r} was trained with diffusion settings {config.get('diffusion')}, not "
                                   f"{self.diffusion.config()}")
-        tensors, _ = read_checkpoint(path)
         betas = tensors["diffusion.betas"]
         if betas.shape != self.diffusion.schedule.betas.shape or not torch.equal(betas, self.diffusion.schedule.betas):
             raise CheckpointError(f"{src!r} was trained with another beta schedule")
