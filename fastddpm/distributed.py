@@ -51,6 +51,24 @@ class Distributed:
         start = self.rank * per + min(self.rank, extra)
         return start, per + (1 if self.rank < extra else 0)
 
+    def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum x over all ranks, in place (every rank gets the total)."""
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.all_reduce(x)
+        return x
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate equal-sized x [B, ...] from every rank in rank order: [world_size * B, ...]."""
+        if not self.enabled:
+            return x
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
     def gather_rows(self, x: torch.Tensor, total: int) -> torch.Tensor:
         """Concatenate every rank's shard x [n_r, ...] in rank order: [total, ...] (on every rank)."""
         if not self.enabled:

@@ -43,6 +43,7 @@ import torch
 from .checkpoint import load_checkpoint, load_state_dict_checked, read_checkpoint, save_checkpoint
 from .data import ImageSet, SeededLoader, _mix, load_dataset, parse_data_spec
 from .diffusion import GaussianDiffusion
+from .distributed import Distributed
 from .errors import CheckpointError, FastDDPMError, check_choice
 from .files import atomic_write, ensure_writable_dir
 from .noise import noise
@@ -204,60 +205,6 @@ def build_model(cfg: TrainConfig, data: ImageSet) -> UNet:
                             in_channels=data.channels)
 
 
-def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
-    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise FastDDPMError("--device cuda was asked for, but this machine has no usable CUDA device")
-    return torch.device("cuda", local_rank)
-
-
-class Distributed:
-    """The torch.distributed context: torchrun's env (WORLD_SIZE, RANK, LOCAL_RANK), else one process."""
-
-    def __init__(self, cfg: TrainConfig):
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.device = _device(cfg, self.local_rank)
-        self.enabled = self.world_size > 1
-        if self.enabled:
-            import torch.distributed as dist
-
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-            if not dist.is_initialized():
-                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
-        if self.enabled:
-            import torch.distributed as dist
-
-            dist.all_reduce(x)
-        return x
-
-    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
-        """Concatenate x [B] from every rank in rank order: [world_size * B]."""
-        if not self.enabled:
-            return x
-        import torch.distributed as dist
-
-        parts = [torch.empty_like(x) for _ in range(self.world_size)]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)
-
-    def close(self) -> None:
-        if self.enabled:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
-
-
 # ------------------------------------------------------------------------------ checkpoints
 def checkpoint_paths(out) -> list[tuple[int, Path]]:
     """The ckpt-STEP.safetensors files in `out`, oldest first."""
@@ -303,7 +250,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        self.dist = Distributed(cfg)
+        self.dist = Distributed(cfg.device)
         self.device = self.dist.device
         self.out = Path(cfg.out)
         self.last = self.out / LAST
