@@ -138,6 +138,7 @@ for suite in kernels unet sampling onnx train; do
     case $suite in
         kernels) budget=120 ;;
         unet|sampling) budget=75; select=(-k "not compile") ;;
+        train) budget=60; select=(-k "not compile") ;;  # compiled training: bench_train.py as a script
         *) budget=60 ;;
     esac
     step "bench_$suite" "$budget" "$PY" -m pytest "$file" --benchmark-only -m gpu ${select[@]+"${select[@]}"} -q \
