@@ -273,12 +273,6 @@ def cmd_convert(args) -> int:
     return 0
 
 
-def _not_implemented(name: str):
-    def run(args) -> int:
-        raise FastDDPMError(f"`fastddpm {name}` is not implemented in this version")
-    return run
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fastddpm", description="Fast, tested denoising diffusion probabilistic models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)

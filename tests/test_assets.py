@@ -26,12 +26,7 @@ CLASS_SHARE_FLOOR = 0.03  # every digit appears (no mode collapse) ...
 CLASS_SHARE_CEILING = 0.2  # ... and none dominates
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _judge_module():

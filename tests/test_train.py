@@ -25,13 +25,7 @@ from fastddpm.cli import main
 from fastddpm.train import LossSecondMomentSampler, TrainConfig, Trainer, TrainingDiverged, build_model, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine more threads spin-wait for each other (20x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
