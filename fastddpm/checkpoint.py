@@ -22,7 +22,9 @@ from safetensors.torch import load_file, save_file
 from .diffusion import GaussianDiffusion
 from .errors import CheckpointError, FastDDPMError
 from .files import atomic_write
-from .unet import UNet, UNetConfig
+from .unet import UNet
+from .validate import betas_tensor, check_weights, config_object, diffusion_settings
+from .validate import unet_config as validate_unet_config
 
 FORMAT = "fastddpm"
 VERSION = "1"
@@ -69,55 +71,78 @@ def save_checkpoint(path, model: UNet, diffusion: GaussianDiffusion, extra_tenso
 
 
 def read_checkpoint(path) -> tuple[dict, dict]:
-    """(tensors, config) of a fastddpm checkpoint, with clear errors for foreign or broken files."""
-    p = resolve_checkpoint(path)
-    try:
-        from safetensors import safe_open
+    """(tensors, config) of a fastddpm checkpoint, with clear errors for foreign or broken files.
 
+    config is the JSON object {"unet": {...}, "diffusion": {...}, "meta": {...}} ("meta" is {} when
+    absent); its contents are checked by `load_checkpoint` (fastddpm.validate), not here.
+    """
+    from safetensors import safe_open
+
+    p = resolve_checkpoint(path)
+    source = repr(str(p))
+    try:
         with safe_open(str(p), framework="pt") as f:
             metadata = f.metadata() or {}
         tensors = load_file(str(p))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{str(p)!r} is not a readable safetensors checkpoint ({e})") from None
+    # safetensors reports a bad header as SafetensorError, some malformed files as other errors
+    except (SafetensorError, OSError, ValueError, RuntimeError, MemoryError) as e:
+        raise CheckpointError(f"{source} is not a readable safetensors checkpoint ({_first_line(e)})") from None
     if metadata.get("format") != FORMAT or "config" not in metadata:
         raise CheckpointError(
-            f"{str(p)!r} is a safetensors file but not a fastddpm checkpoint (no fastddpm config in its "
+            f"{source} is a safetensors file but not a fastddpm checkpoint (no fastddpm config in its "
             "metadata); convert foreign weights with `fastddpm convert`")
     if metadata.get("version") != VERSION:
-        raise CheckpointError(f"{str(p)!r} has checkpoint format version {metadata.get('version')!r}; "
+        raise CheckpointError(f"{source} has checkpoint format version {metadata.get('version')!r}; "
                               f"this fastddpm reads version {VERSION}")
     try:
         config = json.loads(metadata["config"])
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{str(p)!r} has a corrupt config ({e})") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{source} has a corrupt config ({_first_line(e)})") from None
+    config = config_object(config, "the config", source)
+    for key in ("unet", "diffusion"):
+        if key not in config:
+            raise CheckpointError(f"{source} has no {key!r} section in its config")
+        config_object(config[key], f"the {key!r} config", source)
+    config["meta"] = config_object(config.get("meta", {}), "the 'meta' config", source)
     return tensors, config
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def load_checkpoint(path, device="cpu") -> tuple[UNet, GaussianDiffusion, dict]:
     """(model, diffusion, meta) from a checkpoint written by `save_checkpoint` or `fastddpm convert`.
 
-    `path` may also name a bundled checkpoint ("digits"). The model is in eval mode on `device`.
+    `path` may also name a bundled checkpoint ("digits"). The model is in eval mode on `device`,
+    in float32. Everything in the file is checked before anything is built (fastddpm.validate):
+    the U-Net config's fields and size, the diffusion settings, the betas, the weights' names,
+    shapes, dtypes (floating point) and values (finite). Any problem raises CheckpointError.
     """
     tensors, config = read_checkpoint(path)
+    source = repr(str(path))
+    unet_config = validate_unet_config(config["unet"], source)
+    if "diffusion.betas" not in tensors:
+        raise CheckpointError(f"{source} holds no 'diffusion.betas' tensor")
+    betas = betas_tensor(tensors.pop("diffusion.betas"), source)
+    settings = diffusion_settings(config["diffusion"], len(betas), source)
     try:
-        unet_config = UNetConfig.from_dict(config["unet"])
-        dcfg = dict(config["diffusion"])
-        betas = tensors.pop("diffusion.betas")
-    except (KeyError, TypeError) as e:
-        raise CheckpointError(f"{str(path)!r} lacks part of its config or tensors ({e})") from None
-    num_timesteps = dcfg.pop("num_timesteps", len(betas))
-    if num_timesteps != len(betas):
-        raise CheckpointError(f"{str(path)!r} says T={num_timesteps} but holds {len(betas)} betas")
-    diffusion = GaussianDiffusion(betas, **dcfg)
-    model = UNet(unet_config)
+        diffusion = GaussianDiffusion(betas, **settings)
+    except FastDDPMError as e:
+        raise CheckpointError(f"{source}: {e}") from None
     weights = {k: v for k, v in tensors.items() if not k.startswith("train.")}
-    load_state_dict_checked(model, weights, str(path))
-    return model.to(device).eval(), diffusion, config.get("meta", {})
+    with torch.device("meta"):  # names and shapes are checked before any memory is spent on the model
+        model = UNet(unet_config)
+    check_state_dict(model.state_dict(), weights, source)
+    check_weights(weights, source)
+    model.load_state_dict({k: v.to(torch.float32) for k, v in weights.items()}, assign=True)
+    return model.to(device).eval(), diffusion, config["meta"]
 
 
-def load_state_dict_checked(model: torch.nn.Module, weights: dict, source: str) -> None:
-    """load_state_dict that names missing, unexpected and mis-shaped keys in one CheckpointError."""
-    own = model.state_dict()
+def check_state_dict(own: dict, weights: dict, source: str) -> None:
+    """Raise one CheckpointError naming the missing, unexpected and mis-shaped keys of `weights`
+    against the state dict `own` (tensors, possibly on the meta device)."""
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))
     shapes = sorted(f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}"
@@ -128,5 +153,10 @@ def load_state_dict_checked(model: torch.nn.Module, weights: dict, source: str) 
             shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
             problems.append(f"{label}: {shown}")
     if problems:
-        raise CheckpointError(f"{source!r} does not match its model config ({'; '.join(problems)})")
+        raise CheckpointError(f"{source} does not match its model config ({'; '.join(problems)})")
+
+
+def load_state_dict_checked(model: torch.nn.Module, weights: dict, source: str) -> None:
+    """load_state_dict that names missing, unexpected and mis-shaped keys in one CheckpointError."""
+    check_state_dict(model.state_dict(), weights, repr(source))
     model.load_state_dict(weights)

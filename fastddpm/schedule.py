@@ -25,6 +25,7 @@ import torch
 from .errors import FastDDPMError, check_choice
 
 SCHEDULES = ("linear", "cosine")
+MAX_TIMESTEPS = 100_000  # 100x DDPM's T; a larger T is a typo, and T = 10^12 would allocate terabytes
 
 
 def make_betas(name: str, T: int) -> torch.Tensor:
@@ -36,11 +37,11 @@ def make_betas(name: str, T: int) -> torch.Tensor:
         f(t) = cos(((t / T) + s) / (1 + s) * pi / 2)^2, s = 0.008, and beta capped at 0.999.
     """
     check_choice("schedule", name, SCHEDULES)
-    if not isinstance(T, int) or T < 1:
-        raise FastDDPMError(f"the number of diffusion steps must be a positive integer, got {T!r}")
+    if isinstance(T, bool) or not isinstance(T, int) or not 1 <= T <= MAX_TIMESTEPS:
+        raise FastDDPMError(f"the number of diffusion steps must be an integer in [1, {MAX_TIMESTEPS}], got {T!r}")
     if name == "linear":
-        if T < 20:
-            raise FastDDPMError(f"the linear schedule needs T >= 20 (its last beta is 20 / T), got T={T}")
+        if T <= 20:  # T = 20 would end at beta = 1, alphabar = 0 (see check_betas)
+            raise FastDDPMError(f"the linear schedule needs T > 20 (its last beta is 20 / T), got T={T}")
         scale = 1000.0 / T
         return torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64)
 
@@ -52,12 +53,28 @@ def make_betas(name: str, T: int) -> torch.Tensor:
 
 
 def check_betas(betas) -> torch.Tensor:
-    """Validate a user-given beta array and return it as a float64 tensor [T]."""
-    b = torch.as_tensor(betas, dtype=torch.float64).flatten()
+    """Validate a user-given beta array [T] and return it as a float64 tensor [T].
+
+    Every beta must be finite and in (0, 1): beta_t = 1 makes alphabar_t = 0, so x_0 = x_t /
+    sqrt(alphabar_t) (eps prediction) divides by zero and the sampler returns NaN. For the same
+    reason alphabar_t must not underflow to 0 (thousands of large betas).
+    """
+    try:
+        b = torch.as_tensor(betas, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise FastDDPMError(f"the beta schedule is not an array of numbers ({e})") from None
+    if b.ndim != 1:
+        raise FastDDPMError(f"the beta schedule must be a 1-D array [T], not of shape {list(b.shape)}")
     if b.numel() == 0:
         raise FastDDPMError("the beta schedule is empty")
-    if not torch.isfinite(b).all() or (b <= 0).any() or (b > 1).any():
-        raise FastDDPMError("every beta must be finite and in (0, 1]")
+    if not torch.isfinite(b).all() or (b <= 0).any() or (b >= 1).any():
+        bad = int(torch.nonzero(~(torch.isfinite(b) & (b > 0) & (b < 1)))[0])
+        raise FastDDPMError(f"every beta must be finite and in (0, 1); beta[{bad}] = {b[bad].item()}")
+    alphabar = torch.cumprod(1.0 - b, 0)
+    if alphabar[-1] <= 0:
+        first = int(torch.nonzero(alphabar <= 0)[0])
+        raise FastDDPMError(f"the beta schedule drives alphabar to 0 at t={first} (float64 underflow); "
+                            "x_0 cannot be recovered from x_t there")
     return b
 
 

@@ -80,10 +80,34 @@ def test_user_betas():
             check_betas(bad)
 
 
-def test_linear_needs_T_of_at_least_20():
-    assert make_betas("linear", 20)[-1].item() == pytest.approx(1.0)
-    with pytest.raises(FastDDPMError, match="T >= 20"):
-        make_betas("linear", 10)
+def test_linear_needs_T_above_20():
+    # T = 20 would end at beta = 1: alphabar_T = 0 and the eps sampler divides by sqrt(0) (NaN samples)
+    assert make_betas("linear", 21)[-1].item() == pytest.approx(20 / 21)
+    assert torch.isfinite(Schedule.from_betas(make_betas("linear", 21)).sqrt_recip_alphas_cumprod).all()
+    for T in (10, 20):
+        with pytest.raises(FastDDPMError, match="T > 20"):
+            make_betas("linear", T)
+
+
+@pytest.mark.parametrize("T", [0, -5, 100_001, 10**12, 2.5, True, "1000"])
+def test_bad_step_counts_are_refused_before_allocating(T):
+    with pytest.raises(FastDDPMError, match="number of diffusion steps"):
+        make_betas("cosine", T)
+
+
+@pytest.mark.parametrize("betas, message", [
+    ([0.1, 1.0], r"beta\[1\] = 1.0"),  # alphabar_1 = 0: x_0 = x_t / sqrt(0)
+    ([1.0, 1.0, 1.0], r"beta\[0\] = 1.0"),
+    ([0.1, -0.2], r"beta\[1\] = -0.2"),
+    ([0.1, float("inf")], r"beta\[1\] = inf"),
+    (0.5, "1-D"),  # a 0-d "schedule"
+    ([[0.1, 0.2]], "1-D"),
+    ("abc", "not an array of numbers"),
+    ([0.5] * 1200, "alphabar to 0 at t="),  # 0.5^1075 underflows float64
+])
+def test_bad_betas_are_named(betas, message):
+    with pytest.raises(FastDDPMError, match=message):
+        Schedule.from_betas(betas)
 
 
 def test_unknown_schedule_names_the_valid_ones():
