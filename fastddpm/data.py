@@ -27,6 +27,9 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
+import warnings
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +57,8 @@ class ImageSet:
                             f"got {a.dtype} {list(a.shape)}")
         if a.shape[0] == 0:
             raise DataError(f"{self.name} holds no images")
+        if a.shape[1] == 0 or a.shape[2] == 0:
+            raise DataError(f"{self.name} holds zero-size images ({a.shape[1]}x{a.shape[2]})")
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -204,15 +209,21 @@ def _numpy_globals() -> dict:
         from numpy._core import multiarray  # numpy >= 2
     except ImportError:  # pragma: no cover - numpy 1.x
         from numpy.core import multiarray
-    import codecs
-
     allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
-               # Python 3 pickles of bytes at protocol 2 go through _codecs.encode (torch admits it too).
-               ("_codecs", "encode"): codecs.encode}
+               # Python 3 pickles of bytes at protocol 2 go through _codecs.encode(text, "latin1")
+               ("_codecs", "encode"): _latin1_encode}
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
         allowed[(module, "_reconstruct")] = multiarray._reconstruct
         allowed[(module, "scalar")] = multiarray.scalar
     return allowed
+
+
+def _latin1_encode(text, encoding="latin1"):
+    """_codecs.encode as a pickle calls it for bytes (protocol 2): latin-1 only. Any other codec
+    name in a file (a codec that compresses, an unknown name) is refused, not looked up."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise DataError(f"the pickle asks for _codecs.encode with {encoding!r}; only latin1 is admitted")
+    return text.encode("latin1")
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -239,9 +250,17 @@ def restricted_load(path: Path):
         return RestrictedUnpickler(io.BytesIO(data), str(path)).load()
     except DataError:
         raise
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
-            KeyError) as e:
-        raise DataError(f"{str(path)!r} is not a readable CIFAR-10 python batch ({type(e).__name__}: {e})") from None
+    # The admitted callables (numpy's _reconstruct, dtype, ndarray.__setstate__) can be fed any arguments
+    # by a hostile file, and each raises its own type (TypeError, LookupError, MemoryError, ...): every
+    # one of them means "not a CIFAR-10 batch", so all of them become a DataError.
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"{str(path)!r} is not a readable CIFAR-10 python batch "
+                        f"({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def _cifar_python_batch(path: Path) -> np.ndarray:
@@ -294,7 +313,7 @@ def load_image_folder(path: str, image_size: int) -> ImageSet:
     C is 1 when every image is greyscale, else 3. All images must share one size: a folder of
     mixed sizes is refused (it is usually a mistake, and cropping would frame them differently).
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     root = _require_dir(path, "image folder")
     try:
@@ -306,11 +325,17 @@ def load_image_folder(path: str, image_size: int) -> ImageSet:
     opened, first_size = [], None
     for f in files:
         try:
-            with Image.open(f) as im:
-                im.load()
-                img = im.copy()
-        except (OSError, UnidentifiedImageError, ValueError) as e:
-            raise DataError(f"cannot read image {str(f)!r} ({e})") from None
+            with warnings.catch_warnings():
+                # Pillow only warns between MAX_IMAGE_PIXELS and twice that: a bomb either way
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(f) as im:
+                    im.load()
+                    img = im.copy()
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+            raise DataError(f"image {str(f)!r} is a decompression bomb ({_first_line(e)})") from None
+        # Pillow's decoders raise many types for a broken file (OSError, SyntaxError, struct.error, ...)
+        except Exception as e:  # noqa: BLE001
+            raise DataError(f"cannot read image {str(f)!r} ({type(e).__name__}: {_first_line(e)})") from None
         if first_size is None:
             first_size = (img.size, f)
         elif img.size != first_size[0]:
@@ -338,23 +363,70 @@ def _resize_crop(img, size: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------- npz
+NPY_MAGIC = b"\x93NUMPY"
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a member first, or an empty archive
+_CHUNK = 1 << 24  # read a member in 16 MiB pieces, straight into the array
+
+
 def load_npz(path: str) -> ImageSet:
-    """uint8 images [N, H, W, C] (H == W, C = 1 or 3) from key arr_0 (or the file's only key)."""
+    """uint8 images [N, H, W, C] (H == W, C = 1 or 3) from key arr_0 (or the file's only key).
+
+    Read member by member with zipfile, not np.load: the array header (dtype, shape) is
+    checked against the member's size before any memory is allocated, a .npy file or other
+    non-zip file is named as such, and a truncated or corrupt archive (bad zip, bad CRC, bad
+    deflate stream) is a DataError. Nothing is unpickled.
+    """
     p = Path(path)
     if not p.is_file():
         raise DataError(f"npz file {str(p)!r} does not exist" if not p.exists() else f"{str(p)!r} is not a file")
+    source = repr(str(p))
     try:
-        with np.load(p, allow_pickle=False) as z:
-            keys = list(z.keys())
-            key = "arr_0" if "arr_0" in keys else (keys[0] if len(keys) == 1 else None)
-            if key is None:
-                raise DataError(f"{str(p)!r} has no arr_0 array (keys: {', '.join(keys) or 'none'})")
-            images = z[key]
+        with open(p, "rb") as f:
+            head = f.read(6)
+        if head == NPY_MAGIC:
+            raise DataError(f"{source} is a .npy file, not an .npz archive; write one with "
+                            "np.savez(FILE, arr_0=images)")
+        if head[:4] not in ZIP_MAGIC:
+            raise DataError(f"{source} is not a readable .npz file (not a zip archive)")
+        images = _read_npz_images(p, source)
     except DataError:
         raise
-    except (OSError, ValueError, EOFError) as e:
-        raise DataError(f"{str(p)!r} is not a readable .npz file ({e})") from None
-    if images.ndim == 4 and images.shape[1] != images.shape[2]:
-        raise DataError(f"{str(p)!r} holds {images.shape[1]}x{images.shape[2]} images; only square images are "
-                        "supported")
-    return ImageSet(np.ascontiguousarray(images), f"npz file {str(p)!r}")
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, NotImplementedError, RuntimeError,
+            MemoryError, OverflowError) as e:  # RuntimeError: an encrypted member; NotImplementedError: its method
+        raise DataError(f"{source} is not a readable .npz file ({type(e).__name__}: {_first_line(e)})") from None
+    return ImageSet(images, f"npz file {source}")
+
+
+def _read_npz_images(p: Path, source: str) -> np.ndarray:
+    from numpy.lib import format as npy
+
+    with zipfile.ZipFile(p) as z:
+        keys = [n[:-4] for n in z.namelist() if n.endswith(".npy")]
+        key = "arr_0" if "arr_0" in keys else (keys[0] if len(keys) == 1 else None)
+        if key is None:
+            raise DataError(f"{source} has no arr_0 array (keys: {', '.join(keys) or 'none'})")
+        info = z.getinfo(key + ".npy")
+        with z.open(info) as f:
+            version = npy.read_magic(f)
+            readers = {(1, 0): npy.read_array_header_1_0, (2, 0): npy.read_array_header_2_0}
+            if version not in readers:
+                raise DataError(f"{source}: {key} is .npy format version {version}; fastddpm reads 1.0 and 2.0")
+            shape, fortran, dtype = readers[version](f)
+            if dtype != np.uint8 or len(shape) != 4 or shape[3] not in (1, 3):
+                raise DataError(f"{source}: expected uint8 images [N, H, W, C] with C = 1 or 3 under {key}, got "
+                                f"{dtype} {list(shape)}")
+            if shape[1] != shape[2]:
+                raise DataError(f"{source} holds {shape[1]}x{shape[2]} images; only square images are supported")
+            nbytes = int(np.prod(shape, dtype=np.int64))
+            if nbytes != info.file_size - f.tell():
+                raise DataError(f"{source}: {key} declares {list(shape)} ({nbytes} bytes) but its member holds "
+                                f"{info.file_size - f.tell()} bytes of data")
+            out = np.empty(nbytes, dtype=np.uint8)
+            view, got = memoryview(out), 0
+            while got < nbytes:
+                n = f.readinto(view[got:got + _CHUNK])
+                if not n:
+                    raise DataError(f"{source} is truncated ({got} of {nbytes} bytes of {key})")
+                got += n
+            f.read(1)  # reaching the end makes zipfile compare the CRC-32
+    return np.ascontiguousarray(out.reshape(shape, order="F" if fortran else "C"))

@@ -254,3 +254,103 @@ def test_data_spec():
     for bad in ("mnist", "images:", "cifar10", "folder:/x"):
         with pytest.raises(DataError, match="unknown data set"):
             parse_data_spec(bad)
+
+
+# ----------------------------------------------------------------------------- hostile files
+def _npz_bytes(tmp_path, compressed=True, **arrays) -> bytes:
+    path = tmp_path / "src.npz"
+    (np.savez_compressed if compressed else np.savez)(path, **arrays)
+    data = path.read_bytes()
+    path.unlink()
+    return data
+
+
+def test_truncated_npz_is_a_data_error(tmp_path):
+    data = _npz_bytes(tmp_path, arr_0=_images(20))
+    for cut in (10, len(data) // 2, len(data) - 30):
+        (tmp_path / "cut.npz").write_bytes(data[:cut])
+        with pytest.raises(DataError, match="not a readable .npz"):
+            load_npz(str(tmp_path / "cut.npz"))
+
+
+def test_npz_with_a_bad_crc_is_a_data_error(tmp_path):
+    images = _images(4)
+    data = bytearray(_npz_bytes(tmp_path, compressed=False, arr_0=images))
+    at = data.index(images.tobytes()[:64]) + 100  # a byte inside the stored (uncompressed) image data
+    data[at] ^= 0xFF
+    (tmp_path / "crc.npz").write_bytes(bytes(data))
+    with pytest.raises(DataError, match="BadZipFile: Bad CRC-32"):
+        load_npz(str(tmp_path / "crc.npz"))
+    # a flipped bit in compressed data: a zlib error or a CRC mismatch, never a traceback
+    data = bytearray(_npz_bytes(tmp_path, arr_0=images))
+    data[len(data) // 2] ^= 0x55
+    (tmp_path / "deflate.npz").write_bytes(bytes(data))
+    with pytest.raises(DataError, match="not a readable .npz"):
+        load_npz(str(tmp_path / "deflate.npz"))
+
+
+def test_npy_given_as_npz_is_named(tmp_path):
+    np.save(tmp_path / "images.npy", _images(3))
+    with pytest.raises(DataError, match=r"is a \.npy file, not an \.npz archive"):
+        load_npz(str(tmp_path / "images.npy"))
+    with pytest.raises(DataError, match=r"is a \.npy file"):
+        load_dataset(f"npz:{tmp_path / 'images.npy'}")
+
+
+@pytest.mark.parametrize("array, message", [
+    (np.zeros((2, 0, 0, 3), np.uint8), "zero-size images"),
+    (np.zeros((2, 8, 8, 3), np.float32), "expected uint8 images.*float32"),
+    (np.zeros((2, 8, 8), np.uint8), r"expected uint8 images.*\[2, 8, 8\]"),
+    (np.zeros((2, 8, 8, 5), np.uint8), "C = 1 or 3"),
+    (np.array([None, 1], dtype=object), "expected uint8 images.*object"),
+    (np.zeros((2, 8, 6, 1), np.uint8), "only square images"),
+])
+def test_npz_with_wrong_images_is_named(tmp_path, array, message):
+    np.savez(tmp_path / "x.npz", arr_0=array)
+    with pytest.raises(DataError, match=message):
+        load_npz(str(tmp_path / "x.npz"))
+
+
+def test_npz_header_that_lies_about_its_size_allocates_nothing(tmp_path):
+    import io
+    import zipfile
+
+    from numpy.lib import format as npy
+
+    member = io.BytesIO()
+    # 3 TB of images promised, 10 bytes delivered
+    npy.write_array_header_1_0(member, {"descr": "|u1", "fortran_order": False, "shape": (10**6, 1024, 1024, 3)})
+    member.write(b"\x00" * 10)
+    with zipfile.ZipFile(tmp_path / "liar.npz", "w") as z:
+        z.writestr("arr_0.npy", member.getvalue())
+    with pytest.raises(DataError, match=r"declares \[1000000, 1024, 1024, 3\].*holds 10 bytes"):
+        load_npz(str(tmp_path / "liar.npz"))
+
+
+def test_png_decompression_bombs_are_refused(tmp_path, monkeypatch):
+    from PIL import Image
+
+    # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that; both are refused here.
+    # A small limit stands in for the 89-megapixel default, so the files stay tiny.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    for side, name in ((40, "warns"), (50, "raises")):  # 1600 px: the warning band; 2500 px: the error
+        folder = tmp_path / name
+        folder.mkdir()
+        Image.new("L", (side, side)).save(folder / "bomb.png")
+        with pytest.raises(DataError, match="bomb.png' is a decompression bomb"):
+            load_image_folder(str(folder), 8)
+
+
+@pytest.mark.parametrize("payload, message", [
+    # the admitted callables fed bad arguments: an unknown codec, a compressing codec
+    (b"\x80\x02c_codecs\nencode\nX\x03\x00\x00\x00abcX\x08\x00\x00\x00no-codec\x86R.", "only latin1"),
+    (b"\x80\x02c_codecs\nencode\nX\x03\x00\x00\x00abcX\x04\x00\x00\x00zlib\x86R.", "only latin1"),
+    (b"\x80\x02cnumpy\ndtype\nX\x08\x00\x00\x00nonsense\x85R.", "TypeError"),
+    (b"\x80\x02cnumpy.core.multiarray\n_reconstruct\nX\x03\x00\x00\x00abc\x85R.", "TypeError"),
+    (b"\x80\x02cnumpy\nndarray\nJ\xff\xff\xff\xff\x85R.", "ValueError"),  # a negative dimension
+    (b"\x80\x02}q\x00h\x05.", "KeyError|UnpicklingError"),  # a memo key that was never stored
+])
+def test_restricted_unpickler_turns_every_error_into_a_data_error(tmp_path, payload, message):
+    (tmp_path / "batch").write_bytes(payload)
+    with pytest.raises(DataError, match=message):
+        restricted_load(tmp_path / "batch")
