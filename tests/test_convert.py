@@ -365,3 +365,121 @@ def test_unet_config_norm_eps_round_trips_and_defaults():
     d.pop("norm_eps")
     assert UNetConfig.from_dict(d).norm_eps == 1e-5
     assert UNet(c).norm_out.eps == 1e-6 and UNet(c).mid[1].norm.eps == 1e-6
+
+
+# ------------------------------------------------------------------------------- hostile configs
+@pytest.mark.parametrize("change, message", [
+    ({"block_out_channels": ["32", 64, 64]}, "block_out_channels='32' must be an integer"),
+    ({"block_out_channels": [0, 64, 64]}, "block_out_channels=0 must be an integer >= 1"),
+    ({"block_out_channels": [-32, 64, 64]}, "block_out_channels=-32"),
+    ({"block_out_channels": "abc"}, "must be a list of widths"),
+    ({"block_out_channels": [32, 64, 100000]}, "asks for 100000 channels"),  # absurd width: validate bound
+    ({"norm_num_groups": 0}, "norm_num_groups=0 must be an integer >= 1"),
+    ({"norm_num_groups": "8"}, "norm_num_groups='8'"),
+    ({"norm_num_groups": 7}, "do not split into 7 groups"),
+    ({"sample_size": -16}, "sample_size=-16 must be an integer >= 1"),
+    ({"sample_size": "16"}, "sample_size='16'"),
+    ({"sample_size": 2**20}, "image_size=1048576 is out of range"),
+    ({"sample_size": [16, 8]}, "images are square"),
+    ({"in_channels": 0}, "in_channels=0"),
+    ({"out_channels": -3}, "out_channels=-3"),
+    ({"layers_per_block": 2.5}, "layers_per_block=2.5 must be an integer"),
+    ({"layers_per_block": True}, "layers_per_block=True must be an integer"),
+    ({"attention_head_dim": 0}, "attention_head_dim=0 must be an integer >= 1"),
+    ({"norm_eps": "1e-6"}, "norm_eps='1e-6' must be a number"),
+    ({"norm_eps": -1.0}, "norm_eps=-1.0 must be a number in \\(0.0, 1.0\\]"),
+    ({"dropout": 2}, "dropout=2 must be a number in \\[0.0, 1.0\\]"),
+    ({"down_block_types": 3}, "down_block_types=3 must be a list of block type names"),
+])
+def test_hostile_diffusers_config_is_named(change, message):
+    from fastddpm.convert import unet_config_from_diffusers
+    from fastddpm.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match=message):
+        unet_config_from_diffusers({**SMALL_CONFIG, **change})
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"num_train_timesteps": "1000"}, "num_train_timesteps='1000' must be an integer"),
+    ({"num_train_timesteps": 0}, "num_train_timesteps=0"),
+    ({"num_train_timesteps": 10**9}, "num_train_timesteps=1000000000"),
+    ({"beta_start": 1.0, "beta_end": 1.0}, r"beta\[0\] = 1.0"),
+    ({"beta_start": -1e-4}, r"beta_start=-0.0001 must be a number in \(0.0, 1.0\]"),
+    ({"beta_end": "0.02"}, "beta_end='0.02'"),
+    ({"beta_schedule": "scaled_linear", "beta_start": -0.5}, "beta_start=-0.5"),
+    ({"trained_betas": ["a"]}, "trained_betas must be a list of numbers"),
+    ({"trained_betas": [0.1, 2.0]}, r"unusable process .*beta\[1\] = 2.0"),
+    ({"variance_type": ["fixed_small"]}, "variance_type=\\['fixed_small'\\] is not supported"),
+    ({"prediction_type": {"a": 1}}, "prediction_type="),
+    ({"clip_sample": "yes"}, "clip_sample='yes' must be true or false"),
+    ({"clip_sample_range": "1"}, "clip_sample_range='1'"),
+])
+def test_hostile_scheduler_config_is_named(change, message):
+    from fastddpm.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match=message):
+        diffusion_from_scheduler({**CIFAR10_SCHEDULER, **change})
+
+
+def test_hostile_scheduler_file_exits_2_naming_it(tmp_path, capsys):
+    folder = _small_folder(tmp_path)
+    (folder / "scheduler_config.json").write_text(json.dumps({**CIFAR10_SCHEDULER, "beta_start": 1, "beta_end": 1}))
+    dst = tmp_path / "o.safetensors"
+    code, _, err = run_cli(["convert", folder, "--out", dst], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "scheduler_config.json" in err and "beta" in err
+    assert not dst.exists()
+    (folder / "scheduler_config.json").unlink()
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "sample_size": -16}))
+    code, _, err = run_cli(["convert", folder, "--out", dst], capsys)
+    assert code == 2 and "config.json" in err and "sample_size=-16" in err and not dst.exists()
+
+
+@pytest.mark.parametrize("value, message", [
+    (torch.tensor(float("nan")), "non-finite weights"),
+    (torch.tensor(3), "non-floating-point weights"),
+])
+def test_non_finite_or_integer_weights_are_not_converted(tmp_path, capsys, value, message):
+    def poison(sd):
+        w = sd["conv_in.bias"]
+        sd["conv_in.bias"] = torch.full(w.shape, value.item(), dtype=value.dtype)
+
+    folder = _small_folder(tmp_path, mutate_state=poison)
+    code, _, err = run_cli(["convert", folder, "--out", tmp_path / "o.safetensors"], capsys)
+    assert code == 2 and message in err and "conv_in.bias" in err
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("conv_in.weight", torch.ones(32), "conv_in.weight has shape \\[32\\]"),  # wrong rank
+    ("conv_in.weight", torch.ones(0, 3, 3, 3), "every size positive"),  # zero width
+    ("conv_out.weight", torch.ones(3, 32), "conv_out.weight has shape"),
+])
+def test_pytorch_diffusion_tensors_of_the_wrong_rank(tmp_path, capsys, key, value, message):
+    sd = to_pytorch_diffusion_layout(diffusers_unet(SMALL_CONFIG).state_dict(), 3)
+    sd[key] = value
+    torch.save(sd, tmp_path / "model.ckpt")
+    code, _, err = run_cli(["convert", tmp_path / "model.ckpt", "--out", tmp_path / "o.safetensors", "--image-size",
+                            "16"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and re.search(message, err), err
+
+
+def test_fifo_and_devices_are_refused_without_blocking(tmp_path, capsys):
+    import os
+    import signal
+
+    fifo = tmp_path / "weights.ckpt"
+    os.mkfifo(fifo)
+
+    def hung(signum, frame):
+        raise AssertionError("convert blocked on a FIFO")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)  # opening a FIFO for reading blocks until a writer comes: fail instead of hanging
+    try:
+        for src in (fifo, "/dev/zero"):
+            code, _, err = run_cli(["convert", src, "--out", tmp_path / "o.safetensors"], capsys)
+            assert code == 2 and "is not a regular file" in err and len(err.strip().splitlines()) == 1
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
