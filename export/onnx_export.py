@@ -139,6 +139,8 @@ def export_onnx(model: UNet, diffusion: GaussianDiffusion, out, dtype: str = "fp
     See build_onnx for the arguments. The file alone is enough to sample:
     `python ort_sample.py --onnx out` or `fastddpm sample --backend onnx --onnx out`.
     """
+    if Path(out).is_dir():
+        raise FastDDPMError(f"--out {str(out)!r} is a folder; name the .onnx file to write")
     ensure_writable_dir(Path(out).parent)  # fail before the export, not after it
     proto = build_onnx(model, diffusion, dtype, step_graph, group_norm, clip_denoised, meta)
     atomic_write_bytes(out, proto.SerializeToString())

@@ -19,7 +19,9 @@ import torch
 
 from fastddpm.diffusion import GaussianDiffusion
 from fastddpm.errors import BackendUnavailableError, CheckpointError, FastDDPMError
-from fastddpm.unet import UNet, UNetConfig
+from fastddpm.unet import UNet
+from fastddpm.validate import betas_tensor, diffusion_settings
+from fastddpm.validate import unet_config as validated_unet_config
 
 from . import ort_sample
 
@@ -36,10 +38,8 @@ class OnnxEpsModel:
 
     def __init__(self, ort_model: ort_sample.OnnxModel):
         self.ort = ort_model
-        try:
-            self.config = UNetConfig.from_dict(ort_model.unet)
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{ort_model.path!r} has a U-Net config this fastddpm cannot read ({e})") from None
+        # the same checks as a checkpoint's config: field types, ranges, parameter count (CheckpointError)
+        self.config = validated_unet_config(ort_model.unet, repr(ort_model.path))
         self.dtype = _DTYPE_NAMES.get(ort_model.dtype, torch.float32)
 
     def to(self, dtype=None, device=None, memory_format=None) -> "OnnxEpsModel":
@@ -67,12 +67,15 @@ class OnnxEpsModel:
 
     def diffusion(self) -> GaussianDiffusion:
         """The full diffusion process stored in the file."""
-        d = self.ort.diffusion
+        source = repr(self.ort.path)
+        if self.ort.betas is None:
+            raise CheckpointError(f"{source} holds no betas")
+        betas = betas_tensor(torch.from_numpy(self.ort.betas.copy()), source)
+        settings = diffusion_settings(self.ort.diffusion, len(betas), source)
         try:
-            return GaussianDiffusion(torch.from_numpy(self.ort.betas.copy()), mean_type=d["mean_type"],
-                                     var_type=d["var_type"], loss_type=d.get("loss_type", "simple"))
-        except KeyError as e:
-            raise CheckpointError(f"{self.ort.path!r} lacks the diffusion setting {e}") from None
+            return GaussianDiffusion(betas, **settings)
+        except FastDDPMError as e:
+            raise CheckpointError(f"{source}: {e}") from None
 
 
 def _provider(device) -> str:

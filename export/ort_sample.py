@@ -51,6 +51,8 @@ META_KEY = "fastddpm"  # the ONNX metadata_props key holding the JSON descriptio
 XT_STEP = 0xFFFFFFFF  # step key of the starting noise x_T (fastddpm/noise.py)
 SAMPLERS = ("ancestral", "ddim")
 LEARNED_VAR_TYPES = ("learned", "learned_range")
+VAR_TYPES = ("fixedlarge", "fixedsmall") + LEARNED_VAR_TYPES
+MAX_IMAGE_SIZE, MAX_TIMESTEPS = 1024, 100_000  # as fastddpm/validate.py and fastddpm/schedule.py
 
 # The per-step coefficient vector the update reads (and a step graph takes as its "coef" input).
 #   x0      = sqrt_recip_ab * x - sqrt_recipm1_ab * eps            (eps prediction; DDPM eq. 4 solved for x0)
@@ -377,30 +379,62 @@ class OnnxModel:
             self._describe(description, check_betas=False)
 
     def _describe(self, meta: dict, check_betas: bool) -> None:
+        """Read the description, checking every field a hostile file could get wrong, then the graph."""
+        def bad(what):
+            return SampleError(f"{self.path!r} has bad fastddpm metadata: {what}")
+
         try:
+            if not isinstance(meta, dict):
+                raise bad(f"a JSON {type(meta).__name__}, not an object")
             if meta.get("format") != FORMAT:
                 raise SampleError(f"{self.path!r} has metadata of format {meta.get('format')!r}, not {FORMAT!r}")
             if str(meta.get("version")) != FORMAT_VERSION:
                 raise SampleError(f"{self.path!r} is export format version {meta.get('version')!r}; this sampler "
                                   f"reads version {FORMAT_VERSION}")
-            self.meta = meta
-            self.kind = meta["graph"]
-            self.unet = dict(meta["unet"])
-            self.diffusion = dict(meta["diffusion"])
+            self.meta, self.kind, self.dtype = meta, meta["graph"], meta["dtype"]
+            self.unet, self.diffusion = dict(meta["unet"]), dict(meta["diffusion"])
             self.betas = np.asarray(meta["betas"], dtype=np.float64) if meta.get("betas") is not None else None
-            self.dtype = meta["dtype"]
-            self.clip_denoised = bool(meta.get("clip_denoised", True))
-            self.channels, self.image_size = int(self.unet["in_channels"]), int(self.unet["image_size"])
-            T = int(self.diffusion["num_timesteps"])
+            self.clip_denoised = meta.get("clip_denoised", True)
+            self.channels, self.image_size = self.unet["in_channels"], self.unet["image_size"]
+            T = self.diffusion["num_timesteps"]
         except SampleError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise SampleError(f"{self.path!r} has corrupt fastddpm metadata ({e!r})") from None
-        if self.kind not in ("eps", "step"):
-            raise SampleError(f"{self.path!r} holds an unknown graph kind {self.kind!r}")
-        if check_betas and (self.betas is None or len(self.betas) != T):
-            held = 0 if self.betas is None else len(self.betas)
-            raise SampleError(f"{self.path!r} says T={T} but holds {held} betas")
+        for name, value, high in (("in_channels", self.channels, 64), ("image_size", self.image_size, MAX_IMAGE_SIZE),
+                                  ("num_timesteps", T, MAX_TIMESTEPS)):
+            if type(value) is not int or not 1 <= value <= high:  # noqa: E721 - bool is not a count
+                raise bad(f"{name}={value!r} is not an integer in [1, {high}]")
+        for name, value, choices in (("graph", self.kind, ("eps", "step")), ("dtype", self.dtype, ("fp32", "fp16")),
+                                     ("mean_type", self.diffusion.get("mean_type"), ("eps", "x0", "xprev")),
+                                     ("var_type", self.diffusion.get("var_type"), VAR_TYPES),
+                                     ("clip_denoised", self.clip_denoised, (True, False))):
+            if not isinstance(value, (str, bool)) or value not in choices:
+                raise bad(f"{name}={value!r} is not one of {', '.join(map(str, choices))}")
+        if check_betas or self.betas is not None:
+            b = self.betas
+            if b is None or b.ndim != 1 or len(b) != T:
+                raise bad(f"it says T={T} but holds {0 if b is None else b.size} betas")
+            if not (np.isfinite(b) & (b > 0) & (b < 1)).all() or np.prod(1.0 - b) <= 0:
+                raise bad("every beta must be finite and in (0, 1), and alphabar must stay above 0")
+        self._check_graph()
+
+    def _check_graph(self) -> None:
+        """The graph's inputs must be the ones the metadata promises: names, element types, and the
+        static [C, H, W] of x (and z) equal to in_channels x image_size x image_size."""
+        image = [None, self.channels, self.image_size, self.image_size]  # None: the dynamic batch
+        want = {"x": ("tensor(float)", image), "t": ("tensor(int64)", [None])}
+        if self.kind == "step":
+            want.update(coef=("tensor(float)", [len(COEF_NAMES)]), z=("tensor(float)", image))
+        got = {i.name: (i.type, list(i.shape)) for i in self.session.get_inputs()}
+        if set(got) != set(want):
+            raise SampleError(f"{self.path!r}: the graph takes inputs {sorted(got)}, but its metadata promises "
+                              f"a {self.kind} graph with inputs {sorted(want)}")
+        for name, (dtype, shape) in want.items():
+            gtype, gshape = got[name]
+            if gtype != dtype or len(gshape) != len(shape) or any(w is not None and d != w for d, w in zip(gshape, shape)):
+                raise SampleError(f"{self.path!r}: graph input {name!r} is {gtype} {gshape}, but the metadata promises "
+                                  f"{dtype} {['batch' if w is None else w for w in shape]}")
 
     @property
     def on_cuda(self) -> bool:
