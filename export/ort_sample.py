@@ -393,7 +393,10 @@ class OnnxModel:
                                   f"reads version {FORMAT_VERSION}")
             self.meta, self.kind, self.dtype = meta, meta["graph"], meta["dtype"]
             self.unet, self.diffusion = dict(meta["unet"]), dict(meta["diffusion"])
-            self.betas = np.asarray(meta["betas"], dtype=np.float64) if meta.get("betas") is not None else None
+            raw = meta.get("betas")
+            if raw is not None and (type(raw) is not list or not all(type(v) in (int, float) for v in raw)):
+                raise bad("betas must be a list of numbers")  # np.asarray would parse "0.1" and take bools
+            self.betas = None if raw is None else np.asarray(raw, dtype=np.float64)
             self.clip_denoised = meta.get("clip_denoised", True)
             self.channels, self.image_size = self.unet["in_channels"], self.unet["image_size"]
             T = self.diffusion["num_timesteps"]
