@@ -38,7 +38,7 @@ setup(
         "onnx": ["onnx", "onnxruntime"],
         "gpu": ["onnx", "onnxruntime-gpu"],
         # diffusers is the parity peer in tests and benchmarks only (it does not require torch).
-        "test": ["pytest", "pytest-benchmark", "triton", "diffusers", "onnx", "onnxruntime"],
+        "test": ["pytest", "pytest-benchmark", "triton", "diffusers", "onnx", "onnxruntime", "hypothesis"],
         "bench": ["pytest", "pytest-benchmark", "diffusers"],
     },
     entry_points={"console_scripts": ["fastddpm = fastddpm.cli:main"]},
