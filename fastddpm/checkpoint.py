@@ -74,8 +74,15 @@ def read_checkpoint(path) -> tuple[dict, dict]:
     """(tensors, config) of a fastddpm checkpoint, with clear errors for foreign or broken files.
 
     config is the JSON object {"unet": {...}, "diffusion": {...}, "meta": {...}} ("meta" is {} when
-    absent); its contents are checked by `load_checkpoint` (fastddpm.validate), not here.
+    absent). The U-Net config is checked here (fastddpm.validate: a resumed run builds from it too);
+    betas, diffusion settings and weights are checked by `load_checkpoint`.
     """
+    tensors, config, _ = _read_checkpoint(path)
+    return tensors, config
+
+
+def _read_checkpoint(path):
+    """(tensors, config, validated UNetConfig) of the checkpoint at `path` (see read_checkpoint)."""
     from safetensors import safe_open
 
     p = resolve_checkpoint(path)
@@ -104,7 +111,7 @@ def read_checkpoint(path) -> tuple[dict, dict]:
             raise CheckpointError(f"{source} has no {key!r} section in its config")
         config_object(config[key], f"the {key!r} config", source)
     config["meta"] = config_object(config.get("meta", {}), "the 'meta' config", source)
-    return tensors, config
+    return tensors, config, validate_unet_config(config["unet"], source)
 
 
 def _first_line(e: BaseException) -> str:
@@ -120,9 +127,8 @@ def load_checkpoint(path, device="cpu") -> tuple[UNet, GaussianDiffusion, dict]:
     the U-Net config's fields and size, the diffusion settings, the betas, the weights' names,
     shapes, dtypes (floating point) and values (finite). Any problem raises CheckpointError.
     """
-    tensors, config = read_checkpoint(path)
+    tensors, config, unet_config = _read_checkpoint(path)
     source = repr(str(path))
-    unet_config = validate_unet_config(config["unet"], source)
     if "diffusion.betas" not in tensors:
         raise CheckpointError(f"{source} holds no 'diffusion.betas' tensor")
     betas = betas_tensor(tensors.pop("diffusion.betas"), source)

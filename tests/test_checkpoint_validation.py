@@ -154,3 +154,19 @@ def test_cli_answers_one_line_and_exit_2(parts, tmp_path, capsys, case):
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert err.startswith("fastddpm: error: ") and "bad.safetensors" in err
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["bad.safetensors"]
+
+
+def test_read_checkpoint_checks_the_unet_config_too(parts, tmp_path):
+    """read_checkpoint is what a resumed training run reads: a zero group count must not reach UNetConfig."""
+    tensors, config = parts
+    path = write(tmp_path / "bad.safetensors", tensors, {**config, "unet": {**config["unet"], "num_groups": 0}})
+    with pytest.raises(CheckpointError, match="num_groups=0 is out of range"):
+        read_checkpoint(path)
+
+
+def test_fifo_checkpoint_is_refused_without_blocking(tmp_path, capsys):
+    import os
+
+    os.mkfifo(tmp_path / "pipe.safetensors")
+    with pytest.raises(CheckpointError, match="is not a file"):
+        load_checkpoint(tmp_path / "pipe.safetensors")

@@ -354,3 +354,9 @@ def test_restricted_unpickler_turns_every_error_into_a_data_error(tmp_path, payl
     (tmp_path / "batch").write_bytes(payload)
     with pytest.raises(DataError, match=message):
         restricted_load(tmp_path / "batch")
+
+
+def test_fifo_is_refused_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "pipe.npz")
+    with pytest.raises(DataError, match="is not a file"):
+        load_npz(str(tmp_path / "pipe.npz"))
