@@ -435,7 +435,7 @@ class OnnxModel:
                               f"a {self.kind} graph with inputs {sorted(want)}")
         for name, (dtype, shape) in want.items():
             gtype, gshape = got[name]
-            if gtype != dtype or len(gshape) != len(shape) or any(w is not None and d != w for d, w in zip(gshape, shape)):
+            if gtype != dtype or len(gshape) != len(shape) or any(w not in (None, d) for d, w in zip(gshape, shape)):
                 raise SampleError(f"{self.path!r}: graph input {name!r} is {gtype} {gshape}, but the metadata promises "
                                   f"{dtype} {['batch' if w is None else w for w in shape]}")
 

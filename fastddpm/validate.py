@@ -177,4 +177,5 @@ def check_weights(tensors: dict, source: str) -> None:
                             f"{' ...' if len(not_float) > 5 else ''}: {tensors[not_float[0]].dtype})")
     bad = sorted(k for k, v in tensors.items() if not torch.isfinite(v).all())
     if bad:
-        raise _fail(source, f"checkpoint holds non-finite weights ({', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''})")
+        more = " ..." if len(bad) > 5 else ""
+        raise _fail(source, f"checkpoint holds non-finite weights ({', '.join(bad[:5])}{more})")

@@ -294,7 +294,8 @@ def hostile_flags(draw, folder: Path):
         return ["train", *(f"{k}={v}" for k, v in base.items()), "--no-progress"]
     if command == "convert":
         flag, value = draw(st.sampled_from([
-            ("--image-size", bad_positive), ("--var-type", junk.filter(lambda s: s not in ("fixedlarge", "fixedsmall"))),
+            ("--image-size", bad_positive),
+            ("--var-type", junk.filter(lambda s: s not in ("fixedlarge", "fixedsmall"))),
             ("src", st.just(str(missing))),
         ]).flatmap(lambda fv: st.tuples(st.just(fv[0]), fv[1])))
         src = value if flag == "src" else str(missing)
