@@ -19,6 +19,10 @@ The compiled wrapper is cached for one model while its weights fingerprint
 Compiled kernels are also cached across runs by Inductor's FX-graph cache (on by default; it
 lives in TORCHINDUCTOR_CACHE_DIR, /tmp/torchinductor_$USER unless set), so the second run of a
 shape skips most of the compile time.
+
+Tested on CPU (torch 2.13: the op is the torch twin there). The CUDA path (Inductor around the
+op's Triton kernel, "reduce-overhead" CUDA graphs) is UNVERIFIED: written without a GPU; the
+gpu-marked tests and bench/gpu_check.sh check it on the first lent GPU.
 """
 from __future__ import annotations
 
