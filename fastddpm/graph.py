@@ -198,6 +198,8 @@ _CACHE: dict = {}
 def _sampler_for(model, diffusion, shape, options: SampleOptions, dtype, keep_pred_x0: bool) -> GraphSampler:
     """The captured sampler for this model, process, shape and settings: reused while the model's
     weights fingerprint and everything else stay the same (module docstring), captured again otherwise."""
+    if options.callback is not None and options.steps_per_graph != 1:  # refused before any capture
+        raise BackendUnavailableError("a per-step callback needs steps_per_graph=1")
     key = (weights_fingerprint(model), tuple(shape), options.sampler, options.eta, options.clip_denoised, dtype,
            options.steps_per_graph, keep_pred_x0, options.graph_capture)
     cached = _CACHE.get(key)

@@ -44,3 +44,52 @@ def test_graph_step_walks_the_reference_trajectory(no_cuda_check, graph_capture)
             assert rel_err(gs.pred_x0, b["pred_x0"]) < 1e-5
     assert int(gs.k) == -1
     assert rel_err(gs.x.clamp(-1, 1), ref) < 1e-5
+
+
+@pytest.fixture
+def no_capture(monkeypatch, no_cuda_check):
+    """Stand-in for the CUDA capture: marks the sampler captured and counts the captures."""
+    captures = []
+
+    def capture(self):
+        captures.append(self)
+        self.graphs = {self.steps_per_graph: "captured"}
+
+    monkeypatch.setattr(graph.GraphSampler, "capture", capture)
+    monkeypatch.setattr(graph, "_CACHE", {})
+    return captures
+
+
+def test_graph_cache_follows_the_weights_fingerprint(no_capture):
+    """The captured sampler is reused while the weights are the same tensors and captured again
+    after load_state_dict(assign=True) or an in-place dtype change (never stale pointers)."""
+    from fastddpm.options import SampleOptions
+
+    model = randomized_unet("tiny", seed=1, image_size=8)
+    d = GaussianDiffusion(make_betas("linear", 1000)).respace("3")
+    opts, shape = SampleOptions(graph_capture="eager"), (2, 3, 8, 8)
+    graph.warmup(model, d, shape, opts)
+    graph.warmup(model, d, shape, opts)
+    assert len(no_capture) == 1
+    graph.warmup(model, d, shape, opts.with_(graph_capture="compiled"))
+    assert len(no_capture) == 2 and no_capture[-1].graph_capture == "compiled"
+    model.load_state_dict(randomized_unet("tiny", seed=2, image_size=8).state_dict(), assign=True)
+    graph.warmup(model, d, shape, opts)
+    assert len(no_capture) == 3
+    graph.warmup(model, d, shape, opts)
+    assert len(no_capture) == 3
+    model.to(torch.bfloat16)
+    graph.warmup(model, d, shape, opts)
+    assert len(no_capture) == 4 and no_capture[-1].model_dtype == torch.bfloat16
+
+
+def test_graph_refuses_a_callback_over_multi_step_graphs_before_capturing(no_capture):
+    from fastddpm.errors import BackendUnavailableError
+    from fastddpm.options import SampleOptions
+
+    model = randomized_unet("tiny", seed=1, image_size=8)
+    d = GaussianDiffusion(make_betas("linear", 1000)).respace("3")
+    with pytest.raises(BackendUnavailableError, match="steps_per_graph=1"):
+        graph.run(model, d, (2, 3, 8, 8), SampleOptions(callback=print, steps_per_graph=2),
+                  device=torch.device("cpu"))
+    assert no_capture == []
