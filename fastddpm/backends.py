@@ -31,7 +31,9 @@ import torch
 
 from .errors import BackendUnavailableError, FastDDPMError
 from .kernels.group_norm_op import group_norm_silu_op  # registers nothing until first called
-from .unet import group_norm_impl  # noqa: F401  (the seam's switch, re-exported here as before)
+from .unet import group_norm_impl  # the seam's switch, re-exported here as before
+
+__all__ = ["BACKENDS", "Backend", "get_backend", "group_norm_impl", "register", "triton_available"]
 
 
 @dataclass(frozen=True)

@@ -121,9 +121,6 @@ def denoise_loop(model_fn: Callable, diffusion: GaussianDiffusion, x: torch.Tens
     return x
 
 
-_as_model_fn = as_model_fn  # the name this module used before model_props.py
-
-
 @torch.no_grad()
 def sample(model, diffusion: GaussianDiffusion, shape, seed: int = 0, sampler: str = "ancestral", eta: float = 0.0,
            backend: str = "reference", progress: bool = False, callback: Callable | None = None, *,
