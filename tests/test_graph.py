@@ -75,25 +75,27 @@ def test_graph_is_captured_again_when_the_weights_change():
     """load_state_dict(assign=True) and an in-place dtype change give new tensors: the cached
     graph must not replay the old pointers (the cache follows the weights fingerprint)."""
     model, d = _setup()
-    sample(model, d, (2, 3, 16, 16), seed=1, backend="graph")
+    sample(model, d, (4, 3, 16, 16), seed=1, backend="graph")
     model.load_state_dict(randomized_unet("tiny", seed=9).cuda().state_dict(), assign=True)
-    ref = sample(model, d, (2, 3, 16, 16), seed=1)
+    ref = sample(model, d, (4, 3, 16, 16), seed=1)
     torch.cuda.empty_cache()  # hand the old weights' memory back, so stale pointers would read garbage
-    out = sample(model, d, (2, 3, 16, 16), seed=1, backend="graph")
+    out = sample(model, d, (4, 3, 16, 16), seed=1, backend="graph")
     assert rel_err(out, ref) < 1e-4
     model.to(torch.bfloat16)
     torch.cuda.empty_cache()
     # bf16 model: the fused kernels and torch round differently; the half-precision test's bound
-    ref = to_uint8(sample(model, d, (2, 3, 16, 16), seed=1)).astype(np.int32)
-    diff = np.abs(to_uint8(sample(model, d, (2, 3, 16, 16), seed=1, backend="graph")).astype(np.int32) - ref)
+    ref = to_uint8(sample(model, d, (4, 3, 16, 16), seed=1)).astype(np.int32)
+    diff = np.abs(to_uint8(sample(model, d, (4, 3, 16, 16), seed=1, backend="graph")).astype(np.int32) - ref)
     assert (diff > 2).mean() <= 0.02 and diff.mean() < 1.0, ((diff > 2).mean(), diff.mean())
 
 
 @cuda
 def test_graph_samples_do_not_depend_on_batch_size():
+    """Eager capture: the property is the fused step's noise indexing, and each batch size would
+    cost the compiled capture one more compile."""
     model, d = _setup()
-    full = sample(model, d, (6, 3, 16, 16), seed=2, backend="graph")
-    part = sample(model, d, (2, 3, 16, 16), seed=2, backend="graph", sample_offset=4)
+    full = sample(model, d, (6, 3, 16, 16), seed=2, backend="graph", graph_capture="eager")
+    part = sample(model, d, (2, 3, 16, 16), seed=2, backend="graph", sample_offset=4, graph_capture="eager")
     assert rel_err(part, full[4:]) < 1e-5
 
 
