@@ -19,6 +19,7 @@ import torch
 
 from fastddpm.diffusion import GaussianDiffusion
 from fastddpm.errors import BackendUnavailableError, CheckpointError, FastDDPMError
+from fastddpm.options import SampleOptions, options_from
 from fastddpm.unet import UNet
 from fastddpm.validate import betas_tensor, diffusion_settings
 from fastddpm.validate import unet_config as validated_unet_config
@@ -55,6 +56,7 @@ class OnnxEpsModel:
         return self
 
     def eval(self) -> "OnnxEpsModel":
+        """No-op (an ONNX graph has no training mode), so code written for nn.Module works."""
         return self
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -165,10 +167,12 @@ def _ort_model_for(model, diffusion: GaussianDiffusion) -> ort_sample.OnnxModel:
                         f"or a fastddpm UNet, not {type(model).__name__}")
 
 
-def warmup(model, diffusion: GaussianDiffusion, shape, *, device=None, dtype=None, sampler: str = "ancestral",
-           eta: float = 0.0, clip_denoised: bool = True) -> None:
+def warmup(model, diffusion: GaussianDiffusion, shape, options: SampleOptions | None = None, *, device=None,
+           dtype=None, **settings) -> None:
     """The backend's warmup hook: the in-memory export (for a UNet) and one run of the graph at `shape`,
-    where ONNX Runtime allocates its buffers, so that `run` measures the steady state."""
+    where ONNX Runtime allocates its buffers, so that `run` measures the steady state. The sampler
+    settings (options, or SampleOptions keywords) pick the step graph's coefficients."""
+    opts = options_from(options, **settings)
     ort_model = _ort_model_for(model, diffusion)
     shape = tuple(int(s) for s in shape)
     x = ort_sample.noise(0, ort_sample.XT_STEP, shape)
@@ -177,22 +181,33 @@ def warmup(model, diffusion: GaussianDiffusion, shape, *, device=None, dtype=Non
         if ort_model.kind == "step":
             process = ort_sample.Process(diffusion.schedule.betas.numpy(), diffusion.timesteps.numpy(),
                                          diffusion.mean_type, diffusion.var_type)
-            ort_model.step(x, t, process.coefficients(process.num_steps - 1, sampler, eta), x)
+            ort_model.step(x, t, process.coefficients(process.num_steps - 1, opts.sampler, opts.eta), x)
         else:
             ort_model.eps(x, t)
     except ort_sample.SampleError as e:
         raise FastDDPMError(str(e)) from None
 
 
-def run(model, diffusion: GaussianDiffusion, shape, *, device, dtype, seed: int, sample_offset: int, sampler: str,
-        eta: float, clip_denoised: bool, progress: bool, callback) -> torch.Tensor:
+def loop_settings(options: SampleOptions) -> dict:
+    """The keywords of `ort_sample.sample_loop` that mirror SampleOptions (the torch-free file
+    cannot import fastddpm, so it takes plain arguments with the same names); progress and
+    callback are adapted by `run`."""
+    return {"seed": options.seed, "sample_offset": options.sample_offset, "sampler": options.sampler,
+            "eta": options.eta, "clip_denoised": options.clip_denoised}
+
+
+def run(model, diffusion: GaussianDiffusion, shape, options: SampleOptions | None = None, *, device=None,
+        dtype=None, **settings) -> torch.Tensor:
     """The backend's run hook (see fastddpm.sampling.sample): the whole loop in ONNX Runtime + numpy.
 
-    `diffusion` (possibly respaced) defines the tables, exactly as for the reference loop.
-    Returns x_0 [B, C, H, W] float32 on the CPU.
+    `diffusion` (possibly respaced) defines the tables, exactly as for the reference loop; the
+    sampler settings come from `options` (or SampleOptions keywords in `settings`). Returns
+    x_0 [B, C, H, W] float32 on the CPU.
     """
     from tqdm.auto import tqdm
 
+    opts = options_from(options, **settings)
+    callback, progress = opts.callback, opts.progress
     ort_model = _ort_model_for(model, diffusion)
     if dtype not in (None, torch.float32):
         raise FastDDPMError(f"backend 'onnx' keeps the sampler state in float32, not {dtype}")
@@ -205,8 +220,7 @@ def run(model, diffusion: GaussianDiffusion, shape, *, device, dtype, seed: int,
                   "pred_x0": torch.from_numpy(np.array(info["pred_x0"]))})
 
     try:
-        x = ort_sample.sample_loop(ort_model, process, shape, seed=seed, sampler=sampler, eta=eta,
-                                   sample_offset=sample_offset, clip_denoised=clip_denoised,
+        x = ort_sample.sample_loop(ort_model, process, shape, **loop_settings(opts),
                                    callback=torch_callback if callback is not None else None,
                                    progress=(lambda index: bar.update(1)) if progress else None)
     except ort_sample.SampleError as e:

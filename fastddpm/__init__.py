@@ -8,10 +8,11 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .diffusion import GaussianDiffusion
 from .errors import FastDDPMError
 from .noise import noise
+from .options import SampleOptions
 from .sampling import interpolate, sample
 from .schedule import make_betas
 from .unet import UNet, UNetConfig
 
 __version__ = "0.1.0"
-__all__ = ["GaussianDiffusion", "FastDDPMError", "UNet", "UNetConfig", "interpolate", "load_checkpoint",
-           "make_betas", "noise", "sample", "save_checkpoint"]
+__all__ = ["GaussianDiffusion", "FastDDPMError", "SampleOptions", "UNet", "UNetConfig", "interpolate",
+           "load_checkpoint", "make_betas", "noise", "sample", "save_checkpoint"]

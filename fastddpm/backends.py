@@ -10,10 +10,18 @@ A backend is one frozen `Backend` record in `BACKENDS`, chosen by name (`backend
                       which `sampling.warm_up` times apart from the steady state,
 and says with `check(device)` whether it can run here. Nothing falls back silently: a backend
 that cannot run raises BackendUnavailableError, and the CLI turns that into exit status 2.
+
+The hooks' signatures:
+    run(model, diffusion, shape, options, *, device, dtype) -> x_0 [B, C, ...]
+    warmup(model, diffusion, shape, options, *, device, dtype) -> None
+with `options` a `fastddpm.options.SampleOptions` and dtype the sampler state's dtype.
+
+This module is a leaf of the import graph: the implementations (graph.py, compiled.py,
+kernels/, export/) are imported on first use inside the hooks below, and none of them imports
+this module or sampling.py back (tests/test_options.py checks the import graph).
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
 from dataclasses import dataclass
@@ -22,10 +30,18 @@ from typing import Callable
 import torch
 
 from .errors import BackendUnavailableError, FastDDPMError
+from .kernels.group_norm_op import group_norm_silu_op  # registers nothing until first called
+from .unet import group_norm_impl  # the seam's switch, re-exported here as before
+
+__all__ = ["BACKENDS", "Backend", "get_backend", "group_norm_impl", "register", "triton_available"]
 
 
 @dataclass(frozen=True)
 class Backend:
+    """One way to compute a sampling run: a name, a one-line description, an availability check
+    `check(device)` (raises BackendUnavailableError), and the hooks it swaps in (module docstring);
+    a hook left None keeps the reference's."""
+
     name: str
     description: str
     check: Callable[[torch.device], None]
@@ -79,41 +95,43 @@ def _onnx_available(device: torch.device) -> None:
     onnx_available(device)
 
 
-def _onnx_run(model, diffusion, shape, **kwargs):
+def _onnx_run(model, diffusion, shape, options, **kwargs):
     """export.ort_backend.run (the whole loop in ONNX Runtime), imported on first call."""
     from .export.ort_backend import run
 
-    return run(model, diffusion, shape, **kwargs)
+    return run(model, diffusion, shape, options, **kwargs)
 
 
-def _onnx_warmup(model, diffusion, shape, **kwargs):
+def _onnx_warmup(model, diffusion, shape, options, **kwargs):
     """export.ort_backend.warmup (an in-memory export, one model call), imported on first call."""
     from .export.ort_backend import warmup
 
-    warmup(model, diffusion, shape, **kwargs)
+    warmup(model, diffusion, shape, options, **kwargs)
 
 
 def _graph_available(device: torch.device) -> None:
+    """graph.graph_available (CUDA and Triton), imported on first call."""
     from .graph import graph_available
 
     graph_available(device)
 
 
-def _graph_run(model, diffusion, shape, **kwargs):
+def _graph_run(model, diffusion, shape, options, **kwargs):
     """graph.run: capture the step once, replay it per step; imported on first call."""
     from .graph import run
 
-    return run(model, diffusion, shape, **kwargs)
+    return run(model, diffusion, shape, options, **kwargs)
 
 
-def _graph_warmup(model, diffusion, shape, **kwargs):
+def _graph_warmup(model, diffusion, shape, options, **kwargs):
     """graph.warmup: build and capture the sampler for this shape (cached for the run that follows)."""
     from .graph import warmup
 
-    return warmup(model, diffusion, shape, **kwargs)
+    return warmup(model, diffusion, shape, options, **kwargs)
 
 
 def _compile_available(device: torch.device) -> None:
+    """compiled.compile_available, imported on first call."""
     from .compiled import compile_available
 
     compile_available(device)
@@ -132,7 +150,8 @@ BACKENDS: dict[str, Backend] = {
                       group_norm_silu=_triton_group_norm_silu, step=_triton_step),
     "graph": Backend("graph", "the whole step captured in one CUDA graph", _graph_available, run=_graph_run,
                      warmup=_graph_warmup),
-    "compile": Backend("compile", "the model under torch.compile", _compile_available, prepare_model=_compile_model),
+    "compile": Backend("compile", "the model under torch.compile, GroupNorm+SiLU as the fused custom op",
+                       _compile_available, group_norm_silu=group_norm_silu_op, prepare_model=_compile_model),
     "onnx": Backend("onnx", "the eps-model (or the whole step) in ONNX Runtime, the loop of export/ort_sample.py",
                     _onnx_available, run=_onnx_run, warmup=_onnx_warmup),
 }
@@ -148,22 +167,3 @@ def get_backend(name: str) -> Backend:
 def register(backend: Backend) -> None:
     """Add or replace a backend (how the kernel and export packages plug theirs in)."""
     BACKENDS[backend.name] = backend
-
-
-@contextlib.contextmanager
-def group_norm_impl(model, impl: Callable | None):
-    """Within the block every GroupNormAct of `model` computes with `impl`; restored afterwards."""
-    from .unet import GroupNormAct
-
-    if impl is None or not isinstance(model, torch.nn.Module):
-        yield
-        return
-    modules = [m for m in model.modules() if isinstance(m, GroupNormAct)]
-    saved = [m.impl for m in modules]
-    for m in modules:
-        m.impl = impl
-    try:
-        yield
-    finally:
-        for m, old in zip(modules, saved):
-            m.impl = old

@@ -4,9 +4,25 @@ One step is: the U-Net forward (with the fused Triton GroupNorm+SiLU kernels), t
 update x_{t-1} = c1 x0 + c2 x_t + sigma z (kernels/step.py, noise drawn in the kernel), and
 k -= 1 on a device counter. Everything the step reads lives in static device buffers: the state
 x, the step index k, the noise key (seed, sample_offset), the float32 schedule tables. So the
-captured graph advances the sampler by one step per replay with no host work and no host sync,
+captured graph advances the sampler by one step per replay with no host work and no host sync
+(`GraphSampler.run` writes the seed and offset into the static key buffer in place, and reads
+timesteps from a host list built at construction: no sync before or inside the replay loop),
 and the same graph serves every step: the loop is `for _ in range(K): graph.replay()`.
 Optionally `steps_per_graph` consecutive steps are captured in one graph (fewer replays).
+
+What is captured (`graph_capture`, a SampleOptions field):
+    "compiled"  (default) the U-Net under torch.compile (Inductor's default mode: its own
+                kernels, WITHOUT its own CUDA graphs) with every GroupNorm+SiLU as the custom op
+                `fastddpm::group_norm_silu` (kernels/group_norm_op.py, our Triton kernel), so
+                Inductor fuses the bias adds, residual adds and layout conversions around it;
+                compiled during the warm-up, then captured together with the step.
+    "eager"     the module as it is, with the Triton launcher as its GroupNorm+SiLU.
+
+Cache: one captured sampler, reused while the model's weights fingerprint
+(`model_props.weights_fingerprint`: storage addresses, dtypes, shapes, in-place versions), the
+process, the shape and the settings are unchanged. An in-place `.half()` or
+`load_state_dict(assign=True)` changes the fingerprint, so the graph is captured again instead
+of replaying pointers to freed memory.
 
 Capture follows PyTorch's recipe (and stable-fast's): a warm-up on a side stream so lazy
 initialisation (cuBLAS/cuDNN handles, Triton compilation, autotuning) happens outside the
@@ -23,16 +39,18 @@ tests/test_graph.py and bench/gpu_check.sh exercise it on the first lent GPU.
 from __future__ import annotations
 
 import time
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
-from .backends import group_norm_impl
 from .diffusion import GaussianDiffusion
-from .errors import BackendUnavailableError
+from .errors import BackendUnavailableError, FastDDPMError
+from .model_props import channels_last, weights_fingerprint
 from .noise import XT_STEP, noise
-from .sampling import channels_last
+from .options import GRAPH_CAPTURES, SampleOptions, options_from
+from .unet import group_norm_impl
+
+_MASK32 = 0xFFFFFFFF
 
 
 def graph_available(device: torch.device) -> None:
@@ -49,19 +67,27 @@ def graph_available(device: torch.device) -> None:
 class GraphSampler:
     """A captured sampling step for one (model, process, shape, sampler) on a CUDA device.
 
-    model      the U-Net (any callable (x, t) -> output whose kernels can be captured)
-    diffusion  the (respaced) process; mean_type must be "eps" (the fused step's)
-    shape      [B, C, H, W] of the state
+    model          the U-Net (any nn.Module (x, t) -> output whose kernels can be captured)
+    diffusion      the (respaced) process; mean_type must be "eps" (the fused step's)
+    shape          [B, C, H, W] of the state
+    sampler, eta, clip_denoised   as SampleOptions
+    state_dtype    dtype of the state x (float32 for a half-precision model)
+    steps_per_graph  consecutive steps per captured graph
+    keep_pred_x0   also keep the step's x0 prediction (for a per-step callback)
+    graph_capture  "compiled" (torch.compile'd U-Net with the custom GroupNorm+SiLU op) or "eager"
     """
 
     def __init__(self, model, diffusion: GaussianDiffusion, shape, *, sampler: str = "ancestral",
                  eta: float = 0.0, clip_denoised: bool = True, state_dtype: torch.dtype = torch.float32,
-                 steps_per_graph: int = 1, keep_pred_x0: bool = False):
-        from .kernels.step import noise_key, step_tables
+                 steps_per_graph: int = 1, keep_pred_x0: bool = False, graph_capture: str = "compiled"):
+        from .kernels.step import step_tables
 
         if diffusion.mean_type != "eps":
             raise BackendUnavailableError(f"backend 'graph' fuses the eps step only, not mean_type "
                                           f"{diffusion.mean_type!r}; use backend 'reference'")
+        if graph_capture not in GRAPH_CAPTURES:
+            raise FastDDPMError(f"unknown graph_capture {graph_capture!r}; choose one of "
+                                f"{', '.join(map(repr, GRAPH_CAPTURES))}")
         p = next(model.parameters())
         self.device, self.model_dtype = p.device, p.dtype
         graph_available(self.device)
@@ -69,15 +95,31 @@ class GraphSampler:
         self.clip_denoised = clip_denoised
         self.num_steps = diffusion.num_steps
         self.steps_per_graph = max(1, min(int(steps_per_graph), self.num_steps))
+        self.graph_capture = graph_capture
         self.tables = step_tables(diffusion, self.device, sampler, eta)
+        self.timesteps = [int(t) for t in diffusion.timesteps.tolist()]  # host copy: run() reads no device value
         self.memory_format = torch.channels_last if channels_last(model) else torch.contiguous_format
+        self.forward, self.group_norm = self._model_call(model, graph_capture)
         # Static buffers: every replay reads and writes only these.
         self.x = torch.zeros(self.shape, dtype=state_dtype, device=self.device)
         self.k = torch.zeros((), dtype=torch.int64, device=self.device)
-        self.key = noise_key(0, 0, self.device)
+        self.key = torch.zeros(2, dtype=torch.int64, device=self.device)  # (seed mod 2^32, sample_offset)
         self.pred_x0 = torch.zeros_like(self.x) if keep_pred_x0 else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.capture_seconds = 0.0
+
+    @staticmethod
+    def _model_call(model, graph_capture: str):
+        """(the callable to capture, the GroupNorm+SiLU it runs with) for graph_capture."""
+        if graph_capture == "compiled":
+            from .compiled import compile_for_graph
+            from .kernels.group_norm_op import group_norm_silu_op, register
+
+            register()  # before Dynamo traces the op
+            return compile_for_graph(model), group_norm_silu_op
+        from .kernels.group_norm import group_norm_silu
+
+        return model, group_norm_silu
 
     def _step(self) -> None:
         """One reverse step on the static buffers, then k -= 1 (all device work)."""
@@ -86,22 +128,21 @@ class GraphSampler:
         # index_select with a device index (a 0-d tensor used as an index would be read on the host)
         t = torch.index_select(self.tables.timesteps, 0, self.k.reshape(1)).expand(self.shape[0])
         x_in = self.x.to(dtype=self.model_dtype, memory_format=self.memory_format)
-        out = self.model(x_in, t)
+        out = self.forward(x_in, t)
         fused_step(self.tables, self.x, out, self.k, self.key, clip_denoised=self.clip_denoised, out=self.x,
                    pred_x0=self.pred_x0)
         self.k.sub_(1)
 
     def capture(self) -> None:
-        """Warm up on a side stream, then capture graphs of steps_per_graph steps (and of the remainder)."""
-        from .kernels.group_norm import group_norm_silu
-
+        """Warm up on a side stream (compiling the model when graph_capture is "compiled"), then
+        capture graphs of steps_per_graph steps (and of the remainder)."""
         torch.cuda.synchronize(self.device)
         start = time.perf_counter()
-        with torch.no_grad(), group_norm_impl(self.model, group_norm_silu):
+        with torch.no_grad(), group_norm_impl(self.model, self.group_norm):
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
-                for _ in range(2):  # compile the Triton kernels, pick cuDNN algorithms, allocate
+                for _ in range(2):  # compile (Dynamo, Inductor, Triton), pick cuDNN algorithms, allocate
                     self.k.fill_(self.num_steps - 1)
                     self._step()
             torch.cuda.current_stream(self.device).wait_stream(side)
@@ -118,19 +159,24 @@ class GraphSampler:
         self.capture_seconds = time.perf_counter() - start
 
     def run(self, x_T: torch.Tensor, seed: int, sample_offset: int = 0, progress: bool = False,
-            callback: Callable | None = None) -> torch.Tensor:
-        """Sample from x_T [B, C, H, W]: K replays, no host sync inside the loop. Returns x_0 (a copy)."""
-        from .kernels.step import noise_key
+            callback=None) -> torch.Tensor:
+        """Sample from x_T [B, C, H, W]: K replays, no host sync before or inside the loop.
 
-        if not self.graphs:
-            self.capture()
-        self.x.copy_(x_T)
-        self.key.copy_(noise_key(seed, sample_offset, self.device))
-        self.k.fill_(self.num_steps - 1)
+        The seed and offset are written into the static key in place (`fill_` from host scalars,
+        no pageable copy). callback as SampleOptions.callback (needs steps_per_graph = 1).
+        Returns x_0 [B, C, H, W] (a copy of the state buffer).
+        """
         n = self.steps_per_graph
         if callback is not None and n != 1:
             raise BackendUnavailableError("a per-step callback needs steps_per_graph=1")
-        timesteps = self.diffusion.timesteps.tolist()
+        if not 0 <= int(sample_offset) < 2**32:
+            raise FastDDPMError(f"sample_offset {sample_offset} does not fit the 32-bit sample counter")
+        if not self.graphs:
+            self.capture()
+        self.x.copy_(x_T)
+        self.key[0].fill_(int(seed) & _MASK32)
+        self.key[1].fill_(int(sample_offset))
+        self.k.fill_(self.num_steps - 1)
         bar = tqdm(total=self.num_steps, disable=not progress, desc="sampling (graph)", unit="step", leave=False)
         done = 0
         while done < self.num_steps:
@@ -140,7 +186,7 @@ class GraphSampler:
             bar.update(chunk)
             if callback is not None:
                 k = self.num_steps - done
-                callback({"index": done - 1, "k": k, "t": timesteps[k], "x": self.x.clone(),
+                callback({"index": done - 1, "k": k, "t": self.timesteps[k], "x": self.x.clone(),
                           "pred_x0": self.pred_x0.clone() if self.pred_x0 is not None else None})
         bar.close()
         return self.x.clone()
@@ -149,34 +195,41 @@ class GraphSampler:
 _CACHE: dict = {}
 
 
-def _sampler_for(model, diffusion, shape, *, dtype, sampler, eta, clip_denoised, keep_pred_x0,
-                 steps_per_graph: int = 1) -> GraphSampler:
-    """The captured sampler for this model, process and shape: reused while they stay the same."""
-    key = (id(model), id(diffusion), tuple(shape), sampler, float(eta), clip_denoised, dtype, steps_per_graph,
-           keep_pred_x0)
+def _sampler_for(model, diffusion, shape, options: SampleOptions, dtype, keep_pred_x0: bool) -> GraphSampler:
+    """The captured sampler for this model, process, shape and settings: reused while the model's
+    weights fingerprint and everything else stay the same (module docstring), captured again otherwise."""
+    if options.callback is not None and options.steps_per_graph != 1:  # refused before any capture
+        raise BackendUnavailableError("a per-step callback needs steps_per_graph=1")
+    key = (weights_fingerprint(model), tuple(shape), options.sampler, options.eta, options.clip_denoised, dtype,
+           options.steps_per_graph, keep_pred_x0, options.graph_capture)
     cached = _CACHE.get(key)
     if cached is None or cached.model is not model or cached.diffusion is not diffusion:
         _CACHE.clear()  # one captured sampler at a time: its buffers hold the activations' memory
-        cached = GraphSampler(model, diffusion, shape, sampler=sampler, eta=eta, clip_denoised=clip_denoised,
-                              state_dtype=dtype, steps_per_graph=steps_per_graph, keep_pred_x0=keep_pred_x0)
+        cached = GraphSampler(model, diffusion, shape, sampler=options.sampler, eta=options.eta,
+                              clip_denoised=options.clip_denoised, state_dtype=dtype,
+                              steps_per_graph=options.steps_per_graph, keep_pred_x0=keep_pred_x0,
+                              graph_capture=options.graph_capture)
         _CACHE[key] = cached
     if not cached.graphs:
         cached.capture()
     return cached
 
 
-def warmup(model, diffusion: GaussianDiffusion, shape, *, device, dtype, sampler="ancestral", eta=0.0,
-           clip_denoised=True, callback=None, steps_per_graph: int = 1, **_) -> None:
-    """`Backend.warmup` for "graph": warm up and capture now, so the timed run only replays."""
-    _sampler_for(model, diffusion, shape, dtype=dtype, sampler=sampler, eta=eta, clip_denoised=clip_denoised,
-                 keep_pred_x0=callback is not None, steps_per_graph=steps_per_graph)
+def warmup(model, diffusion: GaussianDiffusion, shape, options: SampleOptions | None = None, *, device=None,
+           dtype=torch.float32, **settings) -> None:
+    """`Backend.warmup` for "graph": build, compile and capture now, so the timed run only replays."""
+    opts = options_from(options, **settings)
+    _sampler_for(model, diffusion, shape, opts, dtype, keep_pred_x0=opts.callback is not None)
 
 
-def run(model, diffusion: GaussianDiffusion, shape, *, device, dtype, seed, sample_offset=0, sampler="ancestral",
-        eta=0.0, clip_denoised=True, progress=False, callback=None, steps_per_graph: int = 1):
-    """`Backend.run` for "graph": replay the (cached) captured step K times from x_T."""
-    cached = _sampler_for(model, diffusion, shape, dtype=dtype, sampler=sampler, eta=eta,
-                          clip_denoised=clip_denoised, keep_pred_x0=callback is not None,
-                          steps_per_graph=steps_per_graph)
-    x_T = noise(seed, XT_STEP, shape, sample_offset, dtype=dtype, device=device)
-    return cached.run(x_T, seed, sample_offset, progress=progress, callback=callback)
+def run(model, diffusion: GaussianDiffusion, shape, options: SampleOptions | None = None, *, device,
+        dtype=torch.float32, **settings) -> torch.Tensor:
+    """`Backend.run` for "graph": replay the (cached) captured step K times from x_T.
+
+    shape [B, C, H, W]; the settings come from `options` (or SampleOptions keywords in
+    `settings`). Returns x_0 [B, C, H, W] in `dtype`, unclipped (sample() clips).
+    """
+    opts = options_from(options, **settings)
+    cached = _sampler_for(model, diffusion, shape, opts, dtype, keep_pred_x0=opts.callback is not None)
+    x_T = noise(opts.seed, XT_STEP, shape, opts.sample_offset, dtype=dtype, device=device)
+    return cached.run(x_T, opts.seed, opts.sample_offset, progress=opts.progress, callback=opts.callback)

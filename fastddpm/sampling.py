@@ -9,23 +9,32 @@ at original timestep t is noise(seed, t), both for samples sample_offset .. samp
 So the result depends only on the seed and the sample indices, not on batch size or backend.
 
 The loop has two seams that backends fill (fastddpm.backends): the model callable and the
-step function (`reference_step` here; the Triton backend fuses it into one kernel).
+step function (`reference_step` here; the Triton backend fuses it into one kernel). A backend
+may also own the whole loop (its `run` hook). The sampler settings travel as one
+`SampleOptions` record (fastddpm/options.py).
+
+Imports point one way: sampling -> backends (the registry, a leaf) -> the implementations,
+which never import this module.
 """
 from __future__ import annotations
 
-import contextlib
 import math
+import time
 from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
-from .backends import get_backend, group_norm_impl
+from .backends import get_backend
 from .diffusion import GaussianDiffusion
-from .errors import FastDDPMError, check_choice
+from .errors import FastDDPMError
+from .model_props import as_model_fn, channels_last, check_model_shape, eval_mode, model_device_dtype
 from .noise import XT_STEP, noise
+from .options import SAMPLERS, SampleOptions, options_from
+from .unet import group_norm_impl
 
-SAMPLERS = ("ancestral", "ddim")
+__all__ = ["SAMPLERS", "SampleOptions", "channels_last", "denoise_loop", "eval_mode", "interpolate",
+           "model_device_dtype", "reference_step", "sample", "warm_up"]
 
 
 def reference_step(diffusion: GaussianDiffusion, x: torch.Tensor, k: int, model_output: torch.Tensor, *,
@@ -59,27 +68,6 @@ def reference_step(diffusion: GaussianDiffusion, x: torch.Tensor, k: int, model_
     return x_prev, p["pred_x0"]
 
 
-@contextlib.contextmanager
-def eval_mode(model):
-    """Dropout off while sampling; the module's training flag is restored afterwards."""
-    was_training = isinstance(model, torch.nn.Module) and model.training
-    if was_training:
-        model.eval()
-    try:
-        yield
-    finally:
-        if was_training:
-            model.train()
-
-
-def model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
-    """Where and in what dtype a model computes: its first parameter's, else CPU float32."""
-    if isinstance(model, torch.nn.Module):
-        for p in model.parameters():
-            return p.device, p.dtype
-    return torch.device("cpu"), torch.float32
-
-
 def _plan(model, backend: str, device, dtype):
     """(backend, device, model dtype, state dtype) of a run; the backend checked for the device.
 
@@ -94,65 +82,55 @@ def _plan(model, backend: str, device, dtype):
     return be, device, m_dtype, state_dtype
 
 
-def _validate(diffusion: GaussianDiffusion, shape, sampler: str, eta: float) -> tuple[int, ...]:
-    check_choice("sampler", sampler, SAMPLERS)
-    shape = tuple(int(s) for s in shape)
+def _validate(shape, options: SampleOptions) -> tuple[int, ...]:
+    """shape as a tuple of ints [B, C, ...]; FastDDPMError for a bad one or sample indices past 2^32."""
+    try:
+        shape = tuple(int(s) for s in shape)
+    except (TypeError, ValueError):
+        raise FastDDPMError(f"sample shape must be a sequence of integers [B, C, ...], got {shape!r}") from None
     if len(shape) < 2 or any(s < 1 for s in shape):
         raise FastDDPMError(f"sample shape must be [B, C, ...] with positive sizes, got {list(shape)}")
-    if not 0.0 <= eta <= 1.0:
-        raise FastDDPMError(f"eta must be in [0, 1], got {eta}")
+    if options.sample_offset + shape[0] > 2**32:
+        raise FastDDPMError(f"sample indices {options.sample_offset}..{options.sample_offset + shape[0] - 1} "
+                            "do not fit the 32-bit sample counter")
     return shape
 
 
-def denoise_loop(model_fn: Callable, diffusion: GaussianDiffusion, x: torch.Tensor, start: int, *, seed: int,
-                 sample_offset: int = 0, sampler: str = "ancestral", eta: float = 0.0, clip_denoised: bool = True,
-                 step_fn: Callable = reference_step, progress: bool = False, callback: Callable | None = None):
+def denoise_loop(model_fn: Callable, diffusion: GaussianDiffusion, x: torch.Tensor, start: int,
+                 options: SampleOptions | None = None, *, step_fn: Callable = reference_step, **settings):
     """Run the reverse process from x = x_{t_start} [B, ...] down to x_0, step indices start .. 0.
 
-    model_fn(x, t) -> output is called with original timesteps. callback, if given, gets a dict
+    model_fn(x, t) -> output is called with original timesteps; step_fn has reference_step's
+    signature. The sampler settings come from `options` (or, without it, from SampleOptions
+    keywords in `settings`: seed=..., sampler=..., ...). options.callback, if given, gets a dict
     (index, k, t, x, pred_x0) after every step: x is the new state, pred_x0 the model's current
     estimate of the final image (DDPM's progressive generation, sec. 4.4).
     """
+    opts = options_from(options, **settings)
     B = x.shape[0]
     tables = diffusion.tables(x.device, torch.float32)
-    for index, k in enumerate(tqdm(range(start, -1, -1), disable=not progress, desc="sampling", unit="step",
+    step_kwargs = opts.step_kwargs()
+    callback = opts.callback
+    for index, k in enumerate(tqdm(range(start, -1, -1), disable=not opts.progress, desc="sampling", unit="step",
                                    leave=False)):
         t_model = tables["timesteps"][k].expand(B)
         out = model_fn(x, t_model)
-        x, pred_x0 = step_fn(diffusion, x, k, out, seed=seed, sample_offset=sample_offset, sampler=sampler,
-                             eta=eta, clip_denoised=clip_denoised, return_pred_x0=callback is not None)
+        x, pred_x0 = step_fn(diffusion, x, k, out, **step_kwargs, return_pred_x0=callback is not None)
         if callback is not None:
             callback({"index": index, "k": k, "t": int(diffusion.timesteps[k]), "x": x, "pred_x0": pred_x0})
     return x
 
 
-def channels_last(model) -> bool:
-    """Whether the model's conv weights are channels-last (then its inputs are made so too)."""
-    if isinstance(model, torch.nn.Module):
-        for p in model.parameters():
-            if p.ndim == 4:
-                return p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
-    return False
-
-
-def _as_model_fn(model, model_dtype: torch.dtype, state_dtype: torch.dtype, layout_of=None) -> Callable:
-    """model as a callable on the float state: inputs cast to the model's dtype (and layout)."""
-    fmt = torch.channels_last if channels_last(layout_of if layout_of is not None else model) else None
-    if model_dtype == state_dtype and fmt is None:
-        return model
-    if fmt is None:
-        return lambda x, t: model(x.to(model_dtype), t).to(state_dtype)
-    return lambda x, t: model(x.to(dtype=model_dtype, memory_format=fmt), t).to(state_dtype)
-
-
 @torch.no_grad()
 def sample(model, diffusion: GaussianDiffusion, shape, seed: int = 0, sampler: str = "ancestral", eta: float = 0.0,
            backend: str = "reference", progress: bool = False, callback: Callable | None = None, *,
-           clip_denoised: bool = True, sample_offset: int = 0, device=None, dtype=None) -> torch.Tensor:
+           clip_denoised: bool = True, sample_offset: int = 0, device=None, dtype=None, steps_per_graph: int = 1,
+           graph_capture: str = "compiled", options: SampleOptions | None = None) -> torch.Tensor:
     """Draw samples of `shape` = [B, C, ...] from the reverse process of `diffusion`.
 
     model      callable (x_t, t) -> output; an nn.Module runs on its parameters' device, and a
                half-precision model keeps the sampler state in float32 (the model sees its dtype).
+               A model with a U-Net config needs shape [B, in_channels, image_size, image_size].
     diffusion  the process to walk; respace it for fewer steps, e.g. diffusion.respace("ddim50").
     seed       with sample_offset, fixes every Gaussian (see fastddpm.noise): row b of the result
                is sample number sample_offset + b of this seed, whatever the batch or backend.
@@ -160,52 +138,59 @@ def sample(model, diffusion: GaussianDiffusion, shape, seed: int = 0, sampler: s
     backend    "reference", "triton", "graph", "compile" or "onnx" (see fastddpm.backends).
     clip_denoised  clip the predicted x0 to [-1, 1] (images); turn off for unbounded data.
     device, dtype  override where and in what dtype the state lives (default from the model).
+    steps_per_graph, graph_capture  the `graph` backend's settings (fastddpm.options.SampleOptions).
+    options    all the sampler settings as one SampleOptions record, instead of the keywords
+               seed .. graph_capture (a keyword that is not at its default beside it is an error).
     Returns x_0 [B, C, ...]; in [-1, 1] when clip_denoised.
     """
-    shape = _validate(diffusion, shape, sampler, eta)
+    opts = options_from(options, seed=seed, sample_offset=sample_offset, sampler=sampler, eta=eta,
+                        clip_denoised=clip_denoised, progress=progress, callback=callback,
+                        steps_per_graph=steps_per_graph, graph_capture=graph_capture)
+    shape = _validate(shape, opts)
+    check_model_shape(model, shape)
     be, device, m_dtype, state_dtype = _plan(model, backend, device, dtype)
-    kw = dict(seed=seed, sample_offset=sample_offset, sampler=sampler, eta=eta, clip_denoised=clip_denoised,
-              progress=progress, callback=callback)
     with eval_mode(model):
         if be.run is not None:  # a backend that owns the whole loop (CUDA graphs, ONNX Runtime)
-            x = be.run(model, diffusion, shape, device=device, dtype=state_dtype, **kw)
+            x = be.run(model, diffusion, shape, opts, device=device, dtype=state_dtype)
         else:
-            x = noise(seed, XT_STEP, shape, sample_offset, dtype=state_dtype, device=device)
+            x = noise(opts.seed, XT_STEP, shape, opts.sample_offset, dtype=state_dtype, device=device)
             fn = be.prepare_model(model) if be.prepare_model is not None else model
             with group_norm_impl(model, be.group_norm_silu):
-                x = denoise_loop(_as_model_fn(fn, m_dtype, state_dtype, layout_of=model), diffusion, x,
-                                 diffusion.num_steps - 1, step_fn=be.step or reference_step, **kw)
-    return x.clamp(-1.0, 1.0) if clip_denoised else x
+                x = denoise_loop(as_model_fn(fn, m_dtype, state_dtype, layout_of=model), diffusion, x,
+                                 diffusion.num_steps - 1, opts, step_fn=be.step or reference_step)
+    return x.clamp(-1.0, 1.0) if opts.clip_denoised else x
 
 
 @torch.no_grad()
 def warm_up(model, diffusion: GaussianDiffusion, shape, backend: str = "reference", sampler: str = "ancestral",
-            eta: float = 0.0, clip_denoised: bool = True, device=None, dtype=None) -> float:
+            eta: float = 0.0, clip_denoised: bool = True, device=None, dtype=None, *, steps_per_graph: int = 1,
+            graph_capture: str = "compiled", options: SampleOptions | None = None) -> float:
     """Do a backend's one-time work for this shape now (capture, compilation, autotuning, session
-    start) so that a following `sample` call measures the steady state. Returns the seconds taken.
+    start) so that a following `sample` call with the same settings measures the steady state.
+    Returns the seconds taken.
 
-    Backends with a `warmup` hook run it; the others run one model call and one step.
+    The settings are `sample`'s (or one SampleOptions record); backends with a `warmup` hook
+    run it, the others run one model call and one step.
     """
-    import time
-
-    shape = _validate(diffusion, shape, sampler, eta)
+    opts = options_from(options, sampler=sampler, eta=eta, clip_denoised=clip_denoised,
+                        steps_per_graph=steps_per_graph, graph_capture=graph_capture)
+    shape = _validate(shape, opts)
+    check_model_shape(model, shape)
     be, device, m_dtype, state_dtype = _plan(model, backend, device, dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
     with eval_mode(model):
         if be.warmup is not None:
-            be.warmup(model, diffusion, shape, device=device, dtype=state_dtype, sampler=sampler, eta=eta,
-                      clip_denoised=clip_denoised)
+            be.warmup(model, diffusion, shape, opts, device=device, dtype=state_dtype)
         elif be.run is None:
             x = noise(0, XT_STEP, shape, dtype=state_dtype, device=device)
             fn = be.prepare_model(model) if be.prepare_model is not None else model
             with group_norm_impl(model, be.group_norm_silu):
                 k = diffusion.num_steps - 1
                 t = diffusion.tables(device, torch.float32)["timesteps"][k].expand(shape[0])  # as denoise_loop
-                out = _as_model_fn(fn, m_dtype, state_dtype, layout_of=model)(x, t)
-                (be.step or reference_step)(diffusion, x, k, out, seed=0, sampler=sampler, eta=eta,
-                                            clip_denoised=clip_denoised)
+                out = as_model_fn(fn, m_dtype, state_dtype, layout_of=model)(x, t)
+                (be.step or reference_step)(diffusion, x, k, out, **opts.step_kwargs())
     sync()
     return time.perf_counter() - start
 
@@ -230,6 +215,6 @@ def interpolate(model, diffusion: GaussianDiffusion, x0_a: torch.Tensor, x0_b: t
     xt_a, xt_b = diffusion.q_sample(pair, t, eps)
     x = (1.0 - lam) * xt_a + lam * xt_b
     with eval_mode(model):
-        out = denoise_loop(_as_model_fn(model, m_dtype, state_dtype), diffusion, x, k, seed=seed,
-                           clip_denoised=clip_denoised)
+        out = denoise_loop(as_model_fn(model, m_dtype, state_dtype), diffusion, x, k,
+                           SampleOptions(seed=seed, clip_denoised=clip_denoised))
     return out.clamp(-1.0, 1.0) if clip_denoised else out

@@ -21,6 +21,7 @@ backend "triton". Final convolutions start at zero as in DDPM (`init_scale=1e-10
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -61,12 +62,14 @@ class UNetConfig:
                 raise FastDDPMError(f"{self.model_channels * mult} channels do not split into {self.num_groups} groups")
 
     def to_dict(self) -> dict:
+        """The init fields as JSON-ready values (tuples as lists); `from_dict` reads it back."""
         d = asdict(self)
         d.pop("out_channels")
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "UNetConfig":
+        """A config from `to_dict`'s output; unknown keys raise FastDDPMError (a foreign file)."""
         names = {f.name for f in fields(cls) if f.init}
         unknown = sorted(set(d) - names - {"out_channels"})
         if unknown:
@@ -108,6 +111,7 @@ class GroupNormAct(nn.Module):
         self.impl = group_norm_silu_reference
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, C, H, W], emb [B, C] or None -> [B, C, H, W] in x's dtype."""
         return self.impl(x, self.num_groups, self.weight, self.bias, emb, self.silu, self.eps)
 
 
@@ -118,6 +122,8 @@ def _zero(module: nn.Module) -> nn.Module:
 
 
 class ResBlock(nn.Module):
+    """DDPM's residual block with the time embedding (module docstring): in_ch -> out_ch channels."""
+
     def __init__(self, in_ch: int, out_ch: int, emb_ch: int, dropout: float, groups: int, eps: float = 1e-5):
         super().__init__()
         self.norm1 = GroupNormAct(in_ch, groups, eps=eps)
@@ -129,6 +135,7 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb_act: torch.Tensor) -> torch.Tensor:
+        """x [B, in_ch, H, W], emb_act = SiLU(temb) [B, emb_ch] -> [B, out_ch, H, W]."""
         h = self.conv1(self.norm1(x))
         h = self.norm2(h, self.emb_proj(emb_act))
         h = self.conv2(self.dropout(h))
@@ -145,6 +152,7 @@ class AttentionBlock(nn.Module):
         self.proj = _zero(nn.Conv2d(ch, ch, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, C, H, W] -> x + proj(attention(GN(x))) [B, C, H, W]."""
         B, C, H, W = x.shape
         qkv = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(-1, -2)  # [B, 3, HW, C]
         h = F.scaled_dot_product_attention(qkv[:, 0:1], qkv[:, 1:2], qkv[:, 2:3])  # [B, 1, HW, C]
@@ -160,15 +168,19 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(ch, ch, 3, stride=2)
 
     def forward(self, x):
+        """[B, C, H, W] -> [B, C, H/2, W/2]."""
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
 class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling, then a 3x3 conv (DDPM's upsample with_conv)."""
+
     def __init__(self, ch: int):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x):
+        """[B, C, H, W] -> [B, C, 2H, 2W]."""
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
@@ -246,4 +258,23 @@ class UNet(nn.Module):
 
 
 def count_parameters(model: nn.Module) -> int:
+    """The number of scalar parameters of `model` (35,746,307 for the cifar10 preset)."""
     return sum(p.numel() for p in model.parameters())
+
+
+@contextlib.contextmanager
+def group_norm_impl(model, impl):
+    """Within the block every GroupNormAct of `model` computes with `impl` (the signature of
+    `kernels.group_norm_silu`); restored afterwards. No-op for impl None or a plain callable."""
+    if impl is None or not isinstance(model, nn.Module):
+        yield
+        return
+    modules = [m for m in model.modules() if isinstance(m, GroupNormAct)]
+    saved = [m.impl for m in modules]
+    for m in modules:
+        m.impl = impl
+    try:
+        yield
+    finally:
+        for m, old in zip(modules, saved):
+            m.impl = old
