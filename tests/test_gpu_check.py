@@ -97,14 +97,14 @@ def test_gpu_check_dry_run_walks_every_step_and_writes_the_summary(tmp_path):
     assert all(f"\n{m} " in setup_log for m in ("fastddpm", "numpy", "safetensors", "tqdm"))
     assert "dry run: would run:" in (out / "tests.log").read_text() and "-m gpu tests" in (out / "tests.log").read_text()
     table = json.loads((out / "table.json").read_text())
-    assert table["complete"] and [r["name"] for r in table["rows"]] == ["eager-bf16", "graph-eager", "graph-compiled"]
+    assert table["complete"] and [r["name"] for r in table["rows"]] == ["reference", "graph-eager", "graph-compiled"]
     profile = json.loads((out / "profile.json").read_text())
     assert profile["us_per_step"] > 0 and profile["families"]["convolutions"]["us_per_step"] > 0
     summary = (out / "summary.txt").read_text()
     assert "gpu_check steps" in summary and "profile:" in summary and "fp32 rows:" in summary
     # it ends with the headline: one line per row of the table
     tail = summary.rstrip().splitlines()[-3:]
-    assert [line.split()[0] for line in tail] == ["eager-bf16", "graph-eager", "graph-compiled"]
+    assert [line.split()[0] for line in tail] == ["reference", "graph-eager", "graph-compiled"]
     assert "images/s" in tail[0] and "s per 256 x 1000" in tail[0] and "skipped:" in tail[1]
     assert proc.stdout.rstrip().endswith(summary.rstrip())  # printed last
     assert (out / "gpu_check.tar.gz").stat().st_size > 0
