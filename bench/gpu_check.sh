@@ -59,6 +59,7 @@ export PYTHONUNBUFFERED=1
 START=$SECONDS
 SUMMARY="$OUTDIR/summary.tsv"
 printf 'step\tstatus\tseconds\tlog\n' > "$SUMMARY"
+rm -f "$OUTDIR/.fastddpm_copied"
 
 NAMES=(setup table tests kernels profile table_rest unet sampling onnx train)
 case ${GPU_CHECK_STEPS:-first} in
@@ -141,9 +142,14 @@ setup() {
         fi
         # fastddpm itself: editable and offline (setuptools comes with torch on Python 3.12); where
         # site-packages is not writable, a plain copy into /tmp/gpu_check_site instead.
-        if ! "$PY" -c "import fastddpm.kernels, fastddpm.export" 2>/dev/null; then
-            "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . ||
+        if ! (cd "$OUTDIR" && "$PY" -c "import fastddpm.kernels, fastddpm.export") 2>/dev/null; then
+            if ! "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e .; then
                 "$PY" -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/gpu_check_site .
+                # a copy, not an editable install: the repository's fastddpm/ folder must not shadow
+                # it (it lacks fastddpm.kernels and fastddpm.export), so later steps run with
+                # PYTHONSAFEPATH=1 (the working directory left off sys.path)
+                touch "$OUTDIR/.fastddpm_copied"
+            fi
         fi
     fi
     # Checked from DIR, not the repository: there `import fastddpm` would find the source folder
@@ -188,6 +194,7 @@ if ! step setup 60 bash -c setup; then
         tail -n 1 "$OUTDIR/setup.log") (full log: $OUTDIR/setup.log)" >&2
     exit 1
 fi
+[ -e "$OUTDIR/.fastddpm_copied" ] && export PYTHONSAFEPATH=1
 
 if [ "$DRY" = 1 ]; then  # the same flow on a CPU, in seconds
     DEVICE=cpu MODEL=tiny BSTEPS=1 BATCH=1 PROFILE_BATCH=1 PROFILE_STEPS=1 PROFILE_BACKEND=reference
