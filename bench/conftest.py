@@ -76,7 +76,11 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     Only what stays put between runs on one machine: pytest-benchmark warns when a compared
     run's machine_info differs. The load, which does not, goes into each case's extra_info.
     """
-    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "torch_threads": torch.get_num_threads()}
+    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "torch_threads": torch.get_num_threads(),
+            # whether fp32 cases ran their convolutions / matmuls in TF32 (cuDNN's default: yes)
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+            "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "float32_matmul_precision": torch.get_float32_matmul_precision()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     machine_info["fastddpm"] = info

@@ -9,8 +9,8 @@
 #                  or tqdm cannot be imported. Always runs, at most 60 s.
 #   2. table       the headline: fastddpm bench --model cifar10 --steps 1000 --batch 256 --device cuda
 #                  rows eager-bf16 (the reference code, bf16 channels-last), diffusers (bf16 eager),
-#                  graph-eager, graph-compiled, compile, diffusers-compile; warm-up (compile,
-#                  capture) reported apart from the timed run
+#                  graph-eager, diffusers-compile, graph-compiled, compile (in that order); warm-up
+#                  (compile, capture) reported apart from the timed run
 #   3. tests       pytest -m gpu tests
 #   4. kernels     pytest bench/bench_kernels.py --benchmark-only -m gpu (each case appended to
 #                  bench_kernels.jsonl as it finishes)
@@ -202,8 +202,9 @@ if [ "$DRY" = 1 ]; then  # the same flow on a CPU, in seconds
     REST=reference
 else
     DEVICE=cuda MODEL=cifar10 BSTEPS=1000 BATCH=256 PROFILE_BATCH=256 PROFILE_STEPS=10 PROFILE_BACKEND=graph
-    # cheap rows first, compiling ones last: a time-out keeps the eager rows and the peer
-    HEADLINE=eager-bf16,diffusers,graph-eager,graph-compiled,compile,diffusers-compile
+    # cheap rows first, then the compiled peer (the headline's ratios are to it), then fastddpm's
+    # compiling rows: a time-out keeps the eager rows and both peers
+    HEADLINE=eager-bf16,diffusers,graph-eager,diffusers-compile,graph-compiled,compile
     REST=reference,triton,onnx
 fi
 bench_table() {  # bench_table NAME BACKENDS
