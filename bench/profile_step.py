@@ -162,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
              + f": {args.model} batch {args.batch} {summary['dtype']} on {args.device}, mean over {args.steps} "
                f"profiled steps ({summary['timed']})")
     text = format_summary(summary, title)
+    if not summary["us_per_step"]:
+        # A profiler that records no kernel inside CUDA-graph replays would leave nothing to sort.
+        text += ("\nno kernel was recorded: if this is backend graph, its replays may hide their kernels "
+                 "from the profiler; profile the same step without graphs with --backend triton")
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(summary, table=text), indent=2) + "\n")
