@@ -66,7 +66,7 @@ def format_table(report: dict) -> str:
               "'err vs ref': ||x0 - x0_ref|| / ||x0_ref|| of the final samples (same seed, same noise)"]
     warmups = [f"{r['name']}: {r['notes']}" for r in report["rows"] if r["status"] == "ok" and r.get("notes")]
     if warmups:
-        lines += ["row notes (what each warm-up held): " + "; ".join(warmups)]
+        lines += ["row notes: " + "; ".join(warmups)]
     if notes:
         lines += ["not timed:"] + notes
     return "\n".join(lines)
