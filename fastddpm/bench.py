@@ -387,8 +387,14 @@ def _log(request: BenchRequest, message: str) -> None:
 
 
 def _release(device: torch.device) -> None:
+    """Hand the last row's cached blocks back. After a sticky CUDA error (an illegal access in a
+    row) this raises too; the rows after it then fail one by one, each recorded, instead of the
+    whole table ending here."""
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        try:
+            torch.cuda.empty_cache()
+        except RuntimeError:
+            pass
 
 
 def run_bench(request: BenchRequest) -> dict:
