@@ -291,16 +291,26 @@ def fp32_precision(device: torch.device) -> dict:
     """The settings that decide whether float32 convolutions and matmuls run in TF32, and in words.
 
     "summary" is what the table prints: on CUDA e.g. "convolutions TF32, matmuls fp32" (torch's
-    defaults); on a CPU the flags change nothing and it reads "fp32 (no TF32 on cpu)".
+    defaults); on a CPU the flags change nothing and it reads "fp32 (no TF32 on cpu)". Read through
+    the legacy flags (allow_tf32, float32_matmul_precision); where a program set torch's newer
+    fp32_precision API instead, torch (2.9+) refuses legacy reads, and that API is read.
     """
-    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
-    conv_tf32 = torch.backends.cudnn.allow_tf32
+    try:
+        matmul_flag, conv_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        precision = torch.get_float32_matmul_precision()
+        matmul_tf32 = matmul_flag or precision != "highest"
+        settings = {"matmul_allow_tf32": matmul_flag, "cudnn_allow_tf32": conv_tf32,
+                    "float32_matmul_precision": precision}
+    except RuntimeError:  # "mix of the legacy and new APIs"
+        matmul, conv = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+        matmul_tf32, conv_tf32 = matmul == "tf32", conv == "tf32"
+        settings = {"matmul_allow_tf32": matmul_tf32, "cudnn_allow_tf32": conv_tf32,
+                    "float32_matmul_precision": f"fp32_precision matmul={matmul!r}, conv={conv!r}"}
     if device.type == "cuda":
         summary = f"convolutions {'TF32' if conv_tf32 else 'fp32'}, matmuls {'TF32' if matmul_tf32 else 'fp32'}"
     else:
         summary = f"fp32 (no TF32 on {device.type})"
-    return {"matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32, "cudnn_allow_tf32": conv_tf32,
-            "float32_matmul_precision": torch.get_float32_matmul_precision(), "summary": summary}
+    return dict(settings, summary=summary)
 
 
 def machine_info(device: torch.device) -> dict:
@@ -315,8 +325,8 @@ def machine_info(device: torch.device) -> dict:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
-        "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "cudnn_allow_tf32": fp32_precision(device)["cudnn_allow_tf32"],
+        "matmul_allow_tf32": fp32_precision(device)["matmul_allow_tf32"],
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": _git_commit(),

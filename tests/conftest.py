@@ -39,13 +39,33 @@ def set_fp32_settings(settings: tuple[bool, bool, str]) -> None:
 
 @contextlib.contextmanager
 def exact_fp32():
-    """TF32 off for cuBLAS matmuls and cuDNN convolutions inside the block, restored afterwards."""
-    before = fp32_settings()
+    """TF32 off for cuBLAS matmuls and cuDNN convolutions inside the block, restored afterwards.
+
+    Through the legacy flags, as the rest of the project uses; where something set torch's newer
+    fp32_precision API, torch (2.9+) refuses legacy reads, and that API is saved and set instead.
+    """
+    try:
+        before = fp32_settings()
+    except RuntimeError:  # "mix of the legacy and new APIs"
+        with _exact_fp32_new_api():
+            yield
+        return
     set_fp32_settings((False, False, "highest"))
     try:
         yield
     finally:
         set_fp32_settings(before)
+
+
+@contextlib.contextmanager
+def _exact_fp32_new_api():
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = (matmul.fp32_precision, conv.fp32_precision)
+    matmul.fp32_precision = conv.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = before
 
 
 @pytest.fixture(autouse=True)

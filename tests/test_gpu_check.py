@@ -63,6 +63,32 @@ def test_tf32_settings_are_restored_after_a_test():
         conftest.set_fp32_settings(saved)
 
 
+def test_tf32_off_and_restored_where_the_new_fp32_precision_api_was_used():
+    """torch 2.9+ refuses legacy TF32 reads once its fp32_precision API was set: the fixture and the
+    bench's precision line then use that API. In a subprocess, as that state cannot be undone."""
+    code = f"""
+import importlib.util, torch
+spec = importlib.util.spec_from_file_location("c", {str(REPO / "tests" / "conftest.py")!r})
+c = importlib.util.module_from_spec(spec); spec.loader.exec_module(c)
+from fastddpm.bench import fp32_precision
+matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+matmul.fp32_precision = conv.fp32_precision = "tf32"
+try:
+    c.fp32_settings()
+    raise SystemExit("legacy reads did not refuse: this test no longer tests the fallback")
+except RuntimeError:
+    pass
+assert fp32_precision(torch.device("cuda"))["summary"] == "convolutions TF32, matmuls TF32"
+with c.exact_fp32():
+    assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+    assert fp32_precision(torch.device("cuda"))["summary"] == "convolutions fp32, matmuls fp32"
+assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
+
+
 # ------------------------------------------------------------------ gpu_check.sh
 GPU_CHECK = REPO / "bench" / "gpu_check.sh"
 STEP_NAMES = ["setup", "table", "tests", "kernels", "profile", "table_rest", "unet", "sampling", "onnx", "train"]
