@@ -18,6 +18,7 @@ into images/s and achieved TFLOP/s (FLOPs from torch's FLOP counter via `case.gf
 from __future__ import annotations
 
 import functools
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -38,6 +39,9 @@ def pytest_addoption(parser):
                           "on a small CPU, so they are skipped by default)")
     parser.addoption("--bench-cpu-cifar10", action="store_true", default=False,
                      help="also time the cifar10 preset on the CPU in bench_onnx.py (minutes a case)")
+    parser.addoption("--bench-jsonl", default=None, metavar="FILE",
+                     help="append each timed case to FILE as one JSON line as soon as it finishes (what a "
+                          "time-out leaves; --benchmark-json is written only at the end)")
 
 
 def pytest_collect_file(file_path, parent):
@@ -72,10 +76,29 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     Only what stays put between runs on one machine: pytest-benchmark warns when a compared
     run's machine_info differs. The load, which does not, goes into each case's extra_info.
     """
-    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "torch_threads": torch.get_num_threads()}
+    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "torch_threads": torch.get_num_threads(),
+            # whether fp32 cases ran their convolutions / matmuls in TF32 (cuDNN's default: yes)
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+            "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "float32_matmul_precision": torch.get_float32_matmul_precision()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     machine_info["fastddpm"] = info
+
+
+@pytest.fixture(autouse=True)
+def _append_result(request):
+    """With --bench-jsonl FILE: after each timed case, one line {name, median_s, rounds, extra_info}."""
+    yield
+    path = request.config.getoption("--bench-jsonl")
+    benchmark = request.node.funcargs.get("benchmark") if path else None
+    stats = getattr(getattr(benchmark, "stats", None), "stats", None)
+    if stats is None:  # not a benchmark, skipped before timing, or --benchmark-disable
+        return
+    record = {"name": request.node.nodeid, "median_s": stats.median, "iqr_s": stats.iqr, "rounds": stats.rounds,
+              "extra_info": benchmark.extra_info}
+    with open(path, "a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
 
 
 @dataclass(frozen=True)

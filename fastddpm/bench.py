@@ -8,6 +8,9 @@ same number of steps and the same device, each drawing samples from x_T to x_0:
     compile, triton,   fastddpm's fast backends (fastddpm.backends), in the fast dtype
     graph, onnx        (bfloat16 on CUDA, float32 on a CPU; onnx float16 on CUDA, since ONNX
                        export has no bfloat16 path), channels-last
+    graph-compiled     backend graph with graph_capture="compiled" (CUDA graphs over the
+                       torch.compile'd U-Net, the graph backend's default) and
+    graph-eager        graph_capture="eager" (CUDA graphs over the eager U-Net)
     diffusers          the peer: diffusers' UNet2DModel in the google/ddpm-cifar10-32 layout
                        (random weights, nothing downloaded) with its DDPMScheduler, in the
                        loop DDPMPipeline runs, in the fast dtype
@@ -28,7 +31,14 @@ FLOPs come from torch's FLOP counter (convolutions, linear layers and attention 
 the cifar10 preset 12.44 GFLOP per image forward, attention included, against the 12.1 the
 DDPM literature quotes without it; the diffusers model is counted the same way. A backend that
 cannot run here (BackendUnavailableError, "not implemented", no CUDA, no diffusers) becomes a
-`skipped` row with the reason; one that breaks becomes a `failed` row; the table always prints.
+`skipped` row with the reason; anything else that goes wrong in a row (building, warming up,
+timing, comparing with the reference) makes it a `failed` row with the reason, and the next row
+runs: the table always prints. Final samples are compared on the CPU in float64, whatever device
+and dtype a row returns them in (ONNX Runtime's come back on the host).
+
+fp32 rows run with the TF32 settings torch has when the bench starts (cuDNN's default: TF32
+convolutions on Ampere and later); the report records them and the table says which precision
+the fp32 rows used.
 """
 from __future__ import annotations
 
@@ -51,6 +61,7 @@ from typing import Callable
 import torch
 
 from .backends import get_backend
+from .bench_table import format_table, headline_lines  # noqa: F401 - the report's text forms, re-exported
 from .ceilings import measure_copy_gbps, measure_peak_tflops, synchronize
 from .errors import FastDDPMError
 from .files import atomic_write_bytes, ensure_writable_dir
@@ -59,12 +70,18 @@ from .sampling import sample, warm_up
 from .unet import PRESETS, UNet, UNetConfig, count_parameters
 
 SCHEMA = "fastddpm-bench/1"
-FASTDDPM_ROWS = ("reference", "eager-bf16", "compile", "triton", "graph", "onnx")
+FASTDDPM_ROWS = ("reference", "eager-bf16", "compile", "triton", "graph", "graph-compiled", "graph-eager", "onnx")
 PEER_ROWS = ("diffusers", "diffusers-compile")
 ROWS = FASTDDPM_ROWS + PEER_ROWS
 # The diffusers rows' warm-up run: enough steps for compilation, CUDA-graph recording and any
 # recompilation on a new timestep value to happen before the timed runs, few enough to stay cheap.
 PEER_WARMUP_STEPS = 3
+# Rows that are backend "graph" with a capture mode (sample's / warm_up's graph_capture keyword).
+GRAPH_CAPTURE = {"graph-compiled": "compiled", "graph-eager": "eager"}
+# What each row's warm-up holds besides one untimed step, so compile and capture times read apart.
+WARMUP_HOLDS = {"compile": "compile", "graph": "capture (default graph_capture)",
+                "graph-compiled": "compile + capture", "graph-eager": "capture", "onnx": "export + session start",
+                "diffusers-compile": "compile + CUDA-graph recording"}
 SEED = 0
 
 # google/ddpm-cifar10-32's scheduler_config.json: linear betas 1e-4 .. 0.02 over T = 1000,
@@ -212,18 +229,20 @@ def _fastddpm_sampler(name: str, base: UNet, process, shape, device: torch.devic
     warm() is `sampling.warm_up` on the same model, process and shape as run(): the backend's
     one-time work (compilation, capture, session start) for exactly what is timed next.
     """
-    backend = "reference" if name in ("reference", "eager-bf16") else name
+    backend = "reference" if name in ("reference", "eager-bf16") else "graph" if name in GRAPH_CAPTURE else name
     get_backend(backend).check(device)
+    # graph_capture goes to sample/warm_up only for the graph-* rows (the keyword is graph's alone)
+    extra = {"graph_capture": GRAPH_CAPTURE[name]} if name in GRAPH_CAPTURE else {}
     channels_last = name != "reference"
     model = copy.deepcopy(base).to(dtype)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
 
     def warm() -> None:
-        warm_up(model, process, shape, backend=backend)
+        warm_up(model, process, shape, backend=backend, **extra)
 
     def run() -> torch.Tensor:
-        return sample(model, process, shape, seed=SEED, backend=backend)
+        return sample(model, process, shape, seed=SEED, backend=backend, **extra)
 
     return warm, run, _dtype_name(dtype), "channels-last" if channels_last else "NCHW"
 
@@ -268,6 +287,32 @@ def _validate(request: BenchRequest) -> tuple[str, ...]:
     return names
 
 
+def fp32_precision(device: torch.device) -> dict:
+    """The settings that decide whether float32 convolutions and matmuls run in TF32, and in words.
+
+    "summary" is what the table prints: on CUDA e.g. "convolutions TF32, matmuls fp32" (torch's
+    defaults); on a CPU the flags change nothing and it reads "fp32 (no TF32 on cpu)". Read through
+    the legacy flags (allow_tf32, float32_matmul_precision); where a program set torch's newer
+    fp32_precision API instead, torch (2.9+) refuses legacy reads, and that API is read.
+    """
+    try:
+        matmul_flag, conv_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        precision = torch.get_float32_matmul_precision()
+        matmul_tf32 = matmul_flag or precision != "highest"
+        settings = {"matmul_allow_tf32": matmul_flag, "cudnn_allow_tf32": conv_tf32,
+                    "float32_matmul_precision": precision}
+    except RuntimeError:  # "mix of the legacy and new APIs"
+        matmul, conv = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+        matmul_tf32, conv_tf32 = matmul == "tf32", conv == "tf32"
+        settings = {"matmul_allow_tf32": matmul_tf32, "cudnn_allow_tf32": conv_tf32,
+                    "float32_matmul_precision": f"fp32_precision matmul={matmul!r}, conv={conv!r}"}
+    if device.type == "cuda":
+        summary = f"convolutions {'TF32' if conv_tf32 else 'fp32'}, matmuls {'TF32' if matmul_tf32 else 'fp32'}"
+    else:
+        summary = f"fp32 (no TF32 on {device.type})"
+    return dict(settings, summary=summary)
+
+
 def machine_info(device: torch.device) -> dict:
     """Where the numbers were taken: device, library versions, the settings that move them, the commit."""
     info = {
@@ -280,8 +325,8 @@ def machine_info(device: torch.device) -> dict:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
-        "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "cudnn_allow_tf32": fp32_precision(device)["cudnn_allow_tf32"],
+        "matmul_allow_tf32": fp32_precision(device)["matmul_allow_tf32"],
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": _git_commit(),
@@ -339,7 +384,10 @@ def _fill_rates(row: Row, batch: int, steps: int, gflop: float, peak_tflops: flo
 
 
 def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.double(), ref.double()
+    """||x - ref|| / ||ref|| in float64 on the CPU, wherever x and ref live."""
+    x, ref = (v.detach().to(device="cpu", dtype=torch.float64) for v in (x, ref))
+    if x.shape != ref.shape:
+        raise ValueError(f"samples of shape {tuple(x.shape)} where the reference has {tuple(ref.shape)}")
     return float(torch.linalg.vector_norm(x - ref) / torch.linalg.vector_norm(ref))
 
 
@@ -349,8 +397,14 @@ def _log(request: BenchRequest, message: str) -> None:
 
 
 def _release(device: torch.device) -> None:
+    """Hand the last row's cached blocks back. After a sticky CUDA error (an illegal access in a
+    row) this raises too; the rows after it then fail one by one, each recorded, instead of the
+    whole table ending here."""
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        try:
+            torch.cuda.empty_cache()
+        except RuntimeError:
+            pass
 
 
 def run_bench(request: BenchRequest) -> dict:
@@ -384,6 +438,7 @@ def run_bench(request: BenchRequest) -> dict:
                   "diffusers_gflop_per_image_forward": diffusers_forward_gflops(config) if count_peer else None},
         "ceilings": {"peak": measure_peak_tflops(device), "copy": measure_copy_gbps(device)},
         "fast_dtype": _dtype_name(fast_dtype(device)),
+        "fp32_precision": fp32_precision(device),
         "rows": [],
     }
     peak = report["ceilings"]["peak"]["tflops"]
@@ -391,14 +446,13 @@ def run_bench(request: BenchRequest) -> dict:
                   f"copy {report['ceilings']['copy']['gbps']:.4g} GB/s")
 
     base = random_model(request.model, device) if any(n in FASTDDPM_ROWS for n in names) else None
-    reference_x = None
+    reference_x = None  # the reference row's samples, on the CPU in float64
     rows: list[Row] = []
     for name in names:
-        row, x = _run_row(name, request, device, base, shape, process, config, gflop, peak, have_diffusers)
+        row, x = _run_row(name, request, device, base, shape, process, config, gflop, peak, have_diffusers,
+                          reference_x)
         if name == "reference" and x is not None:
             reference_x = x
-        if x is not None and reference_x is not None and row.engine == "fastddpm":
-            row.rel_err_vs_reference = _rel_err(x, reference_x)
         rows.append(row)
         _speedups(rows)
         report["rows"] = [asdict(r) for r in rows]
@@ -410,18 +464,23 @@ def run_bench(request: BenchRequest) -> dict:
 
 
 def _run_row(name: str, request: BenchRequest, device: torch.device, base, shape, process, config: UNetConfig,
-             gflop: float, peak: float, have_diffusers: bool) -> tuple[Row, torch.Tensor | None]:
-    """(row, final samples): build, warm up and time one row; one that cannot run here comes back skipped."""
+             gflop: float, peak: float, have_diffusers: bool,
+             reference_x: torch.Tensor | None = None) -> tuple[Row, torch.Tensor | None]:
+    """(row, final samples on the CPU in float64): build, warm up, time one row and compare it with
+    reference_x. One that cannot run here comes back skipped, one where anything raises comes back
+    failed with the reason; either way with no samples, and the table goes on."""
     peer = name in PEER_ROWS
     dtype = row_dtype(name, device)
     layout = "NCHW" if name in ("reference", "diffusers") else "channels-last"
     row = Row(name=name, engine="diffusers" if peer else "fastddpm", dtype=_dtype_name(dtype), layout=layout)
+    if name in WARMUP_HOLDS:
+        row.notes = f"warm-up: {WARMUP_HOLDS[name]}"
     try:
         if peer:
             if not have_diffusers:
                 raise FastDDPMError("diffusers is not installed (pip install diffusers)")
-            run_steps, row.notes = _diffusers_sampler(config, shape, device, dtype,
-                                                      compiled=name == "diffusers-compile")
+            run_steps, notes = _diffusers_sampler(config, shape, device, dtype, compiled=name == "diffusers-compile")
+            row.notes = "; ".join(filter(None, [notes, row.notes]))
             warm_steps = min(process.num_steps, PEER_WARMUP_STEPS)
             warm, run = (lambda: run_steps(warm_steps)), (lambda: run_steps(process.num_steps))
             row_gflop = diffusers_forward_gflops(config)
@@ -430,20 +489,34 @@ def _run_row(name: str, request: BenchRequest, device: torch.device, base, shape
             row_gflop = gflop
         _log(request, f"{name}: warm-up, then {request.repeat} x {process.num_steps} steps")
         x = _time_row(row, warm, run, device, request.repeat)
+        # one device, one dtype for the comparison: a row's samples may come back elsewhere (the
+        # onnx row's on the host while the reference's are on CUDA) or in its own dtype
+        x = x.detach().to(device="cpu", dtype=torch.float64)
+        ref = x if name == "reference" else reference_x  # the reference row against itself: 0
+        if ref is not None and not peer:
+            row.rel_err_vs_reference = _rel_err(x, ref)
+        _fill_rates(row, request.batch, process.num_steps, row_gflop, peak)
     except FastDDPMError as e:  # BackendUnavailableError included: cannot run here
+        _clear_figures(row)
         row.status, row.reason = "skipped", str(e)
         _log(request, f"{name}: skipped: {e}")
         return row, None
-    except Exception as e:  # noqa: BLE001 - one broken backend must not hide the others' numbers
-        if name == "reference":
-            raise
-        row.status, row.reason = "failed", f"{type(e).__name__}: {e}".splitlines()[0][:300]
+    except Exception as e:  # noqa: BLE001 - one broken row must not hide the others' numbers
+        _clear_figures(row)
+        row.status, row.reason = "failed", (f"{type(e).__name__}: {e}".splitlines() or [""])[0][:300]
         _log(request, f"{name}: failed:\n{traceback.format_exc()}")
         return row, None
-    _fill_rates(row, request.batch, process.num_steps, row_gflop, peak)
     _log(request, f"{name}: {row.images_per_s:.4g} images/s, {row.ms_per_step:.4g} ms/step "
                   f"(warm-up {row.warmup_s:.2f} s)")
-    return row, x.float()
+    return row, x
+
+
+def _clear_figures(row: Row) -> None:
+    """A row that did not finish reports no figures: nothing half-measured reads as a result."""
+    keep = {"name", "engine", "dtype", "layout", "notes"}
+    for key, value in asdict(Row(name=row.name, engine=row.engine, dtype=row.dtype, layout=row.layout)).items():
+        if key not in keep:
+            setattr(row, key, value)
 
 
 def _speedups(rows: list[Row]) -> None:
@@ -460,58 +533,3 @@ def _speedups(rows: list[Row]) -> None:
 def _write_json(request: BenchRequest, report: dict) -> None:
     if request.json is not None:
         atomic_write_bytes(request.json, (json.dumps(report, indent=2) + "\n").encode())
-
-
-# ----------------------------------------------------------------------------------- the table
-def _fmt(value, spec: str, suffix: str = "") -> str:
-    return "-" if value is None else format(value, spec) + suffix
-
-
-def format_table(report: dict) -> str:
-    """The report as the text table `fastddpm bench` prints."""
-    req, mach, ceil, model = report["request"], report["machine"], report["ceilings"], report["model"]
-    lines = [
-        f"fastddpm bench: {model['preset']} ({model['gflop_per_image_forward']:.2f} GFLOP/image forward, "
-        f"{model['parameters']:,} parameters), batch {req['batch']}, {req['steps']} steps, "
-        f"on {mach['device_name']} ({mach['device']})",
-        f"measured peak {ceil['peak']['tflops']:.4g} TFLOP/s ({ceil['peak']['dtype']} matmul "
-        f"{ceil['peak']['n']}^3), copy {ceil['copy']['gbps']:.4g} GB/s (read + write); "
-        f"torch {mach['torch']}, commit {(mach['commit'] or 'unknown')[:12]}, {mach['date']}"
-        + (f", load average {mach['load_average']:.2f} at start on {mach['cpu_count']} CPUs"
-           if mach.get("load_average") is not None else ""),
-        "",
-    ]
-    header = ("row", "dtype", "layout", "images/s", "ms/step", "spread", "TFLOP/s", "of peak", "vs ref",
-              "vs diffusers", "warm-up s", "err vs ref")
-    table = [header]
-    notes = []
-    for r in report["rows"]:
-        if r["status"] != "ok":
-            table.append((r["name"], r["dtype"], r["layout"], r["status"]) + ("",) * (len(header) - 4))
-            notes.append(f"  {r['name']}: {r['status']}: {r['reason']}")
-            continue
-        table.append((r["name"], r["dtype"], r["layout"], _fmt(r["images_per_s"], ".4g"), _fmt(r["ms_per_step"], ".4g"),
-                      _fmt(100 * r["spread"], ".0f", "%"), _fmt(r["tflops"], ".3g"),
-                      _fmt(100 * r["peak_fraction"], ".3g", "%"),
-                      _fmt(r["speedup_vs_reference"], ".2f", "x"), _fmt(r["speedup_vs_diffusers"], ".2f", "x"),
-                      _fmt(r["warmup_s"], ".3g"), _fmt(r["rel_err_vs_reference"], ".1e")))
-    widths = [max(len(str(line[i])) for line in table) for i in range(len(header))]
-    for i, line in enumerate(table):
-        cells = [str(c).ljust(w) if j < 3 else str(c).rjust(w) for j, (c, w) in enumerate(zip(line, widths))]
-        lines.append("  ".join(cells).rstrip())
-        if i == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    peers = [r for r in report["rows"] if r["engine"] == "diffusers" and r["status"] == "ok"]
-    best = max(peers, key=lambda r: r["images_per_s"], default=None)
-    lines += ["",
-              f"medians of {req['repeat']} timed run(s) of {req['steps']} steps per row, after a warm-up reported "
-              "apart ('warm-up s': compilation, capture):",
-              "fastddpm rows: sampling.warm_up on the timed process and shape; diffusers rows: a "
-              f"{req['peer_warmup_steps']}-step run;",
-              "'spread': (slowest - fastest) / median of the timed runs; 'of peak': achieved TFLOP/s over the "
-              "matmul peak measured above;",
-              f"'vs diffusers': over {best['name'] if best else 'the fastest diffusers row (none ran)'}; "
-              "'err vs ref': ||x0 - x0_ref|| / ||x0_ref|| of the final samples (same seed, same noise)"]
-    if notes:
-        lines += ["not timed:"] + notes
-    return "\n".join(lines)

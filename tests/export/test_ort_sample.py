@@ -168,7 +168,7 @@ def test_io_binding_loop_equals_the_host_loop(exports):
 def test_cuda_provider_matches_the_cpu_provider(exports, name):
     """On a GPU host with onnxruntime-gpu: the CUDA run (device loop for the step graph, I/O binding)
     against the CPU provider. 1e-2: ORT's CUDA convolutions may use TF32 (its use_tf32 default)."""
-    import onnxruntime
+    onnxruntime = pytest.importorskip("onnxruntime")
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         pytest.skip("needs onnxruntime-gpu (the CUDA execution provider)")
