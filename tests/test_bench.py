@@ -114,7 +114,7 @@ def test_diffusers_twin_is_google_ddpm_cifar10_32():
 def _stand_in(name: str, run) -> backends.Backend:
     """A backend that always passes its check and runs `run(shape)` as its whole sampling loop."""
     return backends.Backend(name, "test stand-in", lambda device: None,
-                            run=lambda model, diffusion, shape, **kwargs: run(shape))
+                            run=lambda model, diffusion, shape, options, **kwargs: run(shape))
 
 
 def test_every_row_failure_is_a_failed_row_and_the_table_goes_on(monkeypatch):
