@@ -41,6 +41,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from .launch import Launch
+
 triton = None  # bound by _triton() on first use
 tl = None
 
@@ -322,8 +324,10 @@ def _check(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.T
                 "Triton's interpreter (TRITON_INTERPRET=1)")
 
 
-def _forward(x, num_groups, weight, bias, emb, silu, eps):
-    """Launch the forward kernel: (y, x as the kernel read it, mean [N*G], rstd [N*G])."""
+def forward_launches(x, num_groups, weight, bias, emb, silu, eps):
+    """Plan the forward without running it: (y, x as the kernels read it, mean [N*G], rstd [N*G],
+    launches). Outputs are allocated here; running the `Launch` records in order fills them.
+    x [N, C, *spatial] (already checked), weight, bias [C], emb [N, C] or None."""
     fwd, _ = _triton()
     x, (sxn, sxc, sxs) = _as_ncs(x)
     N, C = x.shape[:2]
@@ -335,17 +339,27 @@ def _forward(x, num_groups, weight, bias, emb, silu, eps):
     cpg = C // num_groups
     block_c, block_s, one_tile, warps = _tiles(cpg, S, FWD_MAX_TILE)
     sen, sec = (emb.stride(0), emb.stride(1)) if emb is not None else (0, 0)
+    launches = []
     if N * num_groups:
-        fwd[(N * num_groups,)](
+        launches.append(Launch("group_norm_fwd", "", fwd, (N * num_groups,), (
             x, y, weight.contiguous(), bias.contiguous(), emb if emb is not None else x, mean, rstd,
-            S, cpg, num_groups, sxn, sxc, sxs, syn, syc, sys, sen, sec, float(eps),
+            S, cpg, num_groups, sxn, sxc, sxs, syn, syc, sys, sen, sec, float(eps)), dict(
             HAS_EMB=emb is not None, SILU=bool(silu), BLOCK_C=block_c, BLOCK_S=block_s, ONE_TILE=one_tile,
-            num_warps=warps)
+            num_warps=warps)))
+    return y, x, mean, rstd, launches
+
+
+def _forward(x, num_groups, weight, bias, emb, silu, eps):
+    """Run the forward: (y, x as the kernel read it, mean [N*G], rstd [N*G])."""
+    y, x, mean, rstd, launches = forward_launches(x, num_groups, weight, bias, emb, silu, eps)
+    for launch in launches:
+        launch()
     return y, x, mean, rstd
 
 
-def _backward(dy, x, num_groups, weight, bias, emb, silu, mean, rstd):
-    """Launch the backward kernel: (dx, dgamma, dbeta, demb or None), in the inputs' dtypes."""
+def backward_launches(dy, x, num_groups, weight, bias, emb, silu, mean, rstd):
+    """Plan the backward without running it: (dx, dgamma_n [N, C], dbeta_n [N, C], demb [N, C] or
+    None, launches); the per-sample sums are float32, summed over n by `_backward`."""
     _, bwd = _triton()
     N, C = x.shape[:2]
     S = math.prod(x.shape[2:])
@@ -359,13 +373,22 @@ def _backward(dy, x, num_groups, weight, bias, emb, silu, mean, rstd):
     cpg = C // num_groups
     block_c, block_s, one_tile, warps = _tiles(cpg, S, BWD_MAX_TILE)
     sen, sec = (emb.stride(0), emb.stride(1)) if emb is not None else (0, 0)
+    launches = []
     if N * num_groups:
-        bwd[(N * num_groups,)](
+        launches.append(Launch("group_norm_bwd", "", bwd, (N * num_groups,), (
             x, dy, dx, weight.contiguous(), bias.contiguous(), emb if emb is not None else x, mean, rstd,
             dw, db, demb, S, cpg, num_groups,
-            sxn, sxc, sxs, sdn, sdc, sds, sgn, sgc, sgs, sen, sec,
+            sxn, sxc, sxs, sdn, sdc, sds, sgn, sgc, sgs, sen, sec), dict(
             HAS_EMB=emb is not None, SILU=bool(silu), BLOCK_C=block_c, BLOCK_S=block_s, ONE_TILE=one_tile,
-            num_warps=warps)
+            num_warps=warps)))
+    return dx, dw, db, (demb if emb is not None else None), launches
+
+
+def _backward(dy, x, num_groups, weight, bias, emb, silu, mean, rstd):
+    """Run the backward: (dx, dgamma, dbeta, demb or None), in the inputs' dtypes."""
+    dx, dw, db, demb, launches = backward_launches(dy, x, num_groups, weight, bias, emb, silu, mean, rstd)
+    for launch in launches:
+        launch()
     dgamma = dw.sum(0).to(weight.dtype)
     dbeta = db.sum(0).to(bias.dtype)
     return dx, dgamma, dbeta, (demb.to(emb.dtype) if emb is not None else None)
