@@ -3,7 +3,8 @@
     python -m fastddpm.kernels.aot [--target sm_90] [--ptx-dir DIR] [--json FILE] [--only TEXT,TEXT,...]
 
 For each variant it builds the launch exactly as the launcher does (`group_norm.forward_launches`,
-`backward_launches`, `step.step_launches`) on CPU tensors shaped like the real call (batch 256;
+`backward_launches`, `step.step_launches`) on CPU tensors shaped like the real call (batch 256,
+and batch 1 for the channels-last GroupNorm, whose plan splits a sample over programs then;
 CPU allocations are 64-byte aligned, as a CUDA allocation is at least 256-byte aligned, so the
 binder sees the same 16-byte pointer alignment), and hands it to the JIT's `warmup`: Triton's
 binder specialises the integer arguments (== 1, divisible by 16) and the pointers' alignment as
@@ -104,16 +105,20 @@ def parse_ptxas_log(log: str) -> tuple[int, int]:
 
 # ------------------------------------------------------------------------------------- variants
 def _gn_variants(torch, gn):
-    """(name, launches) for every GroupNorm forward and backward variant of the cifar10 preset."""
+    """(name, launches) for every GroupNorm forward and backward variant of the cifar10 preset:
+    at batch 256, and for channels-last also at batch 1 (name ending -b1), where the rows of a
+    sample are split over programs (the stats, finalize and apply launches)."""
     for layout, dtype_name, channels_last in GN_LAYOUTS:
         dtype = getattr(torch, dtype_name)
-        for C, H, has_emb, silu in CIFAR10_GN:
-            x = torch.empty(BATCH, C, H, H, dtype=dtype)
+        for (C, H, has_emb, silu), batch in [(shape, b) for b in (BATCH, 1) if b == BATCH or channels_last
+                                             for shape in CIFAR10_GN]:
+            x = torch.empty(batch, C, H, H, dtype=dtype)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             w, b = torch.empty(C, dtype=dtype), torch.empty(C, dtype=dtype)
-            emb = torch.empty(BATCH, C, dtype=dtype) if has_emb else None
-            name = f"{layout}-C{C}-{H}x{H}-{'emb' if has_emb else 'noemb'}-{'silu' if silu else 'id'}"
+            emb = torch.empty(batch, C, dtype=dtype) if has_emb else None
+            name = (f"{layout}-C{C}-{H}x{H}-{'emb' if has_emb else 'noemb'}-{'silu' if silu else 'id'}"
+                    + ("" if batch == BATCH else f"-b{batch}"))
             y, x_read, mean, rstd, fwd = gn.forward_launches(x, GROUPS, w, b, emb, silu, 1e-6)
             yield name, fwd
             *_, bwd = gn.backward_launches(torch.empty_like(y), x_read, GROUPS, w, b, emb, silu, mean, rstd)
@@ -245,6 +250,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="compile only variants whose name contains one of these "
                         "comma-separated texts")
     args = parser.parse_args(argv)
+    try:
+        capability = _parse_target(args.target)
+        if args.ptx_dir and os.path.exists(args.ptx_dir) and not os.path.isdir(args.ptx_dir):
+            raise AotError(f"--ptx-dir {args.ptx_dir} exists and is not a folder")
+    except AotError as exc:
+        print(f"aot: {exc}", file=sys.stderr)
+        return 2
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         # The interpreter replaces the compiler; run again in a child without it.
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -253,9 +265,6 @@ def main(argv: list[str] | None = None) -> int:
         return subprocess.run(cmd, env=env).returncode
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     try:
-        capability = _parse_target(args.target)
-        if args.ptx_dir and os.path.exists(args.ptx_dir) and not os.path.isdir(args.ptx_dir):
-            raise AotError(f"--ptx-dir {args.ptx_dir} exists and is not a folder")
         try:
             import triton  # noqa: F401
             from triton.backends.compiler import GPUTarget  # noqa: F401

@@ -25,8 +25,11 @@ where dgamma_n, dbeta_n are one sample's per-channel sums. The kernels write tho
 sums to [N, C] float32 buffers and torch sums them over n: deterministic, no atomics.
 
 Memory layout: x is addressed as [N, C, S] through three strides (S = the spatial positions
-flattened), which covers NCHW-contiguous (stride_s = 1) and channels-last (stride_c = 1,
-stride_s = C) without copies; any other layout is made contiguous first.
+flattened). Channels-last x (stride_c = 1, stride_s = C) goes to the whole-row kernels of
+kernels/group_norm_cl.py (16-byte vector access; a sample's rows split over programs at small
+batch); every other layout to the per-group kernels below (NCHW-contiguous: stride_s = 1 and
+16-byte access along the spatial run). A layout whose spatial dims do not flatten to one stride
+is made contiguous first.
 
 Triton is imported on first use (`_triton()`), not when this module is imported: the U-Net
 imports the twin from here, and `import fastddpm` must work, fast, without Triton. The kernel
@@ -41,6 +44,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from . import group_norm_cl
 from .launch import Launch
 
 triton = None  # bound by _triton() on first use
@@ -303,6 +307,11 @@ def _as_ncs(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
     return t, strides
 
 
+def _channels_last(C: int, S: int, strides: tuple[int, int, int]) -> bool:
+    """Whether (n, c, s) strides are channels-last (channel fastest, rows of C): the whole-row kernels."""
+    return C > 1 and S > 1 and strides[1] == 1 and strides[2] == C
+
+
 def _check(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, emb) -> None:
     from fastddpm.errors import BackendUnavailableError, FastDDPMError
 
@@ -340,7 +349,10 @@ def forward_launches(x, num_groups, weight, bias, emb, silu, eps):
     block_c, block_s, one_tile, warps = _tiles(cpg, S, FWD_MAX_TILE)
     sen, sec = (emb.stride(0), emb.stride(1)) if emb is not None else (0, 0)
     launches = []
-    if N * num_groups:
+    if N * num_groups and _channels_last(C, S, (sxn, sxc, sxs)) and _channels_last(C, S, (syn, syc, sys)):
+        launches = group_norm_cl.forward_launches(x, (sxn, sxc, sxs), y, (syn, syc, sys), weight, bias, emb,
+                                                  num_groups, silu, eps, mean, rstd)
+    elif N * num_groups:
         launches.append(Launch("group_norm_fwd", "", fwd, (N * num_groups,), (
             x, y, weight.contiguous(), bias.contiguous(), emb if emb is not None else x, mean, rstd,
             S, cpg, num_groups, sxn, sxc, sxs, syn, syc, sys, sen, sec, float(eps)), dict(
@@ -374,7 +386,10 @@ def backward_launches(dy, x, num_groups, weight, bias, emb, silu, mean, rstd):
     block_c, block_s, one_tile, warps = _tiles(cpg, S, BWD_MAX_TILE)
     sen, sec = (emb.stride(0), emb.stride(1)) if emb is not None else (0, 0)
     launches = []
-    if N * num_groups:
+    if N * num_groups and _channels_last(C, S, (sxn, sxc, sxs)) and _channels_last(C, S, (sgn, sgc, sgs)):
+        launches = group_norm_cl.backward_launches(dy, (sdn, sdc, sds), x, (sxn, sxc, sxs), dx, (sgn, sgc, sgs),
+                                                   weight, bias, emb, num_groups, silu, mean, rstd, dw, db, demb)
+    elif N * num_groups:
         launches.append(Launch("group_norm_bwd", "", bwd, (N * num_groups,), (
             x, dy, dx, weight.contiguous(), bias.contiguous(), emb if emb is not None else x, mean, rstd,
             dw, db, demb, S, cpg, num_groups,
@@ -412,6 +427,35 @@ class GroupNormSiLU(torch.autograd.Function):
         need = ctx.needs_input_grad
         return (dx if need[0] else None, dgamma if need[1] else None, dbeta if need[2] else None,
                 demb if need[3] else None, None, None, None)
+
+
+def group_norm_fwd(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor,
+                   emb: torch.Tensor | None = None, silu: bool = True,
+                   eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward kernel alone, outside autograd: (y, mean, rstd).
+
+    Arguments as `group_norm_silu`. y has x's shape, dtype and layout; mean and rstd are float32
+    [N, G]: the mean of h = x + emb over each group and 1 / sqrt(var + eps), what
+    `group_norm_bwd` needs (with the same x, weight, bias, emb). For a wrapper with its own
+    autograd formula (e.g. a torch.library custom op).
+    """
+    _check(x, num_groups, weight, bias, emb)
+    y, _, mean, rstd = _forward(x, num_groups, weight, bias, emb, silu, eps)
+    return y, mean.view(x.shape[0], num_groups), rstd.view(x.shape[0], num_groups)
+
+
+def group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor,
+                   mean: torch.Tensor, rstd: torch.Tensor, emb: torch.Tensor | None = None,
+                   silu: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The backward kernel alone: (dx, dgamma, dbeta, demb or None) from dy = dL/dy [N, C, *spatial].
+
+    x, weight, bias, emb, silu as given to `group_norm_fwd`, and its mean, rstd [N, G]. dx has x's
+    shape, dtype and layout; dgamma, dbeta [C] in weight's and bias's dtypes; demb [N, C] in emb's.
+    The per-sample sums are reduced over n in a fixed order: deterministic (module docstring).
+    """
+    _check(x, num_groups, weight, bias, emb)
+    x, _ = _as_ncs(x)  # the layout the forward read
+    return _backward(dy, x, num_groups, weight, bias, emb, silu, mean.reshape(-1), rstd.reshape(-1))
 
 
 def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor,
