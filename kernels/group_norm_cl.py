@@ -143,8 +143,9 @@ def _gn_cl_fwd_kernel(
         # y = (x - (mu - emb)) * (rstd gamma) + beta: the shift is subtracted before scaling.
         scale = rstd * gamma
         y_row = Y + n64 * syn + cols[None, :] * syc
-        for s0 in range(s_begin, s_end, BLOCK_S):
-            s = s0 + rows
+        last = s_begin + ((s_end - s_begin - 1) // BLOCK_S) * BLOCK_S
+        for i in range(0, s_end - s_begin, BLOCK_S):
+            s = (last - i) + rows  # last tile first: STATS read it most recently, so it is likeliest in L2
             m = (s < s_end)[:, None] & cmask[None, :]
             xv = tl.load(x_row + s[:, None] * sxs, mask=m, other=0.0).to(tl.float32)
             p = (xv - mu[None, :]) * scale[None, :] + beta[None, :]
@@ -259,8 +260,9 @@ def _gn_cl_bwd_kernel(
         c1 = tl.load(CC + (n64 * G + grp) * 2, mask=cmask, other=0.0)
         c2 = tl.load(CC + (n64 * G + grp) * 2 + 1, mask=cmask, other=0.0)
         dx_row = DX + n64 * sgn + cols[None, :] * sgc
-        for s0 in range(s_begin, s_end, BLOCK_S):
-            s = s0 + rows
+        last = s_begin + ((s_end - s_begin - 1) // BLOCK_S) * BLOCK_S
+        for i in range(0, s_end - s_begin, BLOCK_S):
+            s = (last - i) + rows  # last tile first (L2, as in the forward)
             m = (s < s_end)[:, None] & cmask[None, :]
             xv = tl.load(x_row + s[:, None] * sxs, mask=m, other=0.0).to(tl.float32)
             xhat = (xv - shift[None, :]) * rstd[None, :]
@@ -285,17 +287,23 @@ def _triton():
 
 
 # ------------------------------------------------------------------------------------ planning
-# TILE: elements of one [BLOCK_S, BLOCK_C] tile. 4096 over 8 warps (256 threads) is 16 values a
-#   thread: two 16-byte vectors of bf16 per load, and room for the forward's two float32
-#   accumulator tiles or the backward's three (ptxas for sm_90: no spills, see kernels/aot.py).
-#   BLOCK_C is C rounded up to a power of two (384 -> 512), so BLOCK_S = TILE / BLOCK_C rows
-#   (32 at C = 128, 8 at C = 512). A first choice from register budgets, not tuned on a GPU.
+# FWD_TILE / BWD_TILE: elements of one [BLOCK_S, BLOCK_C] tile. BLOCK_C is C rounded up to a
+#   power of two (384 -> 512), so BLOCK_S = TILE / BLOCK_C rows. Both give 16 values a thread
+#   (two 16-byte vectors of bf16 per load): the forward 8192 over 16 warps, beside its two
+#   float32 Welford tiles (64 registers, sm_90); the backward 4096 over 8 warps, as it holds x, dy
+#   and three float32 sum tiles (~128 registers; 16 warps would cap it at 128 and spill). At
+#   batch 256 about two programs share a SM, so the forward's 16 warps double the bytes in flight
+#   (~32 KB a SM, near what HBM latency x bandwidth / 132 SMs asks). Register counts from
+#   `python -m fastddpm.kernels.aot`; the rest are estimates, not tuned on a GPU.
 # CPU_SM_COUNT: the SM count assumed off CUDA (the interpreter, kernels/aot.py): an H100's or
 #   H200's 132, so the AOT build picks the plan those GPUs launch.
 # A sample gets one program (all phases in one launch) when the batch alone gives each SM at
 # least one; otherwise its rows are split so that about 2 programs a SM run.
-TILE = 4096
-NUM_WARPS = 8
+# The second pass over a sample (APPLY) walks its tiles last to first: with one program a sample
+# the whole batch's STATS pass (64 MB at C = 128, 32x32, batch 256, bf16) overflows the 50 MB L2,
+# and the tiles read last are the ones still there.
+FWD_TILE, FWD_WARPS = 8192, 16
+BWD_TILE, BWD_WARPS = 4096, 8
 CPU_SM_COUNT = 132
 
 
@@ -309,10 +317,11 @@ def _sm_count(device: torch.device) -> int:
     return CPU_SM_COUNT
 
 
-def plan(N: int, C: int, S: int, num_groups: int, device: torch.device) -> dict:
-    """Block sizes and the split for x [N, C, S] channels-last: the kernels' constexprs plus ROWS, SPLIT."""
+def plan(N: int, C: int, S: int, num_groups: int, device: torch.device, tile: int) -> dict:
+    """Block sizes and the split for x [N, C, S] channels-last with tiles of about `tile` elements:
+    the kernels' constexprs plus ROWS (positions a program) and SPLIT (programs a sample)."""
     block_c = _next_pow2(C)
-    block_s = max(1, min(_next_pow2(S), TILE // block_c))
+    block_s = max(1, min(_next_pow2(S), tile // block_c))
     sms = _sm_count(device)
     rows = S
     if N < sms:
@@ -323,15 +332,16 @@ def plan(N: int, C: int, S: int, num_groups: int, device: torch.device) -> dict:
                 BLOCK_G=_next_pow2(num_groups), BLOCK_CPG=_next_pow2(cpg))
 
 
-def _phases(kernel: str, fn, N: int, cfg: dict, make_args, flags: dict) -> list[Launch]:
+def _phases(kernel: str, fn, N: int, cfg: dict, make_args, flags: dict, warps: int) -> list[Launch]:
     """The launches of one op: one fused launch (SPLIT = 1), or stats, finalize (grid N), apply.
     make_args(rows, split) gives the positional arguments."""
     consts = {k: v for k, v in cfg.items() if k not in ("ROWS", "SPLIT")}
     args = make_args(cfg["ROWS"], cfg["SPLIT"])
 
     def launch(stage, grid, stats, finalize, apply):
+        # finalize alone is G x CPG values a sample (<= 32 x 16 in cifar10): 4 warps are plenty
         return Launch(kernel, stage, fn, (grid,), args, dict(
-            consts, **flags, STATS=stats, FINALIZE=finalize, APPLY=apply, num_warps=NUM_WARPS))
+            consts, **flags, STATS=stats, FINALIZE=finalize, APPLY=apply, num_warps=4 if stage == "finalize" else warps))
 
     if cfg["SPLIT"] == 1:
         return [launch("", N, True, True, True)]
@@ -345,14 +355,15 @@ def forward_launches(x, xs, y, ys, weight, bias, emb, num_groups, silu, eps, mea
     fwd, _ = _triton()
     N, C = x.shape[:2]
     S = math.prod(x.shape[2:])
-    cfg = plan(N, C, S, num_groups, x.device)
+    cfg = plan(N, C, S, num_groups, x.device, FWD_TILE)
     part = torch.empty(N * cfg["SPLIT"] * 2 * C, dtype=torch.float32, device=x.device)
     sen, sec = (emb.stride(0), emb.stride(1)) if emb is not None else (0, 0)
 
     def make_args(rows, split):
         return (x, y, weight.contiguous(), bias.contiguous(), emb if emb is not None else x, part, mean, rstd,
                 S, rows, split, xs[0], xs[2], xs[1], ys[0], ys[2], ys[1], sen, sec, float(eps))
-    return _phases("group_norm_fwd", fwd, N, cfg, make_args, dict(HAS_EMB=emb is not None, SILU=bool(silu)))
+    return _phases("group_norm_fwd", fwd, N, cfg, make_args, dict(HAS_EMB=emb is not None, SILU=bool(silu)),
+                   FWD_WARPS)
 
 
 def backward_launches(dy, ds, x, xs, dx, gs, weight, bias, emb, num_groups, silu, mean, rstd, dw, db, demb):
@@ -360,7 +371,7 @@ def backward_launches(dy, ds, x, xs, dx, gs, weight, bias, emb, num_groups, silu
     _, bwd = _triton()
     N, C = x.shape[:2]
     S = math.prod(x.shape[2:])
-    cfg = plan(N, C, S, num_groups, x.device)
+    cfg = plan(N, C, S, num_groups, x.device, BWD_TILE)
     part = torch.empty(N * cfg["SPLIT"] * 3 * C, dtype=torch.float32, device=x.device)
     cc = torch.empty(N * num_groups * 2, dtype=torch.float32, device=x.device)
     sen, sec = (emb.stride(0), emb.stride(1)) if emb is not None else (0, 0)
@@ -369,4 +380,5 @@ def backward_launches(dy, ds, x, xs, dx, gs, weight, bias, emb, num_groups, silu
         return (x, dy, dx, weight.contiguous(), bias.contiguous(), emb if emb is not None else x, mean, rstd,
                 part, cc, dw, db, demb, S, rows, split,
                 xs[0], xs[2], xs[1], ds[0], ds[2], ds[1], gs[0], gs[2], gs[1], sen, sec)
-    return _phases("group_norm_bwd", bwd, N, cfg, make_args, dict(HAS_EMB=emb is not None, SILU=bool(silu)))
+    return _phases("group_norm_bwd", bwd, N, cfg, make_args, dict(HAS_EMB=emb is not None, SILU=bool(silu)),
+                   BWD_WARPS)

@@ -144,9 +144,8 @@ CL_SHAPES = [
 # How the rows of a sample are shared out: one program (every phase in one launch), one program
 # whose tile loop runs several times with a masked tail, or split over several programs (three
 # launches: stats, finalize, apply) with a partial last split.
-DEFAULT_TILE = gcl.TILE
 CL_PATHS = [
-    pytest.param((1, gcl.TILE), id="fused"),
+    pytest.param((1, None), id="fused"),  # the default tiles
     pytest.param((1, 1024), id="fused-looped"),
     pytest.param((132, 1024), id="split"),
 ]
@@ -154,10 +153,12 @@ CL_PATHS = [
 
 @pytest.fixture
 def cl_path(request, monkeypatch):
-    """Force a channels-last plan: (SM count the planner assumes off CUDA, tile size)."""
+    """Force a channels-last plan: (SM count the planner assumes off CUDA, tile size or None)."""
     sms, tile = request.param
     monkeypatch.setattr(gcl, "CPU_SM_COUNT", sms)
-    monkeypatch.setattr(gcl, "TILE", tile)
+    if tile is not None:
+        monkeypatch.setattr(gcl, "FWD_TILE", tile)
+        monkeypatch.setattr(gcl, "BWD_TILE", tile)
     return sms, tile
 
 
@@ -168,10 +169,11 @@ def test_channels_last_rows(shape, cl_path, dtype, tol):
     """The whole-row kernels against float64 and the float32 twin: y and every gradient, emb + SiLU."""
     if not torch.cuda.is_available():
         N, C, H, W, G = shape
-        cfg = gcl.plan(N, C, H * W, G, torch.device("cpu"))
-        assert (cfg["SPLIT"] > 1) == (cl_path[0] > 1), cfg
-        if cl_path[1] < DEFAULT_TILE:  # the small tile: the loop (or the split) covers several tiles
-            assert H * W > cfg["BLOCK_S"], cfg
+        for tile in (gcl.FWD_TILE, gcl.BWD_TILE):
+            cfg = gcl.plan(N, C, H * W, G, torch.device("cpu"), tile)
+            assert (cfg["SPLIT"] > 1) == (cl_path[0] > 1), cfg
+            if cl_path[1] is not None:  # the small tile: the loop (or the split) covers several tiles
+                assert H * W > cfg["BLOCK_S"], cfg
     x, G, w, b, e, dy = make_inputs(shape, dtype, channels_last=True)
     check_against_references(x, G, w, b, e, dy, True, tol)
 
