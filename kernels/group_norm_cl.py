@@ -298,17 +298,25 @@ def _triton():
 # CPU_SM_COUNT: the SM count assumed off CUDA (the interpreter, kernels/aot.py): an H100's or
 #   H200's 132, so the AOT build picks the plan those GPUs launch.
 # A sample gets one program (all phases in one launch) when the batch alone gives each SM at
-# least one; otherwise its rows are split so that about 2 programs a SM run.
+# least one; otherwise its rows are split so that about 2 programs a SM run, with tiles shrunk
+# (down to MIN_TILE = 1024 elements) so a small batch still makes enough programs (batch 1,
+# C = 128, 32x32: 128 programs of 8 rows). Never fewer than 4 warps: at 2 warps ptxas held the
+# backward's stats kernel (C = 256, no emb) to 96 registers and spilled 20 bytes.
 # The second pass over a sample (APPLY) walks its tiles last to first: with one program a sample
 # the whole batch's STATS pass (64 MB at C = 128, 32x32, batch 256, bf16) overflows the 50 MB L2,
 # and the tiles read last are the ones still there.
 FWD_TILE, FWD_WARPS = 8192, 16
 BWD_TILE, BWD_WARPS = 4096, 8
 CPU_SM_COUNT = 132
+MIN_TILE = 1024
 
 
 def _next_pow2(v: int) -> int:
     return 1 << max(int(v) - 1, 0).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -317,31 +325,34 @@ def _sm_count(device: torch.device) -> int:
     return CPU_SM_COUNT
 
 
-def plan(N: int, C: int, S: int, num_groups: int, device: torch.device, tile: int) -> dict:
-    """Block sizes and the split for x [N, C, S] channels-last with tiles of about `tile` elements:
-    the kernels' constexprs plus ROWS (positions a program) and SPLIT (programs a sample)."""
+def plan(N: int, C: int, S: int, num_groups: int, device: torch.device, tile: int, max_warps: int) -> dict:
+    """Block sizes, warps and the split for x [N, C, S] channels-last with tiles of about `tile`
+    elements: the kernels' constexprs plus ROWS (positions a program), SPLIT (programs a sample)
+    and WARPS (16 values a thread, at least 4 and at most max_warps)."""
     block_c = _next_pow2(C)
     block_s = max(1, min(_next_pow2(S), tile // block_c))
     sms = _sm_count(device)
     rows = S
-    if N < sms:
-        want = -(-2 * sms // N)  # programs a sample for ~2 a SM
-        rows = max(block_s, -(-(-(-S // want)) // block_s) * block_s)
+    if N < sms:  # split: about 2 programs a SM, each a whole number of tiles, tiles >= MIN_TILE
+        want = _cdiv(2 * sms, N)
+        block_s = min(block_s, max(MIN_TILE // block_c, _next_pow2(_cdiv(S, want) + 1) // 2, 1))
+        rows = max(block_s, _cdiv(_cdiv(S, want), block_s) * block_s)
     cpg = C // num_groups
-    return dict(ROWS=rows, SPLIT=-(-S // rows), C=C, CPG=cpg, BLOCK_C=block_c, BLOCK_S=block_s,
-                BLOCK_G=_next_pow2(num_groups), BLOCK_CPG=_next_pow2(cpg))
+    return dict(ROWS=rows, SPLIT=_cdiv(S, rows), WARPS=max(4, min(max_warps, block_c * block_s // 512)), C=C,
+                CPG=cpg, BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_G=_next_pow2(num_groups), BLOCK_CPG=_next_pow2(cpg))
 
 
-def _phases(kernel: str, fn, N: int, cfg: dict, make_args, flags: dict, warps: int) -> list[Launch]:
+def _phases(kernel: str, fn, N: int, cfg: dict, make_args, flags: dict) -> list[Launch]:
     """The launches of one op: one fused launch (SPLIT = 1), or stats, finalize (grid N), apply.
     make_args(rows, split) gives the positional arguments."""
-    consts = {k: v for k, v in cfg.items() if k not in ("ROWS", "SPLIT")}
+    consts = {k: v for k, v in cfg.items() if k not in ("ROWS", "SPLIT", "WARPS")}
     args = make_args(cfg["ROWS"], cfg["SPLIT"])
 
     def launch(stage, grid, stats, finalize, apply):
         # finalize alone is G x CPG values a sample (<= 32 x 16 in cifar10): 4 warps are plenty
         return Launch(kernel, stage, fn, (grid,), args, dict(
-            consts, **flags, STATS=stats, FINALIZE=finalize, APPLY=apply, num_warps=4 if stage == "finalize" else warps))
+            consts, **flags, STATS=stats, FINALIZE=finalize, APPLY=apply,
+            num_warps=4 if stage == "finalize" else cfg["WARPS"]))
 
     if cfg["SPLIT"] == 1:
         return [launch("", N, True, True, True)]
@@ -355,15 +366,14 @@ def forward_launches(x, xs, y, ys, weight, bias, emb, num_groups, silu, eps, mea
     fwd, _ = _triton()
     N, C = x.shape[:2]
     S = math.prod(x.shape[2:])
-    cfg = plan(N, C, S, num_groups, x.device, FWD_TILE)
+    cfg = plan(N, C, S, num_groups, x.device, FWD_TILE, FWD_WARPS)
     part = torch.empty(N * cfg["SPLIT"] * 2 * C, dtype=torch.float32, device=x.device)
     sen, sec = (emb.stride(0), emb.stride(1)) if emb is not None else (0, 0)
 
     def make_args(rows, split):
         return (x, y, weight.contiguous(), bias.contiguous(), emb if emb is not None else x, part, mean, rstd,
                 S, rows, split, xs[0], xs[2], xs[1], ys[0], ys[2], ys[1], sen, sec, float(eps))
-    return _phases("group_norm_fwd", fwd, N, cfg, make_args, dict(HAS_EMB=emb is not None, SILU=bool(silu)),
-                   FWD_WARPS)
+    return _phases("group_norm_fwd", fwd, N, cfg, make_args, dict(HAS_EMB=emb is not None, SILU=bool(silu)))
 
 
 def backward_launches(dy, ds, x, xs, dx, gs, weight, bias, emb, num_groups, silu, mean, rstd, dw, db, demb):
@@ -371,7 +381,7 @@ def backward_launches(dy, ds, x, xs, dx, gs, weight, bias, emb, num_groups, silu
     _, bwd = _triton()
     N, C = x.shape[:2]
     S = math.prod(x.shape[2:])
-    cfg = plan(N, C, S, num_groups, x.device, BWD_TILE)
+    cfg = plan(N, C, S, num_groups, x.device, BWD_TILE, BWD_WARPS)
     part = torch.empty(N * cfg["SPLIT"] * 3 * C, dtype=torch.float32, device=x.device)
     cc = torch.empty(N * num_groups * 2, dtype=torch.float32, device=x.device)
     sen, sec = (emb.stride(0), emb.stride(1)) if emb is not None else (0, 0)
@@ -380,5 +390,4 @@ def backward_launches(dy, ds, x, xs, dx, gs, weight, bias, emb, num_groups, silu
         return (x, dy, dx, weight.contiguous(), bias.contiguous(), emb if emb is not None else x, mean, rstd,
                 part, cc, dw, db, demb, S, rows, split,
                 xs[0], xs[2], xs[1], ds[0], ds[2], ds[1], gs[0], gs[2], gs[1], sen, sec)
-    return _phases("group_norm_bwd", bwd, N, cfg, make_args, dict(HAS_EMB=emb is not None, SILU=bool(silu)),
-                   BWD_WARPS)
+    return _phases("group_norm_bwd", bwd, N, cfg, make_args, dict(HAS_EMB=emb is not None, SILU=bool(silu)))

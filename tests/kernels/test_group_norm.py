@@ -170,7 +170,7 @@ def test_channels_last_rows(shape, cl_path, dtype, tol):
     if not torch.cuda.is_available():
         N, C, H, W, G = shape
         for tile in (gcl.FWD_TILE, gcl.BWD_TILE):
-            cfg = gcl.plan(N, C, H * W, G, torch.device("cpu"), tile)
+            cfg = gcl.plan(N, C, H * W, G, torch.device("cpu"), tile, 16)
             assert (cfg["SPLIT"] > 1) == (cl_path[0] > 1), cfg
             if cl_path[1] is not None:  # the small tile: the loop (or the split) covers several tiles
                 assert H * W > cfg["BLOCK_S"], cfg
