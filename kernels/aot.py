@@ -1,6 +1,6 @@
 """Compile every Triton kernel variant the cifar10 preset and the samplers launch, for a GPU, without one.
 
-    python -m fastddpm.kernels.aot [--target sm_90] [--ptx-dir DIR] [--json FILE] [--only TEXT,TEXT,...]
+    python -m fastddpm.kernels.aot [--target sm_90] [--ptx-dir DIR] [--json FILE] [--only REGEX,REGEX,...]
 
 For each variant it builds the launch exactly as the launcher does (`group_norm.forward_launches`,
 `backward_launches`, `step.step_launches`) on CPU tensors shaped like the real call (batch 256,
@@ -169,8 +169,8 @@ class _AotDriver:
 
 
 def compile_all(capability: int = 90, only: tuple[str, ...] = ()) -> tuple[list[Row], dict[str, str]]:
-    """Compile every variant (or those whose name contains one of `only`) for sm_<capability>:
-    (rows, {name: ptx})."""
+    """Compile every variant (or those whose name one of the regular expressions `only` matches)
+    for sm_<capability>: (rows, {name: ptx})."""
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -189,7 +189,7 @@ def compile_all(capability: int = 90, only: tuple[str, ...] = ()) -> tuple[list[
     for (_, name), launches in variants:
         for launch in launches:
             full = f"{launch.kernel}-{name}" + (f"-{launch.stage}" if launch.stage else "")
-            if only and not any(text in full for text in only):
+            if only and not any(re.search(pattern, full) for pattern in only):
                 continue
             log = io.StringIO()
             try:
@@ -247,11 +247,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", default="sm_90", help="CUDA architecture to compile for (default sm_90)")
     parser.add_argument("--ptx-dir", help="write each variant's PTX as DIR/<kernel>-<variant>.ptx")
     parser.add_argument("--json", help="write the table as a JSON list of records to FILE")
-    parser.add_argument("--only", default="", help="compile only variants whose name contains one of these "
-                        "comma-separated texts")
+    parser.add_argument("--only", default="", help="compile only the variants whose name <kernel>-<variant> "
+                        "one of these comma-separated regular expressions matches (re.search)")
     args = parser.parse_args(argv)
     try:
         capability = _parse_target(args.target)
+        for pattern in filter(None, args.only.split(",")):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise AotError(f"--only {pattern!r} is not a regular expression: {exc}") from exc
         if args.ptx_dir and os.path.exists(args.ptx_dir) and not os.path.isdir(args.ptx_dir):
             raise AotError(f"--ptx-dir {args.ptx_dir} exists and is not a folder")
     except AotError as exc:
@@ -274,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["TRITON_CACHE_DIR"] = cache  # fresh: every distinct kernel runs ptxas, whose log we read
             rows, ptx = compile_all(capability, tuple(t for t in args.only.split(",") if t))
         if not rows:
-            raise AotError(f"no variant name contains {args.only!r}")
+            raise AotError(f"no variant name matches --only {args.only!r}")
     except AotError as exc:
         print(f"aot: {exc}", file=sys.stderr)
         return 2

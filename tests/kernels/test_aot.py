@@ -8,6 +8,7 @@ takes several minutes there.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -18,10 +19,10 @@ pytest.importorskip("triton.backends.nvidia")
 SUBSET = [
     # GroupNorm: the biggest activation in each layout/dtype (one tile NCHW; whole rows channels-last)
     "fp32-nchw-C128-32x32-emb-silu",
-    "fp32-nchw-C384-32x32-noemb-silu",  # NCHW's chunked path (a group larger than one tile)
+    "fp32-nchw-C384-32x32-noemb-silu$",  # NCHW's chunked path (a group larger than one tile)
     "bf16-cl-C128-32x32-emb-silu",  # batch 256 (one launch a op) and -b1 (stats, finalize, apply)
-    "bf16-cl-C384-32x32-noemb-silu",  # 384 channels: not a power of two, 12 channels a group
-    "bf16-cl-C256-4x4-noemb-id",  # the smallest spatial size, the attention norm (no SiLU)
+    "bf16-cl-C384-32x32-noemb-silu$",  # 384 channels: not a power of two, 12 channels a group
+    "bf16-cl-C256-4x4-noemb-id$",  # the smallest spatial size, the attention norm (no SiLU)
     # the step: each variance mode and sampler, both layouts, mixed dtypes
     "step-ancestral-table-clip-x0-cl-xfp32-outbf16",
     "step-ancestral-learned_range-clip-x0-nchw-xfp32-outfp32",
@@ -47,8 +48,8 @@ def test_every_subset_variant_compiles_without_spills(compiled):
     stdout, table, ptx_dir = compiled
     rows = table["variants"]
     assert table["target"] == "sm_90"
-    for text in SUBSET:
-        assert any(text in r["name"] for r in rows), text
+    for pattern in SUBSET:
+        assert any(re.search(pattern, r["name"]) for r in rows), pattern
     for r in rows:
         assert r["registers"] > 0, r
         assert r["spill_bytes"] == 0, r
