@@ -84,13 +84,19 @@ def test_channels_last_group_norm_moves_16_byte_vectors(compiled):
         assert (r["widest_load"], r["widest_store"]) == (16, 16), r
 
 
-def test_bad_target_is_one_line(tmp_path):
-    run = run_aot("--target", "gfx90a")
-    assert run.returncode == 2
-    assert run.stderr.count("\n") == 1 and run.stderr.startswith("aot: --target 'gfx90a'"), run.stderr
-    (tmp_path / "file").write_text("")
-    run = run_aot("--ptx-dir", str(tmp_path / "file"))
-    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "is not a folder" in run.stderr, run.stderr
+@pytest.mark.parametrize("args, message", [
+    (["--target", "gfx90a"], "aot: --target 'gfx90a' is not a CUDA target"),
+    (["--only", "bf16-cl-C128("], "aot: --only 'bf16-cl-C128(' is not a regular expression"),
+    (["--ptx-dir", "FILE"], "is not a folder"),
+], ids=["target", "regex", "ptx-dir"])
+def test_bad_arguments_are_one_line(args, message, tmp_path, capsys):
+    """Checked before anything compiles (or the command re-runs itself without the interpreter)."""
+    from fastddpm.kernels.aot import main
+
+    (tmp_path / "FILE").write_text("")
+    assert main([str(tmp_path / a) if a == "FILE" else a for a in args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
 
 
 def test_widest_access_parser():
