@@ -274,6 +274,20 @@ def test_cifar10_shapes_gpu(C, HW, dtype, tol):
     check_against_references(x, G, w, b, e, dy, True, tol)
 
 
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype, tol", DTYPES[:2])
+@pytest.mark.parametrize("batch", [8, 256], ids=["batch8-split", "batch256-fused"])
+@pytest.mark.parametrize("C, HW", [(128, 32), (256, 4), (384, 32), (512, 8)])
+def test_cifar10_channels_last_gpu(C, HW, batch, dtype, tol):
+    """The whole-row kernels at the preset's shapes, compiled: batch 8 splits a sample's rows over
+    programs (three launches), batch 256 runs one fused launch a sample (a GPU has < 256 SMs)."""
+    cfg = gcl.plan(batch, C, HW * HW, 32, torch.device("cuda"), gcl.FWD_TILE, gcl.FWD_WARPS)
+    assert (cfg["SPLIT"] == 1) == (batch == 256) or HW * HW <= cfg["BLOCK_S"], cfg
+    x, G, w, b, e, dy = make_inputs((batch, C, HW, HW, 32), dtype, channels_last=True)
+    check_against_references(x, G, w, b, e, dy, True, tol)
+
+
 # ------------------------------------------------------------------ compiled for a GPU, without one
 def compile_for_sm90() -> None:
     """Compile the kernels' variants to sm_90 (H100) cubins with Triton's bundled ptxas, no GPU needed.
