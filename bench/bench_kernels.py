@@ -1,60 +1,80 @@
 """The fused kernels against eager PyTorch and torch.compile, at the cifar10 preset's real shapes.
 
-    pytest bench/bench_kernels.py --benchmark-only -m gpu
+    pytest bench/bench_kernels.py --benchmark-only -m gpu      # the GPU cases (bench/gpu_check.sh)
+    pytest bench/bench_kernels.py --benchmark-only             # also the CPU's eager rows (tiny)
 
-Every case needs CUDA (the interpreter's CPU timings mean nothing) and is skipped without it.
+Each case runs on "cuda" (marked gpu, batch 256) and on "cpu" (batch 2, spatial sides of at most
+8, one launch a timed call and 5 rounds, so the suite runs in seconds there: a trend only). On the CPU only the eager provider is timed: the fused kernels would run under
+Triton's interpreter, whose timings mean nothing, and torch.compile is skipped unless
+--bench-cpu-compile is given (bench/conftest.py).
 
-test_group_norm_forward   y = act(GN(x + emb) * gamma + beta) at batch 256 for the U-Net's
-                          GroupNorm shapes (below), by provider:
-                            fused    kernels.group_norm.group_norm_silu (one Triton kernel)
+test_group_norm_forward   y = act(GN(x + emb) * gamma + beta) for the U-Net's GroupNorm shapes
+                          (below), fp32 NCHW and bf16 channels-last, by provider:
                             eager    the torch twin: x + emb, F.group_norm, F.silu (three ops)
-                            compile  torch.compile of the twin (inductor's own fused kernels)
-test_group_norm_backward  dx, dgamma, dbeta, demb from a saved forward at batch 128 (training).
-test_step                 one reverse step x_t -> x_{t-1} at [256, 3, 32, 32] (the cifar10 batch)
-                          and at [256, 3, 256, 256] (big enough to be bandwidth-bound): the fused
-                          step (no pred_x0 output) vs sampling.reference_step vs torch.compile of
-                          the step's torch twin.
-test_copy                 x.copy_() of the same bytes: the device's measured copy bandwidth.
+                            compile  torch.compile of the twin (inductor's own fusion of the same ops)
+                            fused    kernels.group_norm.group_norm_silu (channels-last: the whole-row
+                                     kernels of kernels/group_norm_cl.py)
+test_group_norm_backward  dx, dgamma, dbeta, demb from a saved forward (autograd.grad), bf16
+                          channels-last, the same shapes and providers.
+test_step                 one reverse step x_t -> x_{t-1} at [B, 3, 32, 32] (the cifar10 batch) and
+                          at [B, 3, 256, 256] (large enough to be bandwidth-bound): the fused step
+                          (no pred_x0 output) vs sampling.reference_step vs torch.compile of a
+                          twin that reads no device value on the host (`_step_twin_no_sync`).
+test_copy                 x.copy_() of 1 GiB: the copy-bandwidth row itself.
 
-extra_info: bytes (what one read of every input and one write of every output must move),
-gbps (bytes / median time), copy_gbps (the device's copy bandwidth, measured in this run) and
-fraction_of_copy = gbps / copy_gbps, plus shape, dtype, layout, provider, first_call_s (the
-untimed first call: Triton's jit, inductor's compile), device and commit.
+extra_info of every case: bytes (the op's minimal traffic: each input read once, each output
+written once), gbps (bytes / median time per launch), copy_gbps (fastddpm.ceilings.
+measure_copy_gbps, measured in this run) and fraction_of_copy = gbps / copy_gbps, plus shape,
+dtype, layout, provider, first_call_s (the untimed first call: Triton's jit, inductor's compile),
+device and commit. Providers run in the order eager, compile, fused, so a fused row also gets
+speedup_vs_eager and speedup_vs_compile (ratios of median times within this run) and, for the
+bf16 channels-last GroupNorm, the goals of issue 13 and whether they are met:
+    forward   fraction_of_copy >= 0.80, >= 3x eager, faster than torch.compile
+    backward  fraction_of_copy >= 0.60, >= 3x eager, faster than torch.compile
+The module prints these rows as a table at the end (visible with -s).
 
 Timing: one timed call runs INNER launches and then synchronizes once, so the synchronize
 (~10 us) is amortised; the rate is per launch. Shapes below about 40 MB fit in the H100's
-50 MB L2 across repeats, so their GB/s can exceed DRAM bandwidth; the big shapes cannot.
+50 MB L2 across repeats, so their GB/s can exceed DRAM bandwidth; the large ones cannot.
 """
 from __future__ import annotations
 
+import functools
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from fastddpm.ceilings import measure_copy_gbps
 from fastddpm.diffusion import GaussianDiffusion
 from fastddpm.kernels import group_norm as gn
-from fastddpm.kernels import step as st
+from fastddpm.noise import noise
 from fastddpm.sampling import reference_step
 from fastddpm.schedule import make_betas
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-
 INNER = 10  # launches per timed call (one synchronize each INNER launches)
-PROVIDERS = ("fused", "eager", "compile")
-# (C, H, emb, silu) of the cifar10 U-Net's GroupNorms (32 groups), from a hooked forward:
+PROVIDERS = ("eager", "compile", "fused")  # fused last: its row carries the ratios to the other two
+# (C, H, emb, silu) of the cifar10 U-Net's GroupNorms (32 groups), from a hooked forward
+# (kernels/aot.py lists all 17; these are the classes that matter for time):
 GN_SHAPES = [
     pytest.param(128, 32, True, True, id="C128-32x32-emb"),  # ResBlock norm2, level 0 (5 per forward)
     pytest.param(256, 16, True, True, id="C256-16x16-emb"),  # ResBlock norm2, level 1 (5 per forward)
     pytest.param(256, 4, True, True, id="C256-4x4-emb"),  # level 3 (7 per forward): launch-bound
     pytest.param(256, 16, False, False, id="C256-16x16-attn"),  # attention norm: no emb, no SiLU (5)
-    pytest.param(384, 32, False, True, id="C384-32x32-chunked"),  # up-path concat: the chunked path (1)
+    pytest.param(384, 32, False, True, id="C384-32x32"),  # up-path concat: 384 channels (1)
 ]
 LAYOUTS = [  # the reference's precision and layout, and the fast paths' (see bench/conftest.py)
     pytest.param(torch.float32, False, id="fp32-nchw"),
     pytest.param(torch.bfloat16, True, id="bf16-channels-last"),
 ]
+# Issue 13's goals for the bf16 channels-last GroupNorm (GPU): fraction of copy bandwidth, and
+# speedups over eager and torch.compile.
+GOALS = {"forward": (0.80, 3.0, 1.0), "backward": (0.60, 3.0, 1.0)}
+
+_MEDIANS: dict[tuple, dict[str, float]] = {}  # (case key) -> {provider: seconds per launch}
+_REPORT: list[dict] = []  # the fused rows, printed at the end
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -66,55 +86,88 @@ def _commit() -> str:
         return "unknown"
 
 
-def _launches(fn, inner: int = INNER):
-    """fn run `inner` times, then one synchronize: what one timed call does."""
-    def run():
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@functools.cache
+def _copy_gbps(device: str) -> float:
+    """The device's copy bandwidth (fastddpm.ceilings), measured once per run."""
+    return measure_copy_gbps(torch.device(device))["gbps"]
+
+
+def _batch(device: torch.device) -> int:
+    return 256 if device.type == "cuda" else 2
+
+
+def _side(H: int, device: torch.device) -> int:
+    """The spatial side on this device: the real one on CUDA, at most 8 on a CPU (tiny cases)."""
+    return H if device.type == "cuda" else min(H, 8)
+
+
+def _provider_or_skip(provider: str, device: torch.device, request) -> None:
+    if device.type == "cuda":
+        return
+    if provider == "fused":
+        pytest.skip("the fused kernels run under Triton's interpreter on a CPU: their timings mean nothing")
+    if provider == "compile" and not request.config.getoption("--bench-cpu-compile"):
+        pytest.skip("torch.compile on the CPU takes about a minute per case; pass --bench-cpu-compile")
+
+
+def _run(benchmark, fn, nbytes: int, device: torch.device, key: tuple, provider: str, goals=None, **info):
+    """Time fn (first call untimed, then INNER launches a round) and record the rates and ratios."""
+    inner, rounds = (INNER, 20) if device.type == "cuda" else (1, 5)  # CPU rows: a quick trend only
+
+    def timed():
         for _ in range(inner):
             out = fn()
-        torch.cuda.synchronize()
+        _sync(device)
         return out
-    return run
 
-
-def _median_ms(fn, repeat: int = 20) -> float:
-    """Median time of fn in ms by CUDA events (for the copy baseline fixture, outside pytest-benchmark)."""
+    start = time.perf_counter()
     fn()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
-@pytest.fixture(scope="module")
-def copy_gbps() -> float:
-    """The device's copy bandwidth in GB/s (read + write of 1 GiB in all, 512 MiB each way)."""
-    src = torch.empty(2**27, dtype=torch.float32, device="cuda").normal_()
-    dst = torch.empty_like(src)
-    return 2 * src.numel() * 4 / (_median_ms(lambda: dst.copy_(src)) * 1e-3) / 1e9
-
-
-def _run(benchmark, fn, nbytes: int, copy_gbps: float, **info):
-    """Time fn (first call untimed, then INNER launches a round) and record the rates."""
-    timed = _launches(fn)
-    first = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    first[0].record()
-    fn()
-    first[1].record()
-    torch.cuda.synchronize()
-    out = benchmark.pedantic(timed, rounds=20, warmup_rounds=2, iterations=1)
+    _sync(device)
+    first_s = time.perf_counter() - start
+    out = benchmark.pedantic(timed, rounds=rounds, warmup_rounds=1, iterations=1)
+    copy = _copy_gbps(str(device))
     extra = benchmark.extra_info
-    extra.update(info, bytes=nbytes, copy_gbps=copy_gbps, first_call_s=first[0].elapsed_time(first[1]) / 1e3,
-                 device=torch.cuda.get_device_name(), commit=_commit(), inner_launches=INNER)
+    extra.update(info, provider=provider, bytes=nbytes, copy_gbps=copy, first_call_s=first_s, inner_launches=inner,
+                 device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", commit=_commit())
     stats = getattr(benchmark, "stats", None)
-    if stats is not None:
-        extra["gbps"] = nbytes * INNER / stats.stats.median / 1e9
-        extra["fraction_of_copy"] = extra["gbps"] / copy_gbps
+    if stats is None:  # --benchmark-disable: ran once, untimed
+        return out
+    seconds = stats.stats.median / inner
+    extra["gbps"] = nbytes / seconds / 1e9
+    extra["fraction_of_copy"] = extra["gbps"] / copy
+    others = _MEDIANS.setdefault(key, {})
+    others[provider] = seconds
+    if provider == "fused":
+        for base in ("eager", "compile"):
+            if base in others:
+                extra[f"speedup_vs_{base}"] = others[base] / seconds
+        if goals is not None:
+            need_copy, need_eager, need_compile = goals
+            extra["goal"] = dict(fraction_of_copy=need_copy, speedup_vs_eager=need_eager,
+                                 speedup_vs_compile=need_compile)
+            extra["meets_goal"] = (extra["fraction_of_copy"] >= need_copy
+                                   and extra.get("speedup_vs_eager", 0.0) >= need_eager
+                                   and extra.get("speedup_vs_compile", 0.0) > need_compile)
+        _REPORT.append(dict(case="-".join(map(str, key)), **{k: extra.get(k) for k in (
+            "gbps", "fraction_of_copy", "speedup_vs_eager", "speedup_vs_compile", "meets_goal")}))
     return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _print_report():
+    """At the end of the module: the fused rows with their ratios, one line each (shown with -s)."""
+    yield
+    if _REPORT:
+        print("\nfused kernels: GB/s, fraction of copy bandwidth, speedup vs eager / torch.compile, goal met")
+        for r in _REPORT:
+            fmt = {k: (f"{v:.2f}" if isinstance(v, float) else str(v)) for k, v in r.items()}
+            print(f"  {fmt['case']:<48} {fmt['gbps']:>9} GB/s  {fmt['fraction_of_copy']:>5} of copy  "
+                  f"x{fmt['speedup_vs_eager']} eager  x{fmt['speedup_vs_compile']} compile  goal {fmt['meets_goal']}")
 
 
 def _compiled(fn):
@@ -124,14 +177,15 @@ def _compiled(fn):
     return torch.compile(fn)
 
 
-def _gn_inputs(batch, C, H, emb, dtype, channels_last, grad=False):
-    g = torch.Generator("cuda").manual_seed(0)
-    x = (-2.3 + 0.5 * torch.randn(batch, C, H, H, generator=g, device="cuda")).to(dtype)
+def _gn_inputs(device, batch, C, H, emb, dtype, channels_last, grad=False):
+    """Off-centre x, random affine and emb (never zeros), in `dtype` and layout."""
+    g = torch.Generator(device).manual_seed(0)
+    x = (-2.3 + 0.5 * torch.randn(batch, C, H, H, generator=g, device=device)).to(dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    w = (1.0 + 0.3 * torch.randn(C, generator=g, device="cuda")).to(dtype)
-    b = (0.2 * torch.randn(C, generator=g, device="cuda")).to(dtype)
-    e = torch.randn(batch, C, generator=g, device="cuda").to(dtype) if emb else None
+    w = (1.0 + 0.3 * torch.randn(C, generator=g, device=device)).to(dtype)
+    b = (0.2 * torch.randn(C, generator=g, device=device)).to(dtype)
+    e = torch.randn(batch, C, generator=g, device=device).to(dtype) if emb else None
     if grad:
         for t in (x, w, b, e):
             if t is not None:
@@ -148,42 +202,82 @@ def _gn_fn(provider):
 
 
 # ------------------------------------------------------------------------------------- cases
-def test_copy(benchmark, copy_gbps):
-    """The baseline every rate is compared with, as its own row."""
-    src = torch.empty(2**27, dtype=torch.float32, device="cuda").normal_()
+def test_copy(benchmark, device):
+    """The baseline every rate is compared with, as its own row (1 GiB on CUDA, 64 MiB on a CPU)."""
+    device = torch.device(device)
+    src = torch.empty((1 << 28) if device.type == "cuda" else (1 << 24), dtype=torch.float32, device=device)
+    src.normal_()
     dst = torch.empty_like(src)
-    _run(benchmark, lambda: dst.copy_(src), 2 * src.numel() * 4, copy_gbps, provider="copy")
+    _run(benchmark, lambda: dst.copy_(src), 2 * src.numel() * 4, device, ("copy",), "copy")
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("dtype, channels_last", LAYOUTS)
 @pytest.mark.parametrize("C, H, emb, silu", GN_SHAPES)
-def test_group_norm_forward(benchmark, copy_gbps, C, H, emb, silu, dtype, channels_last, provider):
-    batch = 256
-    x, w, b, e = _gn_inputs(batch, C, H, emb, dtype, channels_last)
+def test_group_norm_forward(benchmark, request, device, C, H, emb, silu, dtype, channels_last, provider):
+    """Bytes: read x (and emb) once, write y once."""
+    device = torch.device(device)
+    _provider_or_skip(provider, device, request)
+    x, w, b, e = _gn_inputs(device, _batch(device), C, _side(H, device), emb, dtype, channels_last)
     fn = _gn_fn(provider)
+    nbytes = (2 * x.numel() + (e.numel() if emb else 0)) * x.element_size()
+    key = ("forward", f"C{C}-{x.shape[2]}x{x.shape[3]}", "emb" if emb else "noemb", "silu" if silu else "id",
+           "bf16-cl" if channels_last else "fp32-nchw", device.type)
     with torch.no_grad():
-        y = _run(benchmark, lambda: fn(x, 32, w, b, e, silu), 2 * x.numel() * x.element_size(), copy_gbps,
-                 provider=provider, shape=list(x.shape), dtype=str(dtype), channels_last=channels_last,
-                 emb=emb, silu=silu)
+        y = _run(benchmark, lambda: fn(x, 32, w, b, e, silu), nbytes, device, key, provider,
+                 goals=GOALS["forward"] if channels_last else None, shape=list(x.shape), dtype=str(dtype),
+                 channels_last=channels_last, emb=emb, silu=silu)
         ref = gn.group_norm_silu_reference(x.float(), 32, w.float(), b.float(), e.float() if emb else None, silu)
     assert ((y.float() - ref).norm() / ref.norm()).item() < 1e-2
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("dtype, channels_last", LAYOUTS)
-@pytest.mark.parametrize("C, H, emb, silu", GN_SHAPES[:2])
-def test_group_norm_backward(benchmark, copy_gbps, C, H, emb, silu, dtype, channels_last, provider):
-    """The backward alone (autograd.grad of a saved forward): reads x and dy, writes dx (3 passes)."""
-    batch = 128
-    x, w, b, e = _gn_inputs(batch, C, H, emb, dtype, channels_last, grad=True)
+@pytest.mark.parametrize("C, H, emb, silu", GN_SHAPES)
+def test_group_norm_backward(benchmark, request, device, C, H, emb, silu, provider):
+    """The backward alone (autograd.grad of a saved forward), bf16 channels-last. Bytes: read x and
+    dy (and emb), write dx (and demb); the [C] parameter gradients are negligible."""
+    device = torch.device(device)
+    _provider_or_skip(provider, device, request)
+    x, w, b, e = _gn_inputs(device, _batch(device), C, _side(H, device), emb, torch.bfloat16, True, grad=True)
     y = _gn_fn(provider)(x, 32, w, b, e, silu)
     dy = torch.randn_like(y)
     inputs = [t for t in (x, w, b, e) if t is not None]
-    grads = _run(benchmark, lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True),
-                 3 * x.numel() * x.element_size(), copy_gbps, provider=provider, shape=list(x.shape),
-                 dtype=str(dtype), channels_last=channels_last, emb=emb, silu=silu)
+    nbytes = (3 * x.numel() + (2 * e.numel() if emb else 0)) * x.element_size()
+    key = ("backward", f"C{C}-{x.shape[2]}x{x.shape[3]}", "emb" if emb else "noemb", "silu" if silu else "id", "bf16-cl",
+           device.type)
+    grads = _run(benchmark, lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True), nbytes, device, key,
+                 provider, goals=GOALS["backward"], shape=list(x.shape), dtype="torch.bfloat16",
+                 channels_last=True, emb=emb, silu=silu)
     assert all(torch.isfinite(g.float()).all() for g in grads)
+
+
+def _step_twin_no_sync(tables, x, model_output, k_dev, t: int, seed: int, clip_denoised: bool = True):
+    """kernels.step.step_twin's formula for torch.compile, reading no device value on the host.
+
+    step_twin calls float() on the draw flag and int() on the device timestep table: two host
+    syncs and two graph breaks a call, which is not what a compiled step would do. Here the
+    coefficients are indexed by the device step index k_dev (index_select, no sync), the noise's
+    step key t is a Python int taken once from the host-side timesteps before timing, and the
+    noise is scaled by the draw flag instead of branching on it (at a middle step draw = 1, so
+    both draw the noise, as the fused kernel does). x [B, C, ...], model_output [B, C or 2C, ...].
+    """
+    C = x.shape[1]
+    a, b_, c1, c2, sig, log_beta, log_post, draw = tables.coefs.index_select(1, k_dev.reshape(1)).unbind(0)
+    xf = x.float()
+    eps = model_output[:, :C].float()
+    x0 = a * xf - b_ * eps
+    if clip_denoised:
+        x0 = x0.clamp(-1.0, 1.0)
+        eps = (a * xf - x0) / b_
+    xp = c1 * x0 + c2 * (eps if tables.ddim else xf)
+    if tables.var_mode == "learned":
+        sigma = torch.exp(0.5 * model_output[:, C:].float())
+    elif tables.var_mode == "learned_range":
+        frac = (model_output[:, C:].float() + 1.0) / 2.0
+        sigma = torch.exp(0.5 * (frac * log_beta + (1.0 - frac) * log_post))
+    else:
+        sigma = sig
+    return xp + draw * sigma * noise(seed, t, x.shape, 0, device=x.device)
 
 
 STEP_VARIANTS = [
@@ -194,20 +288,26 @@ STEP_VARIANTS = [
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("size", [32, 256], ids=["cifar10-256x3x32x32", "256x3x256x256"])
+@pytest.mark.parametrize("size", [32, 256], ids=["3x32x32", "3x256x256"])
 @pytest.mark.parametrize("sampler, var_type", STEP_VARIANTS)
-def test_step(benchmark, copy_gbps, sampler, var_type, size, provider):
-    """One middle step of a 1000-step process (noise drawn); state float32, clip_denoised on."""
+def test_step(benchmark, request, device, sampler, var_type, size, provider):
+    """One middle step of a 1000-step process (noise drawn); state float32, clip_denoised on.
+    Bytes: read x_t and the model output, write x_{t-1}."""
+    from fastddpm.kernels import step as st
+
+    device = torch.device(device)
+    _provider_or_skip(provider, device, request)
     diffusion = GaussianDiffusion(make_betas("linear", 1000), var_type=var_type)
     eta = 1.0 if sampler == "ddim" else 0.0
     k, seed = 500, 0
-    g = torch.Generator("cuda").manual_seed(0)
-    x = torch.randn(256, 3, size, size, generator=g, device="cuda")
+    batch, size = _batch(device), _side(size, device)
+    g = torch.Generator(device).manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=g, device=device)
     channels = 6 if diffusion.learned_variance else 3
-    out = torch.randn(256, channels, size, size, generator=g, device="cuda")
+    out = torch.randn(batch, channels, size, size, generator=g, device=device)
     if diffusion.learned_variance:
         out[:, 3:].uniform_(-1.0, 1.0)
-    tables = st.step_tables(diffusion, "cuda", sampler, eta)
+    tables = st.step_tables(diffusion, device, sampler, eta)
     if provider == "fused":
         k_dev, key, buf = tables.steps[k], tables.key(seed, 0), torch.empty_like(x)
 
@@ -217,12 +317,14 @@ def test_step(benchmark, copy_gbps, sampler, var_type, size, provider):
         def fn():
             return reference_step(diffusion, x, k, out, seed=seed, sampler=sampler, eta=eta)[0]
     else:
-        twin = _compiled(st.step_twin)
+        twin = _compiled(_step_twin_no_sync)
+        k_dev, t = tables.steps[k], int(diffusion.timesteps[k])  # t from the host-side table, before timing
 
         def fn():
-            return twin(tables, x, out, k, seed=seed)[0]
-    nbytes = (x.numel() + out.numel() + x.numel()) * 4  # read x_t and the model output, write x_{t-1}
-    x_prev = _run(benchmark, fn, nbytes, copy_gbps, provider=provider, shape=list(x.shape), sampler=sampler,
+            return twin(tables, x, out, k_dev, t, seed)
+    nbytes = (x.numel() + out.numel() + x.numel()) * 4
+    key = ("step", sampler, var_type, f"3x{size}x{size}", device.type)
+    x_prev = _run(benchmark, fn, nbytes, device, key, provider, shape=list(x.shape), sampler=sampler,
                   var_type=var_type)
     ref = reference_step(diffusion, x, k, out, seed=seed, sampler=sampler, eta=eta)[0]
     assert ((x_prev - ref).norm() / ref.norm()).item() < 1e-5

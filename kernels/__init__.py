@@ -3,16 +3,17 @@
 Importing this package does not import Triton; the launchers import it on first use.
 
     group_norm_silu, group_norm_silu_reference     kernels/group_norm.py
+    group_norm_fwd, group_norm_bwd                 kernels/group_norm.py (the two kernels alone, no autograd)
     triton_step, fused_step, step_tables, step_twin, noise_key      kernels/step.py (loaded lazily)
 """
 import importlib
 
-from .group_norm import group_norm_silu, group_norm_silu_reference
+from .group_norm import group_norm_bwd, group_norm_fwd, group_norm_silu, group_norm_silu_reference
 
 _LAZY = {name: ".step" for name in ("triton_step", "fused_step", "step_tables", "step_twin", "noise_key",
                                     "StepTables")}
 
-__all__ = ["group_norm_silu", "group_norm_silu_reference", *_LAZY]
+__all__ = ["group_norm_silu", "group_norm_silu_reference", "group_norm_fwd", "group_norm_bwd", *_LAZY]
 
 
 def __getattr__(name):

@@ -25,8 +25,11 @@ where dgamma_n, dbeta_n are one sample's per-channel sums. The kernels write tho
 sums to [N, C] float32 buffers and torch sums them over n: deterministic, no atomics.
 
 Memory layout: x is addressed as [N, C, S] through three strides (S = the spatial positions
-flattened), which covers NCHW-contiguous (stride_s = 1) and channels-last (stride_c = 1,
-stride_s = C) without copies; any other layout is made contiguous first.
+flattened). Channels-last x (stride_c = 1, stride_s = C) goes to the whole-row kernels of
+kernels/group_norm_cl.py (16-byte vector access; a sample's rows split over programs at small
+batch); every other layout to the per-group kernels below (NCHW-contiguous: stride_s = 1 and
+16-byte access along the spatial run). A layout whose spatial dims do not flatten to one stride
+is made contiguous first.
 
 Triton is imported on first use (`_triton()`), not when this module is imported: the U-Net
 imports the twin from here, and `import fastddpm` must work, fast, without Triton. The kernel
@@ -40,6 +43,9 @@ import os
 
 import torch
 import torch.nn.functional as F
+
+from . import group_norm_cl
+from .launch import Launch
 
 triton = None  # bound by _triton() on first use
 tl = None
@@ -301,6 +307,11 @@ def _as_ncs(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
     return t, strides
 
 
+def _channels_last(C: int, S: int, strides: tuple[int, int, int]) -> bool:
+    """Whether (n, c, s) strides are channels-last (channel fastest, rows of C): the whole-row kernels."""
+    return C > 1 and S > 1 and strides[1] == 1 and strides[2] == C
+
+
 def _check(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, emb) -> None:
     from fastddpm.errors import BackendUnavailableError, FastDDPMError
 
@@ -322,8 +333,10 @@ def _check(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.T
                 "Triton's interpreter (TRITON_INTERPRET=1)")
 
 
-def _forward(x, num_groups, weight, bias, emb, silu, eps):
-    """Launch the forward kernel: (y, x as the kernel read it, mean [N*G], rstd [N*G])."""
+def forward_launches(x, num_groups, weight, bias, emb, silu, eps):
+    """Plan the forward without running it: (y, x as the kernels read it, mean [N*G], rstd [N*G],
+    launches). Outputs are allocated here; running the `Launch` records in order fills them.
+    x [N, C, *spatial] (already checked), weight, bias [C], emb [N, C] or None."""
     fwd, _ = _triton()
     x, (sxn, sxc, sxs) = _as_ncs(x)
     N, C = x.shape[:2]
@@ -335,17 +348,30 @@ def _forward(x, num_groups, weight, bias, emb, silu, eps):
     cpg = C // num_groups
     block_c, block_s, one_tile, warps = _tiles(cpg, S, FWD_MAX_TILE)
     sen, sec = (emb.stride(0), emb.stride(1)) if emb is not None else (0, 0)
-    if N * num_groups:
-        fwd[(N * num_groups,)](
+    launches = []
+    if N * num_groups and _channels_last(C, S, (sxn, sxc, sxs)) and _channels_last(C, S, (syn, syc, sys)):
+        launches = group_norm_cl.forward_launches(x, (sxn, sxc, sxs), y, (syn, syc, sys), weight, bias, emb,
+                                                  num_groups, silu, eps, mean, rstd)
+    elif N * num_groups:
+        launches.append(Launch("group_norm_fwd", "", fwd, (N * num_groups,), (
             x, y, weight.contiguous(), bias.contiguous(), emb if emb is not None else x, mean, rstd,
-            S, cpg, num_groups, sxn, sxc, sxs, syn, syc, sys, sen, sec, float(eps),
+            S, cpg, num_groups, sxn, sxc, sxs, syn, syc, sys, sen, sec, float(eps)), dict(
             HAS_EMB=emb is not None, SILU=bool(silu), BLOCK_C=block_c, BLOCK_S=block_s, ONE_TILE=one_tile,
-            num_warps=warps)
+            num_warps=warps)))
+    return y, x, mean, rstd, launches
+
+
+def _forward(x, num_groups, weight, bias, emb, silu, eps):
+    """Run the forward: (y, x as the kernel read it, mean [N*G], rstd [N*G])."""
+    y, x, mean, rstd, launches = forward_launches(x, num_groups, weight, bias, emb, silu, eps)
+    for launch in launches:
+        launch()
     return y, x, mean, rstd
 
 
-def _backward(dy, x, num_groups, weight, bias, emb, silu, mean, rstd):
-    """Launch the backward kernel: (dx, dgamma, dbeta, demb or None), in the inputs' dtypes."""
+def backward_launches(dy, x, num_groups, weight, bias, emb, silu, mean, rstd):
+    """Plan the backward without running it: (dx, dgamma_n [N, C], dbeta_n [N, C], demb [N, C] or
+    None, launches); the per-sample sums are float32, summed over n by `_backward`."""
     _, bwd = _triton()
     N, C = x.shape[:2]
     S = math.prod(x.shape[2:])
@@ -359,13 +385,25 @@ def _backward(dy, x, num_groups, weight, bias, emb, silu, mean, rstd):
     cpg = C // num_groups
     block_c, block_s, one_tile, warps = _tiles(cpg, S, BWD_MAX_TILE)
     sen, sec = (emb.stride(0), emb.stride(1)) if emb is not None else (0, 0)
-    if N * num_groups:
-        bwd[(N * num_groups,)](
+    launches = []
+    if N * num_groups and _channels_last(C, S, (sxn, sxc, sxs)) and _channels_last(C, S, (sgn, sgc, sgs)):
+        launches = group_norm_cl.backward_launches(dy, (sdn, sdc, sds), x, (sxn, sxc, sxs), dx, (sgn, sgc, sgs),
+                                                   weight, bias, emb, num_groups, silu, mean, rstd, dw, db, demb)
+    elif N * num_groups:
+        launches.append(Launch("group_norm_bwd", "", bwd, (N * num_groups,), (
             x, dy, dx, weight.contiguous(), bias.contiguous(), emb if emb is not None else x, mean, rstd,
             dw, db, demb, S, cpg, num_groups,
-            sxn, sxc, sxs, sdn, sdc, sds, sgn, sgc, sgs, sen, sec,
+            sxn, sxc, sxs, sdn, sdc, sds, sgn, sgc, sgs, sen, sec), dict(
             HAS_EMB=emb is not None, SILU=bool(silu), BLOCK_C=block_c, BLOCK_S=block_s, ONE_TILE=one_tile,
-            num_warps=warps)
+            num_warps=warps)))
+    return dx, dw, db, (demb if emb is not None else None), launches
+
+
+def _backward(dy, x, num_groups, weight, bias, emb, silu, mean, rstd):
+    """Run the backward: (dx, dgamma, dbeta, demb or None), in the inputs' dtypes."""
+    dx, dw, db, demb, launches = backward_launches(dy, x, num_groups, weight, bias, emb, silu, mean, rstd)
+    for launch in launches:
+        launch()
     dgamma = dw.sum(0).to(weight.dtype)
     dbeta = db.sum(0).to(bias.dtype)
     return dx, dgamma, dbeta, (demb.to(emb.dtype) if emb is not None else None)
@@ -389,6 +427,35 @@ class GroupNormSiLU(torch.autograd.Function):
         need = ctx.needs_input_grad
         return (dx if need[0] else None, dgamma if need[1] else None, dbeta if need[2] else None,
                 demb if need[3] else None, None, None, None)
+
+
+def group_norm_fwd(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor,
+                   emb: torch.Tensor | None = None, silu: bool = True,
+                   eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward kernel alone, outside autograd: (y, mean, rstd).
+
+    Arguments as `group_norm_silu`. y has x's shape, dtype and layout; mean and rstd are float32
+    [N, G]: the mean of h = x + emb over each group and 1 / sqrt(var + eps), what
+    `group_norm_bwd` needs (with the same x, weight, bias, emb). For a wrapper with its own
+    autograd formula (e.g. a torch.library custom op).
+    """
+    _check(x, num_groups, weight, bias, emb)
+    y, _, mean, rstd = _forward(x, num_groups, weight, bias, emb, silu, eps)
+    return y, mean.view(x.shape[0], num_groups), rstd.view(x.shape[0], num_groups)
+
+
+def group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor,
+                   mean: torch.Tensor, rstd: torch.Tensor, emb: torch.Tensor | None = None,
+                   silu: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The backward kernel alone: (dx, dgamma, dbeta, demb or None) from dy = dL/dy [N, C, *spatial].
+
+    x, weight, bias, emb, silu as given to `group_norm_fwd`, and its mean, rstd [N, G]. dx has x's
+    shape, dtype and layout; dgamma, dbeta [C] in weight's and bias's dtypes; demb [N, C] in emb's.
+    The per-sample sums are reduced over n in a fixed order: deterministic (module docstring).
+    """
+    _check(x, num_groups, weight, bias, emb)
+    x, _ = _as_ncs(x)  # the layout the forward read
+    return _backward(dy, x, num_groups, weight, bias, emb, silu, mean.reshape(-1), rstd.reshape(-1))
 
 
 def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor,

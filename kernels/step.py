@@ -42,6 +42,8 @@ import torch
 from fastddpm.errors import BackendUnavailableError, FastDDPMError
 from fastddpm.noise import noise
 
+from .launch import Launch
+
 triton = None  # bound by _triton() on first use
 tl = None
 
@@ -83,8 +85,8 @@ def _step_kernel(
     j = (pid % blocks_per_sample) * BLOCK + tl.arange(0, BLOCK)  # position in the sample, memory order
     mask = j < C * S
     if CHANNELS_LAST:  # walk memory order so that loads coalesce
-        c = j % C
         s = j // C
+        c = j - s * C
     else:
         c = j // S
         s = j % S
@@ -266,21 +268,10 @@ def _output_channels(tables: StepTables, C: int) -> tuple[int, ...]:
     return (2 * C,) if tables.var_mode != "table" else (C, 2 * C)
 
 
-def fused_step(tables: StepTables, x: torch.Tensor, model_output: torch.Tensor, k: torch.Tensor,
-               key: torch.Tensor, *, clip_denoised: bool = True, out: torch.Tensor | None = None,
-               pred_x0: torch.Tensor | None = None) -> torch.Tensor:
-    """Launch the fused step: x_{t-1} from x_t at the device step index k (module docstring).
-
-    tables        `step_tables(diffusion, device, sampler, eta)`
-    x             x_t [B, C, *spatial], float32 / bfloat16 / float16, NCHW or channels-last
-    model_output  [B, C, *spatial] eps, or [B, 2C, *spatial] (eps, v) for learned variances
-    k             0-d int64 device tensor, the step index (e.g. `tables.steps[k]`, or a buffer a
-                  CUDA graph updates in place)
-    key           `tables.key(seed, sample_offset)` / `noise_key(...)`: int64 [2] on the device
-    out           x_{t-1} buffer of x's shape and layout (may be x itself); allocated if None
-    pred_x0       if given, a buffer of x's shape and layout that receives the (clipped) x0
-    Returns x_{t-1}. No host sync: nothing here reads a device value.
-    """
+def step_launches(tables: StepTables, x: torch.Tensor, model_output: torch.Tensor, k: torch.Tensor,
+                  key: torch.Tensor, *, clip_denoised: bool = True, out: torch.Tensor | None = None,
+                  pred_x0: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Launch]]:
+    """Plan `fused_step` without running it: (x_{t-1} buffer, launches); same arguments."""
     _check_dtype(x)
     _check_output(x, model_output, _output_channels(tables, x.shape[1]))
     kernel = _triton()
@@ -300,13 +291,36 @@ def fused_step(tables: StepTables, x: torch.Tensor, model_output: torch.Tensor, 
         raise FastDDPMError(f"a sample of {C * S} elements is too large for the step kernel's 32-bit indices")
     channels_last = sxc == 1 and C > 1 and S > 1  # iterate in memory order: channel fastest
     blocks = triton.cdiv(C * S, BLOCK)
+    launches = []
     if B * blocks:
-        kernel[(B * blocks,)](
+        launches.append(Launch("step", "", kernel, (B * blocks,), (
             x, model_output, out, pred_x0 if pred_x0 is not None else out,
             *tables.coefs.unbind(0), tables.timesteps, k, key,
-            C, S, blocks, sxb, sxc, sxs, sob, soc, sos, *out_strides,
+            C, S, blocks, sxb, sxc, sxs, sob, soc, sos, *out_strides), dict(
             DDIM=tables.ddim, VAR=tables.var_mode, CLIP=bool(clip_denoised), WRITE_X0=pred_x0 is not None,
-            CHANNELS_LAST=channels_last, BLOCK=BLOCK, num_warps=NUM_WARPS)
+            CHANNELS_LAST=channels_last, BLOCK=BLOCK, num_warps=NUM_WARPS)))
+    return out, launches
+
+
+def fused_step(tables: StepTables, x: torch.Tensor, model_output: torch.Tensor, k: torch.Tensor,
+               key: torch.Tensor, *, clip_denoised: bool = True, out: torch.Tensor | None = None,
+               pred_x0: torch.Tensor | None = None) -> torch.Tensor:
+    """Launch the fused step: x_{t-1} from x_t at the device step index k (module docstring).
+
+    tables        `step_tables(diffusion, device, sampler, eta)`
+    x             x_t [B, C, *spatial], float32 / bfloat16 / float16, NCHW or channels-last
+    model_output  [B, C, *spatial] eps, or [B, 2C, *spatial] (eps, v) for learned variances
+    k             0-d int64 device tensor, the step index (e.g. `tables.steps[k]`, or a buffer a
+                  CUDA graph updates in place)
+    key           `tables.key(seed, sample_offset)` / `noise_key(...)`: int64 [2] on the device
+    out           x_{t-1} buffer of x's shape and layout (may be x itself); allocated if None
+    pred_x0       if given, a buffer of x's shape and layout that receives the (clipped) x0
+    Returns x_{t-1}. No host sync: nothing here reads a device value.
+    """
+    out, launches = step_launches(tables, x, model_output, k, key, clip_denoised=clip_denoised, out=out,
+                                  pred_x0=pred_x0)
+    for launch in launches:
+        launch()
     return out
 
 

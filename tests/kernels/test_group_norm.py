@@ -18,6 +18,7 @@ triton = pytest.importorskip("triton")
 
 from fastddpm.errors import FastDDPMError  # noqa: E402
 from fastddpm.kernels import group_norm as gn  # noqa: E402
+from fastddpm.kernels import group_norm_cl as gcl  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # SiLU's exp(-p) overflows to inf for very negative p (then p / (1 + inf) = -0, correct); numpy
@@ -132,6 +133,62 @@ def test_chunked_path(monkeypatch, channels_last):
     check_against_references(x + 34.3, G, w, b, e, dy, True, 1e-5, refs=(torch.float64,))
 
 
+# The channels-last kernels (kernels/group_norm_cl.py) at each cifar10 channel count, 32 groups, at
+# small spatial sizes: C = 128, 256, 384 (12 channels a group, C not a power of two), 512.
+CL_SHAPES = [
+    pytest.param((2, 128, 3, 5, 32), id="C128"),
+    pytest.param((2, 256, 2, 3, 32), id="C256"),
+    pytest.param((1, 384, 3, 3, 32), id="C384-batch1"),
+    pytest.param((2, 512, 3, 3, 32), id="C512"),
+]
+# How the rows of a sample are shared out: one program (every phase in one launch), one program
+# whose tile loop runs several times with a masked tail, or split over several programs (three
+# launches: stats, finalize, apply) with a partial last split.
+CL_PATHS = [
+    pytest.param((1, None), id="fused"),  # the default tiles
+    pytest.param((1, 1024), id="fused-looped"),
+    pytest.param((132, 1024), id="split"),
+]
+
+
+@pytest.fixture
+def cl_path(request, monkeypatch):
+    """Force a channels-last plan: (SM count the planner assumes off CUDA, tile size or None)."""
+    sms, tile = request.param
+    monkeypatch.setattr(gcl, "CPU_SM_COUNT", sms)
+    if tile is not None:
+        monkeypatch.setattr(gcl, "FWD_TILE", tile)
+        monkeypatch.setattr(gcl, "BWD_TILE", tile)
+    return sms, tile
+
+
+@pytest.mark.parametrize("dtype, tol", DTYPES[:2])
+@pytest.mark.parametrize("cl_path", CL_PATHS, indirect=True)
+@pytest.mark.parametrize("shape", CL_SHAPES)
+def test_channels_last_rows(shape, cl_path, dtype, tol):
+    """The whole-row kernels against float64 and the float32 twin: y and every gradient, emb + SiLU."""
+    if not torch.cuda.is_available():
+        N, C, H, W, G = shape
+        for tile in (gcl.FWD_TILE, gcl.BWD_TILE):
+            cfg = gcl.plan(N, C, H * W, G, torch.device("cpu"), tile, 16)
+            assert (cfg["SPLIT"] > 1) == (cl_path[0] > 1), cfg
+            if cl_path[1] is not None:  # the small tile: the loop (or the split) covers several tiles
+                assert H * W > cfg["BLOCK_S"], cfg
+    x, G, w, b, e, dy = make_inputs(shape, dtype, channels_last=True)
+    check_against_references(x, G, w, b, e, dy, True, tol)
+
+
+@pytest.mark.parametrize("cl_path", CL_PATHS, indirect=True)
+@pytest.mark.parametrize("silu", [True, False], ids=["silu", "identity"])
+@pytest.mark.parametrize("emb", [True, False], ids=["emb", "no-emb"])
+def test_channels_last_rows_variants(emb, silu, cl_path):
+    """Off-centre input (x at 32 +- 0.5: the merged Welford statistics must not lose digits),
+    with and without the embedding and SiLU; float64 is the reference (module docstring of
+    test_chunked_path: torch's own float32 group_norm errs 1.6e-5 at this offset)."""
+    x, G, w, b, e, dy = make_inputs((2, 384, 3, 5, 32), torch.float32, emb=emb, channels_last=True, seed=1)
+    check_against_references(x + 34.3, G, w, b, e, dy, silu, 1e-5, refs=(torch.float64,))
+
+
 def test_other_layouts_and_ranks():
     """A non-flattenable layout (a transposed view) is copied first; 3-D [N, C, L] inputs work."""
     x, G, w, b, e, dy = make_inputs((2, 6, 5, 7, 3), torch.float32)
@@ -161,6 +218,23 @@ def test_broadcast_upstream_gradient():
         grads.append([t.grad for t in leaves])
     for got, want in zip(*grads):
         assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+def test_fwd_bwd_entry_points(channels_last):
+    """group_norm_fwd / group_norm_bwd (the kernels without autograd, for a custom op) give what
+    the autograd path gives, and mean / rstd are the group statistics of x + emb in float64."""
+    x, G, w, b, e, dy = make_inputs((2, 12, 5, 7, 4), torch.float32, channels_last=channels_last)
+    y, mean, rstd = gn.group_norm_fwd(x, G, w, b, e, silu=True, eps=1e-5)
+    assert mean.shape == rstd.shape == (2, G) and mean.dtype == rstd.dtype == torch.float32
+    h = (x.double() + e.double()[:, :, None, None]).reshape(2, G, -1)
+    assert rel_err(mean, h.mean(-1)) < 1e-6
+    assert rel_err(rstd, (h.var(-1, unbiased=False) + 1e-5).rsqrt()) < 1e-5
+    dx, dgamma, dbeta, demb = gn.group_norm_bwd(dy, x, G, w, b, mean, rstd, e, silu=True)
+    y_ref, grads = run_with_grads(gn.group_norm_silu, x, G, w, b, e, dy, True)
+    assert torch.equal(y, y_ref) and dx.stride() == x.stride()
+    for got, want in zip((dx, dgamma, dbeta, demb), grads):
+        assert torch.equal(got, want)
 
 
 def test_no_grad_matches():
@@ -197,6 +271,20 @@ def test_import_does_not_load_triton():
 def test_cifar10_shapes_gpu(C, HW, dtype, tol):
     """The cifar10 preset's real activation shapes (batch 8), compiled: one-tile and chunked paths."""
     x, G, w, b, e, dy = make_inputs((8, C, HW, HW, 32), dtype)
+    check_against_references(x, G, w, b, e, dy, True, tol)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype, tol", DTYPES[:2])
+@pytest.mark.parametrize("batch", [8, 256], ids=["batch8-split", "batch256-fused"])
+@pytest.mark.parametrize("C, HW", [(128, 32), (256, 4), (384, 32), (512, 8)])
+def test_cifar10_channels_last_gpu(C, HW, batch, dtype, tol):
+    """The whole-row kernels at the preset's shapes, compiled: batch 8 splits a sample's rows over
+    programs (three launches), batch 256 runs one fused launch a sample (a GPU has < 256 SMs)."""
+    cfg = gcl.plan(batch, C, HW * HW, 32, torch.device("cuda"), gcl.FWD_TILE, gcl.FWD_WARPS)
+    assert (cfg["SPLIT"] == 1) == (batch == 256) or HW * HW <= cfg["BLOCK_S"], cfg
+    x, G, w, b, e, dy = make_inputs((batch, C, HW, HW, 32), dtype, channels_last=True)
     check_against_references(x, G, w, b, e, dy, True, tol)
 
 
