@@ -19,10 +19,11 @@ The output layout is pinned (channels-last for a channels-last 4-D x, else conti
 real outputs have exactly the fake's strides, as Inductor assumes.
 
 Autograd (`register_autograd`): the backward is a second custom op,
-`fastddpm::group_norm_silu_backward`, that returns (dx, dweight, dbias, demb) as the vector-Jacobian
-product of the torch twin (`torch.func.vjp`, recomputing the forward), on every device. So
-training through the op is exact and compiles, but its backward runs torch ops, not the Triton
-backward kernel (that one is reached through the launcher's own autograd, backend "triton").
+`fastddpm::group_norm_silu_backward`, that returns (dx, dweight, dbias, demb). On CUDA it runs the
+Triton kernels: `group_norm_fwd` recomputes the group statistics (mean, rstd; the op saves only
+its inputs, so its schema stays one tensor out) and `group_norm_bwd` applies the backward
+formula of kernels/group_norm.py. Elsewhere it is the vector-Jacobian product of the torch twin
+(`torch.func.vjp`, recomputing the forward). So training through the op is exact and compiles.
 
 Registration happens on first use (`register()`), never at import: `import fastddpm` stays
 free of side effects. It works with torch >= 2.4 (`torch.library.custom_op`); tested on 2.13
@@ -33,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from .group_norm import group_norm_silu, group_norm_silu_reference
+from .group_norm import group_norm_bwd, group_norm_fwd, group_norm_silu, group_norm_silu_reference
 
 NAMESPACE = "fastddpm"
 FORWARD = "group_norm_silu"
@@ -94,6 +95,15 @@ def _backward_twin(dy, x, num_groups, weight, bias, emb, silu, eps):
     return _pinned(dx, x), _pinned(dw, weight), _pinned(db, bias), demb
 
 
+def _backward_cuda(dy, x, num_groups, weight, bias, emb, silu, eps):
+    """The Triton backward: statistics recomputed by the forward kernel, then the backward kernel."""
+    with torch.no_grad():
+        _, mean, rstd = group_norm_fwd(x, num_groups, weight, bias, emb, silu, eps)
+        dx, dw, db, demb = group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, emb, silu)
+    demb = _pinned(demb, emb) if emb is not None else x.new_empty(0)
+    return _pinned(dx, x), _pinned(dw, weight), _pinned(db, bias), demb
+
+
 def _backward_fake(dy, x, num_groups, weight, bias, emb, silu, eps):
     demb = _empty_like(emb) if emb is not None else x.new_empty(0)
     return _empty_like(x), _empty_like(weight), _empty_like(bias), demb
@@ -121,6 +131,7 @@ def register() -> None:
     if not hasattr(ops, FORWARD):  # a second copy of this module (reload) finds them registered
         bwd = torch.library.custom_op(f"{NAMESPACE}::{BACKWARD}", _backward_twin, mutates_args=(),
                                       schema=_BACKWARD_SCHEMA)
+        bwd.register_kernel("cuda", _backward_cuda)
         bwd.register_fake(_backward_fake)
         fwd = torch.library.custom_op(f"{NAMESPACE}::{FORWARD}", _forward_twin, mutates_args=(),
                                       schema=_FORWARD_SCHEMA)
