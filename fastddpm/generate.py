@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import io
 import json
-import math
 import platform
 import sys
 import time
@@ -28,9 +27,10 @@ from .checkpoint import load_checkpoint
 from .diffusion import GaussianDiffusion
 from .distributed import Distributed, resolve_device  # noqa: F401  (re-exported for bench)
 from .backends import get_backend
-from .errors import FastDDPMError, OutOfMemoryError, check_choice
+from .errors import FastDDPMError, check_choice
 from .files import publish_together
 from .images import grid, to_uint8
+from .memory import check_sampling_fits
 from .noise import check_seed
 from .run_folder import RunFolder, lock_on_main
 from .sampling import SAMPLERS, sample, warm_up
@@ -140,37 +140,6 @@ def validate(request: SampleRequest) -> None:
         raise FastDDPMError(f"unknown model preset {request.model!r}; choose one of {', '.join(map(repr, PRESETS))}")
 
 
-# Bytes per element of the sampling state that the loop keeps alive at once: the state and the
-# model output in float32, and the counter-based noise's int64 Philox temporaries (about 8 of
-# them, fastddpm.noise). A lower bound: the model's activations come on top.
-_BYTES_PER_STATE_ELEMENT = 4 * 4 + 8 * 8
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Free bytes on `device` now: the GPU's free memory, or the host's MemAvailable (None if unknown)."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def check_fits_in_memory(shape, device: torch.device, flag: str = "--batch") -> None:
-    """Refuse a batch whose sampling state alone cannot fit in the free memory of `device`
-    (OutOfMemoryError naming `flag`), before allocating it: many mid-sized allocations that each
-    succeed would otherwise end in the kernel's out-of-memory killer, not in an error."""
-    needed = math.prod(shape) * _BYTES_PER_STATE_ELEMENT
-    free = available_memory(device)
-    if free is not None and needed > free:
-        raise OutOfMemoryError(f"out of memory: {shape[0]} samples need at least {needed / 2**30:.1f} GiB on "
-                               f"{device.type}, {free / 2**30:.1f} GiB is free; lower {flag}")
-
-
 def run_sample(request: SampleRequest) -> dict:
     """Run one sampling job and write its outputs; returns the stats written to stats.json."""
     validate(request)
@@ -195,7 +164,7 @@ def _run(request: SampleRequest, dist: Distributed, out) -> dict:
     c = model.config
     first, count = dist.shard(request.batch)  # this rank's samples: first .. first + count - 1
     shape = (count, c.in_channels, c.image_size, c.image_size)
-    check_fits_in_memory(shape, device)
+    check_sampling_fits(shape, device)  # before allocating: many partial allocations end in the OOM killer
     if request.checkpoint is None and request.backend != "onnx":  # (onnx: the weights come from the file)
         print(f"fastddpm: no checkpoint given: {source} (seed {request.seed}); a throughput run, "
               "the images are not meaningful", file=sys.stderr)

@@ -51,6 +51,7 @@ from .diffusion import GaussianDiffusion
 from .distributed import Distributed
 from .errors import FastDDPMError, OutOfSpaceError, check_choice
 from .files import atomic_write, mapped_write_errors
+from .memory import check_schedule_fits, check_training_fits
 from .noise import SEED_MAX, check_seed, noise
 from .run_folder import RunFolder, lock_on_main
 from .schedule import SCHEDULES, make_betas
@@ -240,6 +241,7 @@ class Trainer:
     def _build(self) -> None:
         cfg = self.cfg
         self.data = load_training_data(cfg)
+        check_schedule_fits(cfg.diffusion_steps)
         self.diffusion = build_diffusion(cfg)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg, self.data).to(self.device).train()
@@ -251,6 +253,7 @@ class Trainer:
         flip = self.data.flip_default if cfg.flip is None else cfg.flip
         self.loader = SeededLoader(self.data, cfg.batch, seed=cfg.seed, flip=flip, rank=self.dist.rank,
                                    world_size=self.dist.world_size, device=self.device)
+        check_training_fits(self.model.config, cfg.batch, self.device, half_precision=cfg.precision != "fp32")
         T = self.diffusion.num_timesteps
         self.sampler = UniformSampler(T) if cfg.timestep_sampler == "uniform" else LossSecondMomentSampler(T)
         self.noise_seed = _mix(cfg.seed, 0x401E) & 0xFFFFFFFF

@@ -489,3 +489,26 @@ def test_tampered_checkpoints_are_refused_before_the_first_step(npz, tmp_path, c
         assert code == 2, (label, err)
         assert err.startswith("fastddpm: error: ") and err.count("\n") == 1 and piece in err, (label, piece, err)
         assert sorted(p.name for p in out.iterdir()) == before, label  # no step ran: no log, no checkpoint
+
+
+def test_work_that_cannot_fit_in_memory_is_refused_naming_the_flag(npz, tmp_path, monkeypatch, capsys):
+    """Checked against the free memory before allocating (here: a machine with 4 MiB free; a batch of 40
+    8x8 images keeps at least 7 MiB of activations for the backward pass of the tiny U-Net)."""
+    from fastddpm import memory
+
+    monkeypatch.setattr(memory, "available_memory", lambda device: 4 * 2**20)
+    assert main(_argv(npz, tmp_path / "a", diffusion_steps=10**7)) == 2
+    _one_line_error(capsys, "out of memory", "lower --diffusion-steps")
+    assert main(_argv(npz, tmp_path / "b", batch=40)) == 2
+    _one_line_error(capsys, "out of memory", "batch of 40", "lower --batch")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    monkeypatch.undo()
+
+    from fastddpm import train as train_module
+
+    def no_memory(*args, **kwargs):  # what torch raises for one allocation too large for the host
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 32000000000 bytes. Error code 12")
+    monkeypatch.setattr(train_module, "make_betas", no_memory)
+    assert main(_argv(npz, tmp_path / "c")) == 2
+    _one_line_error(capsys, "out of memory", "lower --batch or --diffusion-steps")
