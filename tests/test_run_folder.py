@@ -203,3 +203,14 @@ def test_out_that_is_a_file(tmp_path, capsys):
     with pytest.raises(OutputError, match="not a folder"):
         RunFolder(blocker)
     assert blocker.read_text() == "x"
+
+
+def test_export_and_convert_check_their_out_first(tmp_path, capsys):
+    (tmp_path / "a-folder").mkdir()
+    for argv, piece in [(["export", "--checkpoint", "digits", "--out", str(tmp_path / "a-folder")], "is a folder"),
+                        (["export", "--checkpoint", "digits", "--out", ""], "--out is empty"),
+                        (["export", "--checkpoint", "digits", "--out", "/proc/x.onnx"], "system folder"),
+                        (["convert", "digits", "--out", ""], "--out is empty")]:
+        assert main(argv) == 2
+        _one_line(capsys, piece)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-folder"]
