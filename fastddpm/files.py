@@ -181,13 +181,15 @@ def publish_together(folder, writers: dict, last: str | None = None) -> None:
     _fsync_dir(folder)
 
 
-def remove_leftovers(folder) -> list[Path]:
-    """Delete temporary files of ours left in `folder` by a killed run; call it only while holding
-    the folder's lock (another live run's temporaries look the same). Returns what was removed."""
+def remove_leftovers(folder, name: str | None = None) -> list[Path]:
+    """Delete temporary files of ours left in `folder` by a killed run (only those for output file
+    `name`, if given); call it only while holding the lock that covers them (another live run's
+    temporaries look the same). Returns what was removed."""
     removed = []
     folder = Path(folder)
     # TMP_PREFIX: this version; ".NAME.safetensors.XXXX.tmp": the temporaries of earlier versions
-    for pattern in (f"{TMP_PREFIX}*", ".*.safetensors.*.tmp"):
+    patterns = (f"{TMP_PREFIX}*", ".*.safetensors.*.tmp") if name is None else (f"{TMP_PREFIX}{name}.*",)
+    for pattern in patterns:
         for p in folder.glob(pattern):
             if p.is_file():
                 p.unlink(missing_ok=True)

@@ -39,7 +39,9 @@ class RunFolder:
     that only remembers the path. `flag` names the option in messages ("--out").
     """
 
-    def __init__(self, path, flag: str = "--out", enabled: bool = True, lock_name: str = LOCK_NAME):
+    def __init__(self, path, flag: str = "--out", enabled: bool = True, lock_name: str = LOCK_NAME,
+                 file_name: str | None = None):
+        self.file_name = file_name  # set by output_file_lock: the lock covers this one file only
         self.flag = flag
         self.enabled = enabled
         self.lock_name = lock_name
@@ -57,7 +59,7 @@ class RunFolder:
         self._created = _make_dirs(self.path, self.flag)
         try:
             self._lock()
-            remove_leftovers(self.path)
+            remove_leftovers(self.path, self.file_name)
             _probe(self.path)
         except BaseException:
             self._release(failed=True)
@@ -122,7 +124,7 @@ class RunFolder:
 def output_file_lock(path, flag: str = "--out", enabled: bool = True) -> RunFolder:
     """A RunFolder on the folder of output file `path`, locking only that file's name."""
     p = Path(path)
-    return RunFolder(p.parent, flag=flag, enabled=enabled, lock_name=f".{p.name}.fastddpm.lock")
+    return RunFolder(p.parent, flag=flag, enabled=enabled, lock_name=f".{p.name}.fastddpm.lock", file_name=p.name)
 
 
 def _make_dirs(path: Path, flag: str) -> list[Path]:

@@ -214,3 +214,13 @@ def test_export_and_convert_check_their_out_first(tmp_path, capsys):
         assert main(argv) == 2
         _one_line(capsys, piece)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-folder"]
+
+
+def test_a_file_lock_removes_only_that_files_leftovers(tmp_path):
+    """eval writing run/bpd.json must not delete a live training run's temporary checkpoint in run/."""
+    mine = tmp_path / ".fastddpm-tmp.bpd.json.x1"
+    theirs = tmp_path / ".fastddpm-tmp.ckpt-8.safetensors.y2"
+    mine.write_text("{")
+    theirs.write_bytes(b"half a checkpoint")
+    with output_file_lock(tmp_path / "bpd.json"):
+        assert not mine.exists() and theirs.exists()
