@@ -191,6 +191,9 @@ def remove_leftovers(folder, name: str | None = None) -> list[Path]:
     patterns = (f"{TMP_PREFIX}*", ".*.safetensors.*.tmp") if name is None else (f"{TMP_PREFIX}{name}.*",)
     for pattern in patterns:
         for p in folder.glob(pattern):
+            target = p.name[len(TMP_PREFIX):].rsplit(".", 1)[0]
+            if name is None and (folder / f".{target}.fastddpm.lock").exists():
+                continue  # an output file under its own lock (fastddpm.run_folder.output_file_lock)
             if p.is_file():
                 p.unlink(missing_ok=True)
                 removed.append(p)

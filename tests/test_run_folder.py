@@ -224,3 +224,11 @@ def test_a_file_lock_removes_only_that_files_leftovers(tmp_path):
     theirs.write_bytes(b"half a checkpoint")
     with output_file_lock(tmp_path / "bpd.json"):
         assert not mine.exists() and theirs.exists()
+
+
+def test_a_folder_lock_spares_the_temporaries_of_a_locked_output_file(tmp_path, holder):
+    holder(tmp_path / "fid.json", kind="file")  # an evaluation writing into the folder
+    (tmp_path / ".fastddpm-tmp.fid.json.k3j4").write_text("{")
+    (tmp_path / ".fastddpm-tmp.grid.png.a1b2").write_bytes(b"stale")
+    with RunFolder(tmp_path):
+        assert sorted(p.name for p in tmp_path.glob(".fastddpm-tmp.*")) == [".fastddpm-tmp.fid.json.k3j4"]
