@@ -236,3 +236,12 @@ def test_convert_out_of_space_is_one_line(tmp_path, full_on, capsys):
     assert main(["convert", str(src), "--out", str(tmp_path / "diffusers")]) == 2
     _one_line(capsys, "out of space")
     _no_temporaries(tmp_path)
+
+
+def test_a_read_only_file_system_is_one_line(small_disk, capsys):
+    disk = small_disk(64 * 1024)
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    assert _sample(disk / "s", 2) == 2
+    _one_line(capsys, "Read-only file system")
+    assert main(["eval", "bpd", "--checkpoint", "digits", "--data", "digits", "--out", str(disk / "b.json")]) == 2
+    _one_line(capsys, "Read-only file system")
