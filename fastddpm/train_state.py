@@ -152,8 +152,6 @@ def _check_optimizer(state: dict, params: list, src: str) -> dict:
                                       f"{tuple(t.shape)}, the parameter is {p.dtype} {tuple(p.shape)}")
         if (st["exp_avg_sq"] < 0).any():
             raise CheckpointError(f"{src!r}: optimizer exp_avg_sq of parameter {idx} has negative entries")
-    if opt_state and len(opt_state) != len(params):
-        raise CheckpointError(f"{src!r} has optimizer state for {len(opt_state)} of {len(params)} parameters")
     bad = non_finite({f"train.optimizer.{i}.{k}": v for i, st in opt_state.items() for k, v in st.items()})
     if bad:
         raise CheckpointError(f"{src!r} has non-finite optimizer state in {', '.join(bad[:3])}")
