@@ -232,3 +232,19 @@ def test_a_folder_lock_spares_the_temporaries_of_a_locked_output_file(tmp_path, 
     (tmp_path / ".fastddpm-tmp.grid.png.a1b2").write_bytes(b"stale")
     with RunFolder(tmp_path):
         assert sorted(p.name for p in tmp_path.glob(".fastddpm-tmp.*")) == [".fastddpm-tmp.fid.json.k3j4"]
+
+
+def test_torchrun_ranks_all_stop_when_rank_0_is_refused(tmp_path, holder):
+    """Only rank 0 locks; when it is refused the other ranks must stop too, not wait for it forever."""
+    out = tmp_path / "run"
+    holder(out)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(29500 + (os.getpid() + 7) % 1000), "-m", "fastddpm", "sample", "--model", "tiny",
+                           "--steps", "2", "--batch", "4", "--device", "cpu", "--no-progress", "--out", str(out)],
+                          capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode != 0
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("fastddpm: error:")]
+    assert len(errors) == 2, proc.stderr  # one line from each rank
+    assert any("in use by another fastddpm run" in ln for ln in errors)
+    assert any("rank 0 could not take the output folder" in ln for ln in errors)
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
