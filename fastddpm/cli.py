@@ -355,8 +355,9 @@ def main(argv=None) -> int:
 
 
 def _show(held) -> None:
-    for w in held:  # the command succeeded: now the warnings it raised
-        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    """Re-issue the warnings a command raised (after it succeeded), to whatever shows them now."""
+    for w in held:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 if __name__ == "__main__":

@@ -179,3 +179,19 @@ def test_library_warnings_do_not_precede_the_error_line(tmp_path, monkeypatch, c
     monkeypatch.setattr(generate, "build_model", warn_then_fail)
     assert main(["sample", "--model", "tiny", "--out", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err == "fastddpm: error: the checkpoint is broken\n"
+
+
+def test_warnings_of_a_successful_command_are_still_shown(tmp_path, monkeypatch):
+    import warnings
+
+    from fastddpm import generate
+
+    real = generate.forward_gflops
+
+    def warn(config):
+        warnings.warn("a library's warning", UserWarning)
+        return real(config)
+    monkeypatch.setattr(generate, "forward_gflops", warn)
+    with pytest.warns(UserWarning, match="a library's warning"):
+        assert main(["sample", "--model", "tiny", "--steps", "2", "--batch", "1", "--no-progress",
+                     "--out", str(tmp_path / "o")]) == 0
