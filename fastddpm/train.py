@@ -276,8 +276,9 @@ class Trainer:
     def _hold_folder(self, check: bool = True) -> None:
         """Take the run folder's lock (rank 0; creating the folder, removing our stale temporaries),
         then (check) make sure --resume finds a run there and a fresh run does not overwrite one."""
-        self._lock = lock_on_main(self.folder, self.dist)
-        self._lock.__enter__()
+        lock = lock_on_main(self.folder, self.dist)
+        lock.__enter__()
+        self._lock = lock
         if not check:
             return
         try:
