@@ -21,7 +21,9 @@ import torch
 from .checkpoint import load_checkpoint
 from .data import load_dataset
 from .errors import DataError
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, check_output_file
+from .noise import check_seed
+from .run_folder import output_file_lock
 
 
 @dataclass
@@ -45,7 +47,18 @@ def evaluate_bpd(request: BpdRequest) -> dict:
     Returns (and writes to request.out, when set) a dict: bpd, bpd_stderr, prior_bpd, images,
     and per_timestep = {vb, mse, xstart_mse}: lists of length T in t order 0..T-1, each the mean
     over images (vb in bits/dim; mse the eps-prediction error; xstart_mse the x0 error).
+    request.out is checked before any work (a folder, an empty name, an unwritable place are
+    refused at once) and locked while the evaluation runs.
     """
+    check_seed(request.seed, "--seed")
+    if request.out is None:
+        return _evaluate(request)
+    check_output_file(request.out, "--out")
+    with output_file_lock(request.out, "--out"):
+        return _evaluate(request)
+
+
+def _evaluate(request: BpdRequest) -> dict:
     from tqdm.auto import tqdm
 
     from .generate import resolve_device
@@ -81,7 +94,7 @@ def evaluate_bpd(request: BpdRequest) -> dict:
         "per_timestep": {k: (v / n).tolist() for k, v in sums.items()},
         "seconds": seconds, "request": asdict(request),
     }
-    if request.out:
+    if request.out is not None:
         atomic_write_bytes(request.out, (json.dumps(result, indent=1) + "\n").encode())
     print(f"{result['bpd']:.4f} +- {stderr:.4f} bits/dim over {n} test images of {data.name} "
           f"(prior term {result['prior_bpd']:.2e}; {seconds:.1f} s)"

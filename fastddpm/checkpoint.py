@@ -7,8 +7,10 @@ Layout of a fastddpm checkpoint (`.safetensors`):
     metadata  {"format": "fastddpm", "version": "1", "config": JSON string:
                {"unet": UNetConfig.to_dict(), "diffusion": GaussianDiffusion.config(), "meta": {...}}}
 
-Nothing is ever unpickled: safetensors holds only raw tensors and strings. Files are written
-to a temporary name in the same folder and renamed, so a crash never leaves half a checkpoint.
+Nothing is ever unpickled: safetensors holds only raw tensors and strings. Files are serialised
+in memory and written to a temporary name of ours in the same folder, flushed and renamed
+(fastddpm.files), so a crash never leaves half a checkpoint, and a full disk is an
+OutOfSpaceError that leaves the previous file in place.
 """
 from __future__ import annotations
 
@@ -17,11 +19,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .diffusion import GaussianDiffusion
 from .errors import CheckpointError, FastDDPMError
-from .files import atomic_write
+from .files import save_safetensors
 from .unet import UNet
 from .validate import betas_tensor, check_weights, config_object, diffusion_settings
 from .validate import unet_config as validate_unet_config
@@ -56,6 +58,8 @@ def save_checkpoint(path, model: UNet, diffusion: GaussianDiffusion, extra_tenso
     """Write `model`'s weights, `diffusion`'s betas and settings, and JSON-able `meta` to `path`.
 
     extra_tensors: more tensors to store, each name starting with "train." (training state).
+    Raises OutOfSpaceError / OutputError (fastddpm.errors) when the file cannot be written; the
+    file at `path`, if any, is then unchanged.
     """
     if diffusion.num_steps != diffusion.num_timesteps:
         raise FastDDPMError("save the full diffusion process, not a respaced one")
@@ -67,7 +71,7 @@ def save_checkpoint(path, model: UNet, diffusion: GaussianDiffusion, extra_tenso
         tensors[name] = value.detach().to("cpu").contiguous()
     config = {"unet": model.config.to_dict(), "diffusion": diffusion.config(), "meta": meta}
     metadata = {"format": FORMAT, "version": VERSION, "config": json.dumps(config)}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    save_safetensors(path, tensors, metadata)
 
 
 def read_checkpoint(path) -> tuple[dict, dict]:

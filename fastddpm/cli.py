@@ -1,21 +1,41 @@
 """`fastddpm` command line: sample, train, eval, export, bench, convert.
 
 Each sub-command parses its flags and calls the library; nothing here computes. Bad input of
-any kind (a FastDDPMError from the library, a bad flag) prints one line on stderr and exits 2.
+any kind prints one line on stderr, `fastddpm: error: ...`, and exits 2, with no traceback:
+a FastDDPMError from the library, a bad flag, a full disk (ENOSPC, EDQUOT, EFBIG: the library
+publishes nothing then) and work that does not fit in memory (the line names the flag to
+lower). Warnings from libraries (torch, Pillow) are held back while a command runs and shown
+after it succeeds, so they never precede the error line.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from .errors import FastDDPMError
+
+SEED_MAX = 0xFFFFFFFF  # fastddpm.noise.SEED_MAX (not imported: that would import torch for --help)
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad flag as one line (no usage block) and exits 2."""
 
     def error(self, message):
-        raise FastDDPMError(f"{self.prog}: {message}")
+        # prog is "fastddpm sample"; main() adds the "fastddpm: error: " prefix once.
+        where = self.prog[len("fastddpm "):] if self.prog.startswith("fastddpm ") else ""
+        raise FastDDPMError(f"{where}: {message}" if where else message)
+
+
+def _seed(text: str) -> int:
+    """A --seed: an integer in 0 .. 2^32 - 1, the range of the noise key (fastddpm.noise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to {SEED_MAX}, got {text!r}") from None
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be from 0 to {SEED_MAX} (2^32 - 1), got {value}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -38,7 +58,8 @@ def _add_sample(sub) -> None:
     p.add_argument("--steps", type=_positive_int, default=None,
                    help="sampling steps; fewer than the model's T respaces the process (default: T)")
     p.add_argument("--batch", type=_positive_int, default=64, help="number of samples (default 64)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed; also seeds random weights (default 0)")
+    p.add_argument("--seed", type=_seed, default=0,
+                   help="noise seed, 0 .. 2^32-1; also seeds random weights (default 0)")
     p.add_argument("--sampler", default="ancestral", choices=["ancestral", "ddim"])
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale in [0, 1] (default 0)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="model precision")
@@ -47,7 +68,7 @@ def _add_sample(sub) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", default="samples", metavar="DIR", help="output folder (default ./samples)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_sample)
+    p.set_defaults(func=cmd_sample, memory_flags="--batch")
 
 
 def cmd_sample(args) -> int:
@@ -76,7 +97,8 @@ def _add_train(sub) -> None:
                    help="autocast precision with float32 master weights (default fp32)")
     p.add_argument("--compile", action="store_true", help="put the training step through torch.compile")
     p.add_argument("--save-every", type=_positive_int, default=5_000, help="checkpoint interval (default 5000)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the weights, data order, timesteps and noise")
+    p.add_argument("--seed", type=_seed, default=0,
+                   help="seeds the weights, data order, timesteps and noise; 0 .. 2^32-1 (default 0)")
     p.add_argument("--resume", action="store_true", help="continue DIR/last.safetensors up to --steps")
     p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (default 2e-4)")
     p.add_argument("--warmup", type=int, default=5_000, help="linear learning-rate warm-up steps (default 5000)")
@@ -90,14 +112,15 @@ def _add_train(sub) -> None:
     p.add_argument("--keep", type=int, default=3, help="how many ckpt-STEP files to keep (default 3)")
     p.add_argument("--log-every", type=_positive_int, default=100, help="JSONL log interval (default 100)")
     p.add_argument("--sample-every", type=int, default=0, metavar="K", help="EMA sample grid every K steps (0: never)")
-    p.add_argument("--sample-steps", type=_positive_int, default=100, help="sampling steps of those grids")
+    p.add_argument("--sample-steps", type=_positive_int, default=None,
+                   help="sampling steps of those grids, at most T (default: 100, or T if smaller)")
     p.add_argument("--max-bad-steps", type=_positive_int, default=50,
                    help="stop after this many non-finite steps in a row (default 50)")
     p.add_argument("--flip", default="auto", choices=["auto", "on", "off"],
                    help="random left-right flip (auto: on, except for digits)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, memory_flags="--batch or --diffusion-steps")
 
 
 def cmd_train(args) -> int:
@@ -150,7 +173,7 @@ def _add_eval_fid(metrics) -> None:
                    help="images per KID subset, capped at the smaller set (default 1000)")
     p.add_argument("--is-splits", type=_positive_int, default=10, help="Inception Score splits (default 10)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_eval_fid)
+    p.set_defaults(func=cmd_eval_fid, memory_flags="--batch")
 
 
 def cmd_eval_fid(args) -> int:
@@ -173,11 +196,11 @@ def _add_eval_bpd(metrics) -> None:
     p.add_argument("--data", required=True, help="digits | cifar10:DIR | images:DIR | npz:FILE (its test split)")
     p.add_argument("--batch", type=_positive_int, default=256, help="images per batch (default 256)")
     p.add_argument("--limit", type=_positive_int, default=None, help="evaluate only the first N test images")
-    p.add_argument("--seed", type=int, default=0, help="seeds the x_t draws (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seeds the x_t draws, 0 .. 2^32-1 (default 0)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", default="bpd.json", metavar="FILE.json", help="result file (default bpd.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_eval_bpd)
+    p.set_defaults(func=cmd_eval_bpd, memory_flags="--batch")
 
 
 def cmd_eval_bpd(args) -> int:
@@ -206,6 +229,9 @@ def _add_export(sub) -> None:
 
 def cmd_export(args) -> int:
     from .export.onnx_export import export_checkpoint
+    from .files import check_output_file
+
+    check_output_file(args.out, "--out")  # before the export, which takes a while
 
     info = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, step_graph=args.step_graph)
     print(f"wrote {args.out}: {info['graph']} graph, {info['dtype']}, opset {info['opset']}, "
@@ -231,7 +257,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--repeat", type=_positive_int, default=3, help="timed runs per row; the median is reported "
                                                                    "(default 3)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the table as JSON to FILE")
-    p.set_defaults(func=cmd_bench)
+    p.set_defaults(func=cmd_bench, memory_flags="--batch")
 
 
 def cmd_bench(args) -> int:
@@ -269,6 +295,9 @@ def _add_convert(sub) -> None:
 def cmd_convert(args) -> int:
     from .convert import ConvertRequest, convert
 
+    if not args.out.strip():
+        raise FastDDPMError("--out is empty; give DST.safetensors or a folder")
+
     print(convert(ConvertRequest(src=args.src, out=args.out, image_size=args.image_size, var_type=args.var_type)))
     return 0
 
@@ -281,16 +310,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_out_of_memory(e: BaseException) -> bool:
+    """torch.OutOfMemoryError (a RuntimeError), MemoryError, or the CPU allocator's RuntimeError."""
+    if isinstance(e, MemoryError):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "not enough memory" in text
+                                            or "can't allocate memory" in text)
+
+
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
 def main(argv=None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-        return args.func(args)
-    except FastDDPMError as e:
-        print(f"fastddpm: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("fastddpm: interrupted", file=sys.stderr)
-        return 130
+    """Run one command; returns the exit status (0 done, 2 bad input, 130 interrupted)."""
+    args = None
+    with warnings.catch_warnings(record=True) as held:  # the filters in force stay as they are
+        try:
+            args = build_parser().parse_args(argv)
+            status = args.func(args)
+        except FastDDPMError as e:
+            print(f"fastddpm: error: {_one_line(e)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("fastddpm: interrupted", file=sys.stderr)
+            return 130
+        except Exception as e:
+            from .files import is_out_of_space, output_error
+
+            if is_out_of_space(e):  # a write that did not go through fastddpm.files
+                print(f"fastddpm: error: {_one_line(output_error(e, getattr(e, 'filename', None) or '?'))}",
+                      file=sys.stderr)
+                return 2
+            if _is_out_of_memory(e):
+                flags = getattr(args, "memory_flags", "--batch")
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                print(f"fastddpm: error: out of memory ({_one_line(first)[:200]}); lower {flags}", file=sys.stderr)
+                return 2
+            _show(held)  # a bug, not bad input: the traceback follows, with everything that led to it
+            raise
+    _show(held)
+    return status
+
+
+def _show(held) -> None:
+    """Re-issue the warnings a command raised (after it succeeded), to whatever shows them now."""
+    for w in held:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 if __name__ == "__main__":

@@ -27,3 +27,21 @@ def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         valid = ", ".join(repr(c) for c in choices)
         raise FastDDPMError(f"unknown {name} {value!r}; choose one of {valid}")
+
+
+class OutputError(FastDDPMError):
+    """An output cannot be written: a path that is not a folder, no permission, a read-only or
+    system location. Nothing half-written is left (see fastddpm.files)."""
+
+
+class OutOfSpaceError(OutputError):
+    """The disk (or the user's quota, or the file-size limit) ran out while writing an output:
+    ENOSPC, EDQUOT or EFBIG. The outputs of that write were not published."""
+
+
+class FolderBusyError(OutputError):
+    """Another fastddpm process holds the output folder's lock (a run is writing there)."""
+
+
+class OutOfMemoryError(FastDDPMError):
+    """The work did not fit in memory (host or GPU); the message names the flag to lower."""

@@ -25,6 +25,7 @@ torch.hub keeps checkpoints, where torch-fidelity itself caches it.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib
@@ -40,7 +41,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import DataError, FastDDPMError
-from .files import atomic_write, atomic_write_bytes
+from .files import atomic_write, atomic_write_bytes, check_output_file
+from .run_folder import output_file_lock
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
@@ -388,7 +390,24 @@ def evaluate_fid(request: FIDRequest) -> dict:
     Returns (and with request.json writes) a dict: fid, inception_score_mean/std, kid_mean/std,
     the set sizes and paths, and which Inception weights were used. KID needs reference
     images; against precomputed statistics it is skipped unless asked for alone.
+
+    The output files (request.json, request.save_ref_stats) are checked before any work and
+    locked while it runs (fastddpm.run_folder), so a second evaluation writing the same file
+    is refused at once.
     """
+    outputs = [(path, flag) for path, flag in ((request.json, "--json"), (request.save_ref_stats, "--save-ref-stats"))
+               if path is not None]
+    for path, flag in outputs:
+        check_output_file(path, flag)
+    if len(outputs) == 2 and Path(request.json).resolve() == Path(request.save_ref_stats).resolve():
+        raise FastDDPMError("--json and --save-ref-stats name the same file")
+    with contextlib.ExitStack() as held:
+        for path, flag in outputs:
+            held.enter_context(output_file_lock(path, flag))
+        return _evaluate_fid(request)
+
+
+def _evaluate_fid(request: FIDRequest) -> dict:
     from .generate import resolve_device
 
     metrics = tuple(dict.fromkeys(request.metrics))
@@ -438,7 +457,7 @@ def evaluate_fid(request: FIDRequest) -> dict:
         result["kid_skipped"] = "the reference is FID statistics; KID needs reference images"
     result.update(info, feature_extractor=f"torch-fidelity {_fidelity_version()} InceptionV3 (TF inception-2015-12-05)",
                   request=asdict(request))
-    if request.json:
+    if request.json is not None:
         atomic_write_bytes(request.json, (json.dumps(result, indent=2) + "\n").encode())
     return result
 

@@ -1,13 +1,19 @@
 """The sampling job behind `fastddpm sample`: build the model, sample, time it, write the outputs.
 
-Outputs in the --out folder, each written to a temporary name and renamed:
+Outputs in the --out folder, published together (fastddpm.files.publish_together): all three
+are written under temporary names first and renamed only when all are complete, stats.json
+last, so a folder never mixes one run's samples with another's stats, and a failed run (a full
+disk, an interrupt) leaves the previous set untouched:
     samples.npz   uint8 [B, H, W, C] under key arr_0 (what FID tools read)
     grid.png      all samples tiled, for people
     stats.json    the request, the timing (seconds, images/s, ms/step, achieved TFLOP/s) and the machine
+The run holds the folder's lock (fastddpm.run_folder) from before the model is built to the end;
+a folder this run created is removed again if the run fails.
 """
 from __future__ import annotations
 
 import functools
+import io
 import json
 import platform
 import sys
@@ -22,8 +28,11 @@ from .diffusion import GaussianDiffusion
 from .distributed import Distributed, resolve_device  # noqa: F401  (re-exported for bench)
 from .backends import get_backend
 from .errors import FastDDPMError, check_choice
-from .files import atomic_write_bytes, ensure_writable_dir
-from .images import save_grid, save_npz, to_uint8
+from .files import publish_together
+from .images import grid, to_uint8
+from .memory import check_sampling_fits
+from .noise import check_seed
+from .run_folder import RunFolder, lock_on_main
 from .sampling import SAMPLERS, sample, warm_up
 from .schedule import make_betas
 from .unet import PRESETS, UNet, UNetConfig
@@ -122,6 +131,7 @@ def validate(request: SampleRequest) -> None:
     get_backend(request.backend)
     if request.batch < 1:
         raise FastDDPMError(f"--batch must be a positive integer, got {request.batch}")
+    check_seed(request.seed, "--seed")
     if not 0.0 <= request.eta <= 1.0:
         raise FastDDPMError(f"--eta must be in [0, 1], got {request.eta}")
     if request.backend == "onnx" and request.onnx is None:
@@ -133,29 +143,31 @@ def validate(request: SampleRequest) -> None:
 def run_sample(request: SampleRequest) -> dict:
     """Run one sampling job and write its outputs; returns the stats written to stats.json."""
     validate(request)
+    folder = RunFolder(request.out, "--out")  # checks the path now; locks in _run
     dist = Distributed(request.device)  # one process, or this rank of a torchrun job
     try:
-        return _run(request, dist)
+        get_backend(request.backend).check(dist.device)
+        with lock_on_main(folder, dist):  # only rank 0 writes, so only rank 0 locks
+            return _run(request, dist, folder.path)
     finally:
         dist.close()
 
 
-def _run(request: SampleRequest, dist: Distributed) -> dict:
+def _run(request: SampleRequest, dist: Distributed, out) -> dict:
     device = dist.device
-    get_backend(request.backend).check(device)
-    out = ensure_writable_dir(request.out)
     model, diffusion, source, clip_denoised = build_model(request, device)
     model = model.to(DTYPES[request.dtype])
     if device.type == "cuda" and request.dtype != "fp32":
         # Half precision on a GPU: channels-last activations feed the tensor cores' NHWC kernels.
         model = model.to(memory_format=torch.channels_last)
     process = respaced_for(diffusion, request.steps, request.sampler)
-    if request.checkpoint is None and request.backend != "onnx":  # (onnx: the weights come from the file)
-        print(f"fastddpm: no checkpoint given: {source} (seed {request.seed}); a throughput run, "
-              "the images are not meaningful", file=sys.stderr)
     c = model.config
     first, count = dist.shard(request.batch)  # this rank's samples: first .. first + count - 1
     shape = (count, c.in_channels, c.image_size, c.image_size)
+    check_sampling_fits(shape, device)  # before allocating: many partial allocations end in the OOM killer
+    if request.checkpoint is None and request.backend != "onnx":  # (onnx: the weights come from the file)
+        print(f"fastddpm: no checkpoint given: {source} (seed {request.seed}); a throughput run, "
+              "the images are not meaningful", file=sys.stderr)
 
     warmup_seconds = 0.0
     if count and (request.backend != "reference" or device.type == "cuda"):
@@ -177,8 +189,6 @@ def _run(request: SampleRequest, dist: Distributed) -> dict:
         return {}
 
     images = to_uint8(x)
-    save_npz(out / "samples.npz", images)
-    save_grid(out / "grid.png", images)
     steps = process.num_steps
     gflop = forward_gflops(c)
     peak = measure_peak_tflops(device) if device.type == "cuda" else None  # a fraction of a second there
@@ -198,7 +208,9 @@ def _run(request: SampleRequest, dist: Distributed) -> dict:
         "processes": dist.world_size,
         "torch": torch.__version__,
     }
-    atomic_write_bytes(out / "stats.json", (json.dumps(stats, indent=2) + "\n").encode())
+    publish_together(out, {"samples.npz": functools.partial(_write_npz, images=images),
+                           "grid.png": _png_bytes(images),
+                           "stats.json": (json.dumps(stats, indent=2) + "\n").encode()}, last="stats.json")
     print(f"{request.batch} samples, {steps} steps, {request.backend} backend, {request.dtype} on {device.type}"
           f"{f' x {dist.world_size} processes' if dist.world_size > 1 else ''}: "
           f"{seconds:.2f} s, {stats['images_per_s']:.2f} images/s, {stats['ms_per_step']:.1f} ms/step, "
@@ -208,3 +220,21 @@ def _run(request: SampleRequest, dist: Distributed) -> dict:
           + (f" (warm-up {warmup_seconds:.2f} s apart)" if warmup_seconds else ""))
     print(f"wrote {out / 'samples.npz'}, {out / 'grid.png'} and {out / 'stats.json'}")
     return stats
+
+
+def _write_npz(tmp, images) -> None:
+    """uint8 NHWC images under key arr_0 (the layout FID tools read) into file `tmp`."""
+    import numpy as np
+
+    with open(tmp, "wb") as f:
+        np.savez(f, arr_0=images)
+
+
+def _png_bytes(images) -> bytes:
+    """The PNG grid of uint8 NHWC images (1 or 3 channels), encoded in memory."""
+    from PIL import Image
+
+    g = grid(images)
+    buf = io.BytesIO()
+    Image.fromarray(g[..., 0] if g.shape[-1] == 1 else g).save(buf, format="PNG")
+    return buf.getvalue()

@@ -10,7 +10,7 @@ uniforms bit for bit, the normals to a few float32 ulp, since each library's flo
 cos round differently; at most ~1e-6 absolute):
 
     Philox-4x32-10 with
-        key     (k0, k1) = (seed mod 2^32, step mod 2^32)
+        key     (k0, k1) = (seed, step), each in 0 .. 2^32 - 1
         counter (c0, c1, c2, c3) = (e, i, 0, 0)
     -> 32-bit words (r0, r1, r2, r3); r0 and r1 give one normal by Box-Muller:
         u(r) = float32(int32(r) if int32(r) >= 0 else ~int32(r)) * 4.6566127342e-10   (in [0, 1))
@@ -27,13 +27,23 @@ so a Triton kernel draws the stream with one `tl.randn` call per element.
     step the original timestep t whose update the noise z enters (x_{t-1} = mean + sigma_t z),
          or XT_STEP for the starting point x_T.
 
+Seeds: 0 .. 2^32 - 1 (SEED_MAX), the range of the 32-bit key word. `noise()` refuses anything
+else with a FastDDPMError rather than wrap it (earlier versions used seed mod 2^32, so seeds
+2^32 and 0 drew the same noise); the stream of every valid seed is unchanged. The command line
+refuses out-of-range --seed values the same way.
+
 Philox 4x32-10: Salmon et al., "Parallel random numbers: as easy as 1, 2, 3" (SC 2011).
 """
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
+
+from .errors import FastDDPMError
+
+SEED_MAX = 0xFFFFFFFF  # the largest seed: the key word is 32 bits
 
 # The step key of the starting noise x_T (outside any timestep range).
 XT_STEP = 0xFFFFFFFF
@@ -73,6 +83,24 @@ def _uniform(r: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
 
 
+def check_seed(seed, flag: str = "seed") -> int:
+    """Return `seed` if it is an integer in 0 .. SEED_MAX (2^32 - 1); FastDDPMError naming `flag` otherwise."""
+    value = _as_int(seed)
+    if value is None or not 0 <= value <= SEED_MAX:
+        raise FastDDPMError(f"{flag} must be an integer from 0 to {SEED_MAX} (2^32 - 1), got {seed!r}")
+    return value
+
+
+def _as_int(value) -> int | None:
+    """An integer-like value (int, numpy or 0-d torch integer; not bool) as an int, else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def noise(
     seed: int,
     step: int,
@@ -85,8 +113,12 @@ def noise(
 
     Row b is sample i = sample_offset + b; element e is its flat index in the remaining
     dimensions. The values are drawn in float32 (see the module docstring for the exact key
-    layout) and then cast to `dtype`.
+    layout) and then cast to `dtype`. `seed` and `step` must be integers in 0 .. SEED_MAX
+    (FastDDPMError otherwise, never a silent wrap).
     """
+    seed = check_seed(seed)
+    if _as_int(step) is None or not 0 <= _as_int(step) <= SEED_MAX:
+        raise FastDDPMError(f"the noise step key must be an integer in 0..{SEED_MAX}, got {step!r}")
     shape = tuple(int(s) for s in shape)
     if len(shape) < 1:
         raise ValueError("noise needs a shape with a leading batch dimension")

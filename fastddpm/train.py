@@ -15,9 +15,16 @@ rank at batch 2B; dropout draws from torch's global generator, whose state is sa
 Checkpoint (fastddpm.checkpoint.save_checkpoint): the model tensors are the EMA weights, so
 `load_checkpoint(DIR/last.safetensors)` gives the model to sample with; training state lives in
 "train.*" tensors (raw weights, Adam moments, RNG states, importance-sampler history) and in the
-JSON meta (step, data position, GradScaler state, skipped steps, the config). Rank 0 writes
-DIR/ckpt-STEP.safetensors atomically, keeps the newest `keep` of them, and points
-DIR/last.safetensors at the newest one (a hard link, or a copy, renamed into place).
+JSON meta (step, data position, GradScaler state, skipped steps, the config); writing, reading
+and checking that state is fastddpm.train_state. Rank 0 writes DIR/ckpt-STEP.safetensors
+atomically, keeps the newest `keep` of them, and points DIR/last.safetensors at the newest one
+(a hard link, or a copy, renamed into place).
+
+The run folder: rank 0 holds its lock (fastddpm.run_folder) for the whole run, so a second
+`fastddpm train` (or `sample`) on it exits 2 at once; temporary files a killed run left there
+are removed when the lock is taken. A full disk while saving is an OutOfSpaceError (exit 2)
+that leaves last.safetensors at the previous good checkpoint. A fresh run that fails before
+writing anything removes the folder it created.
 
 Mixed precision: the model runs under autocast (bf16 or fp16) with float32 master weights; its
 output is cast to float32 and the loss is reduced in float32. fp16 uses a GradScaler. A step
@@ -30,31 +37,30 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import re
 import signal
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .checkpoint import load_checkpoint, load_state_dict_checked, read_checkpoint, save_checkpoint
+from . import train_state
+from .checkpoint import load_checkpoint, save_checkpoint
 from .data import ImageSet, SeededLoader, _mix, load_dataset, parse_data_spec
 from .diffusion import GaussianDiffusion
 from .distributed import Distributed
-from .errors import CheckpointError, FastDDPMError, check_choice
-from .files import atomic_write, ensure_writable_dir
-from .noise import noise
+from .errors import FastDDPMError, OutOfSpaceError, check_choice
+from .files import atomic_write, mapped_write_errors
+from .memory import check_schedule_fits, check_training_fits
+from .noise import SEED_MAX, check_seed, noise
+from .run_folder import RunFolder, lock_on_main
 from .schedule import SCHEDULES, make_betas
-from .unet import PRESETS, UNet, UNetConfig
+from .train_state import LAST, checkpoint_paths, read_training_state  # noqa: F401  (public here as before)
+from .unet import PRESETS, UNet
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOSSES = ("simple", "kl", "hybrid")
 TIMESTEP_SAMPLERS = ("uniform", "loss-second-moment")
-LAST = "last.safetensors"
-CKPT_RE = re.compile(r"^ckpt-(\d+)\.safetensors$")
 
 
 class TrainingDiverged(FastDDPMError):
@@ -86,7 +92,7 @@ class TrainConfig:
     keep: int = 3  # how many ckpt-STEP files to keep
     log_every: int = 100
     sample_every: int = 0  # write an EMA sample grid every K steps (0: never)
-    sample_steps: int = 100  # respaced steps for those grids
+    sample_steps: int | None = None  # respaced steps for those grids, <= T (None: min(100, T))
     max_bad_steps: int = 50  # non-finite steps in a row before training stops
     flip: bool | None = None  # random left-right flip; None: the data set's default
     device: str = "auto"
@@ -101,6 +107,9 @@ class TrainConfig:
         if self.model not in PRESETS:
             raise FastDDPMError(f"unknown model preset {self.model!r}; choose one of {', '.join(map(repr, PRESETS))}")
         parse_data_spec(self.data)
+        if self.sample_steps is None:
+            self.sample_steps = min(100, int(self.diffusion_steps))
+        check_seed(self.seed, "--seed")
         for name in ("steps", "batch", "save_every", "diffusion_steps", "log_every", "sample_steps", "max_bad_steps"):
             if int(getattr(self, name)) < 1:
                 raise FastDDPMError(f"{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
@@ -113,6 +122,11 @@ class TrainConfig:
             raise FastDDPMError(f"the EMA rate must be in [0, 1), got {self.ema}")
         if not self.grad_clip >= 0:
             raise FastDDPMError(f"grad-clip must be 0 (off) or positive, got {self.grad_clip}")
+        if self.diffusion_steps > SEED_MAX - 1:  # the noise's step key is 32 bits; SEED_MAX marks x_T
+            raise FastDDPMError(f"--diffusion-steps must be below {SEED_MAX}, got {self.diffusion_steps}")
+        if self.sample_steps > self.diffusion_steps:
+            raise FastDDPMError(f"--sample-steps must be between 1 and T = --diffusion-steps = {self.diffusion_steps}, "
+                                f"got {self.sample_steps}")
 
 
 # ------------------------------------------------------------------------ timestep samplers
@@ -205,45 +219,6 @@ def build_model(cfg: TrainConfig, data: ImageSet) -> UNet:
                             in_channels=data.channels)
 
 
-# ------------------------------------------------------------------------------ checkpoints
-def checkpoint_paths(out) -> list[tuple[int, Path]]:
-    """The ckpt-STEP.safetensors files in `out`, oldest first."""
-    found = []
-    for p in Path(out).iterdir():
-        m = CKPT_RE.match(p.name)
-        if m:
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def read_training_state(path) -> tuple[dict, dict]:
-    """(every tensor, config) of a checkpoint written by the trainer: the EMA weights under the
-    model's names, "diffusion.betas", the training state under "train.*"; config["meta"] holds
-    the step, the data position and the rest (see Trainer.save)."""
-    tensors, config = read_checkpoint(path)
-    meta = config.get("meta", {})
-    if "step" not in meta or "data_position" not in meta or not any(k.startswith("train.model.") for k in tensors):
-        raise CheckpointError(f"{str(path)!r} holds no training state (raw weights, optimizer, step) to resume from")
-    return tensors, config
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """Make dst the same file as src: a hard link renamed into place (atomic), else a copy."""
-    def write(tmp):
-        os.unlink(tmp)
-        try:
-            os.link(src, tmp)
-        except OSError:
-            import shutil
-
-            shutil.copyfile(src, tmp)
-    atomic_write(dst, write)
-
-
-def _all_finite(tensors: dict) -> list[str]:
-    return [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-
-
 # ------------------------------------------------------------------------------ the trainer
 class Trainer:
     """Holds the model, its EMA, the optimizer, the data and the step counter. `run()` trains."""
@@ -252,11 +227,21 @@ class Trainer:
         self.cfg = cfg
         self.dist = Distributed(cfg.device)
         self.device = self.dist.device
-        self.out = Path(cfg.out)
+        self.folder = RunFolder(cfg.out, "--out")  # refuses an impossible --out before anything else
+        self.out = self.folder.path
         self.last = self.out / LAST
-        self._check_out_folder()
+        self._lock = None
+        self._hold_folder()
+        try:
+            self._build()
+        except BaseException:
+            self._release_folder(failed=True)
+            raise
 
+    def _build(self) -> None:
+        cfg = self.cfg
         self.data = load_training_data(cfg)
+        check_schedule_fits(cfg.diffusion_steps)
         self.diffusion = build_diffusion(cfg)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg, self.data).to(self.device).train()
@@ -268,6 +253,7 @@ class Trainer:
         flip = self.data.flip_default if cfg.flip is None else cfg.flip
         self.loader = SeededLoader(self.data, cfg.batch, seed=cfg.seed, flip=flip, rank=self.dist.rank,
                                    world_size=self.dist.world_size, device=self.device)
+        check_training_fits(self.model.config, cfg.batch, self.device, half_precision=cfg.precision != "fp32")
         T = self.diffusion.num_timesteps
         self.sampler = UniformSampler(T) if cfg.timestep_sampler == "uniform" else LossSecondMomentSampler(T)
         self.noise_seed = _mix(cfg.seed, 0x401E) & 0xFFFFFFFF
@@ -286,97 +272,45 @@ class Trainer:
         self.loss_fn = torch.compile(self._losses) if cfg.compile else self._losses
         self._stop_signal = None
 
-    # ------------------------------------------------------------------ setup
-    def _check_out_folder(self) -> None:
-        if self.cfg.resume:
-            if not self.last.is_file():
-                raise FastDDPMError(f"nothing to resume: {str(self.last)!r} does not exist (drop --resume to start "
-                                    "a new run)")
-        elif self.last.exists():
-            raise FastDDPMError(f"{str(self.out)!r} already holds a run ({LAST}); pass --resume to continue it, "
-                                "or choose another --out")
-        if self.dist.is_main:
-            ensure_writable_dir(self.out)
-            for stale in self.out.glob(".*.safetensors.*.tmp"):  # left by a run killed while writing
-                stale.unlink(missing_ok=True)
+    # ------------------------------------------------------------------ the run folder
+    def _hold_folder(self, check: bool = True) -> None:
+        """Take the run folder's lock (rank 0; creating the folder, removing our stale temporaries),
+        then (check) make sure --resume finds a run there and a fresh run does not overwrite one."""
+        lock = lock_on_main(self.folder, self.dist)
+        lock.__enter__()
+        self._lock = lock
+        if not check:
+            return
+        try:
+            if self.cfg.resume:
+                if not self.last.is_file():
+                    raise FastDDPMError(f"nothing to resume: {str(self.last)!r} does not exist (drop --resume to "
+                                        "start a new run)")
+            elif self.last.exists():
+                raise FastDDPMError(f"{str(self.out)!r} already holds a run ({LAST}); pass --resume to continue "
+                                    "it, or choose another --out")
+        except BaseException:
+            self._release_folder(failed=True)
+            raise
+
+    def _release_folder(self, failed: bool) -> None:
+        """Drop the lock; after a failure, a folder this run created and left empty is removed."""
+        if self._lock is not None:
+            lock, self._lock = self._lock, None
+            lock.__exit__(FastDDPMError if failed else None, None, None)
 
     def _load(self, path: Path) -> None:
-        """Restore everything a step depends on from a trainer checkpoint (exact resume)."""
-        tensors, config = read_training_state(path)
-        state = {k: v for k, v in tensors.items() if k.startswith("train.")}
-        meta = config["meta"]
-        src = str(path)
-        try:  # through UNetConfig, so fields added since the checkpoint was written take their defaults
-            saved = UNetConfig.from_dict(config["unet"]).to_dict()
-        except (KeyError, TypeError, FastDDPMError) as e:
-            raise CheckpointError(f"{src!r} has no usable model config ({e})") from None
-        if saved != self.model.config.to_dict():
-            raise CheckpointError(f"{src!r} was trained with a different model "
-                                  f"({_config_diff(saved, self.model.config.to_dict())}); resume with the same "
-                                  "--model, --data and --loss")
-        if config.get("diffusion") != self.diffusion.config():
-            raise CheckpointError(f"{src!r} was trained with diffusion settings {config.get('diffusion')}, not "
-                                  f"{self.diffusion.config()}")
-        betas = tensors["diffusion.betas"]
-        if betas.shape != self.diffusion.schedule.betas.shape or not torch.equal(betas, self.diffusion.schedule.betas):
-            raise CheckpointError(f"{src!r} was trained with another beta schedule")
-        raw = {k[len("train.model."):]: v for k, v in state.items() if k.startswith("train.model.")}
-        load_state_dict_checked(self.model, raw, src)
-        ema = {k: v for k, v in tensors.items() if not k.startswith("train.") and k != "diffusion.betas"}
-        load_state_dict_checked(self.ema, ema, src)
-        opt = self.optimizer.state_dict()
-        opt_state: dict = {}
-        for k, v in state.items():
-            m = re.match(r"^train\.optimizer\.(\d+)\.(.+)$", k)
-            if m:
-                opt_state.setdefault(int(m.group(1)), {})[m.group(2)] = v
-        self.optimizer.load_state_dict({"state": opt_state, "param_groups": opt["param_groups"]})
-        if meta.get("scaler"):
-            self.scaler.load_state_dict(meta["scaler"])
-        self.sampler.load_state_tensors(state)
-        self.loader.load_state_dict(meta["data_position"])
-        if meta.get("data") not in (None, self.cfg.data) and self.dist.is_main:
-            print(f"fastddpm: note: {src!r} was trained on --data {meta['data']}; continuing on {self.cfg.data}",
-                  file=sys.stderr)
-        if meta.get("global_batch") != self.loader.global_batch and self.dist.is_main:
-            print(f"fastddpm: note: resuming with a global batch of {self.loader.global_batch} (was "
-                  f"{meta.get('global_batch')}); the data order continues, but the run is not the one an "
-                  "uninterrupted run would have been", file=sys.stderr)
-        if "train.rng.cpu" in state:
-            torch.set_rng_state(state["train.rng.cpu"])
-        if self.device.type == "cuda" and "train.rng.cuda" in state:
-            torch.cuda.set_rng_state(state["train.rng.cuda"], self.device)
-        self.step = int(meta["step"])
-        self.skipped_total = int(meta.get("skipped_steps", 0))
-        self.seconds_before = float(meta.get("train_seconds", 0.0))
+        """Restore everything a step depends on from a trainer checkpoint (exact resume; checked first)."""
+        train_state.restore(self, path)
 
     def save(self) -> Path:
         """Write DIR/ckpt-STEP.safetensors (EMA weights + training state), point last at it, prune."""
-        extra = {f"train.model.{k}": v for k, v in self.model.state_dict().items()}
-        for idx, st in self.optimizer.state_dict()["state"].items():
-            for key, value in st.items():
-                extra[f"train.optimizer.{idx}.{key}"] = torch.as_tensor(value)
-        extra.update(self.sampler.state_tensors())
-        extra["train.rng.cpu"] = torch.get_rng_state()
-        if self.device.type == "cuda":
-            extra["train.rng.cuda"] = torch.cuda.get_rng_state(self.device)
-        bad = _all_finite(extra) + _all_finite(dict(self.ema.state_dict()))
-        if bad:  # cannot happen (non-finite steps are skipped); refuse rather than write a NaN
-            raise TrainingDiverged(f"refusing to write a checkpoint with non-finite values in {', '.join(bad[:3])}")
         meta = {"step": self.step, "data_position": self.loader.state_dict(), "global_batch": self.loader.global_batch,
                 "world_size": self.dist.world_size, "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
                 "skipped_steps": self.skipped_total, "images_seen": self.step * self.loader.global_batch,
                 "train_seconds": self.seconds_before + (time.perf_counter() - self._t0 if hasattr(self, "_t0") else 0.0),
                 "data": self.cfg.data, "train_config": asdict(self.cfg), "torch": torch.__version__}
-        if self.cfg.keep == 0:
-            save_checkpoint(self.last, self.ema, self.diffusion, extra_tensors=extra, **meta)
-            return self.last
-        path = self.out / f"ckpt-{self.step}.safetensors"
-        save_checkpoint(path, self.ema, self.diffusion, extra_tensors=extra, **meta)
-        _link_or_copy(path, self.last)
-        for _, old in checkpoint_paths(self.out)[:-self.cfg.keep]:
-            old.unlink(missing_ok=True)
-        return path
+        return train_state.save(self, meta)
 
     # ------------------------------------------------------------------ one step
     def _net(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -458,7 +392,21 @@ class Trainer:
         return {s: signal.signal(s, ask) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def run(self) -> dict:
-        """Train up to cfg.steps; returns a summary dict. Rank 0 writes checkpoints, log and grids."""
+        """Train up to cfg.steps; returns a summary dict. Rank 0 writes checkpoints, log and grids.
+
+        The run folder's lock, taken when the Trainer was made, is released when run() returns or
+        fails (a second run() takes it again)."""
+        if self._lock is None:
+            self._hold_folder(check=False)
+        try:
+            summary = self._run()
+        except BaseException:
+            self._release_folder(failed=True)
+            raise
+        self._release_folder(failed=False)
+        return summary
+
+    def _run(self) -> dict:
         cfg, main = self.cfg, self.dist.is_main
         if self.step >= cfg.steps:
             if main:
@@ -505,7 +453,7 @@ class Trainer:
                     self.write_sample_grid()
                 if s["stop"] or self.step % cfg.save_every == 0 or self.step == cfg.steps:
                     if main:
-                        self.save()
+                        self._save_or_explain(saved_at)
                     saved_at = self.step
                 if s["stop"]:
                     raise KeyboardInterrupt
@@ -518,6 +466,13 @@ class Trainer:
             print(f"step {self.step}: wrote {str(self.last)!r} ({self.skipped_total} non-finite steps skipped "
                   f"in all; {seconds:.1f} s this run)")
         return {"step": self.step, "skipped_steps": self.skipped_total, "seconds": seconds}
+
+    def _save_or_explain(self, saved_at: int | None) -> None:
+        """save(), and on a full disk say which checkpoint is still the last good one."""
+        try:
+            self.save()
+        except OutOfSpaceError as e:
+            raise OutOfSpaceError(f"{e}; {_last_saved(self.last, saved_at)}") from None
 
     @torch.no_grad()
     def write_sample_grid(self, n: int = 64) -> Path:
@@ -534,6 +489,8 @@ class Trainer:
         return path
 
     def close(self) -> None:
+        """Release the run folder (if still held) and the process group."""
+        self._release_folder(failed=False)
         self.dist.close()
 
 
@@ -577,7 +534,7 @@ class _Window:
 
 
 def _append_log(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
+    with mapped_write_errors(path), open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
 
 
@@ -595,13 +552,6 @@ def _trim_log(path: Path, step: int) -> None:
             continue  # a line cut short by a kill
     if len(kept) != len(lines):
         atomic_write(path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in kept), encoding="utf-8"))
-
-
-def _config_diff(a, b) -> str:
-    if not isinstance(a, dict):
-        return "no model config"
-    diffs = [f"{k} {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    return "checkpoint vs now: " + ", ".join(diffs)
 
 
 def _last_saved(last: Path, step: int | None) -> str:

@@ -1,5 +1,6 @@
 """Checkpoints: safetensors + JSON round trip, atomic writes, clear errors for broken or foreign files."""
 import json
+import os
 
 import pytest
 import torch
@@ -110,3 +111,23 @@ def test_bundled_name_without_the_asset(monkeypatch, tmp_path):
     monkeypatch.setattr(ck, "bundled_path", lambda name: tmp_path / "missing.safetensors")
     with pytest.raises(CheckpointError, match="bundled 'digits' checkpoint is not installed"):
         load_checkpoint("digits")
+
+
+def test_the_only_temporary_file_is_ours_and_it_is_complete(tmp_path, monkeypatch):
+    """safetensors' save_file writes through its own `.tmpXXXX`, which a kill leaves behind; we serialise in
+    memory and write one temporary of ours (recognisable, so the next run removes a leftover)."""
+    from fastddpm import files
+
+    seen = []
+    real = files._rename
+
+    def spy(tmp, path):
+        seen.append((sorted(p.name for p in tmp_path.iterdir()), os.path.getsize(tmp)))
+        real(tmp, path)
+    monkeypatch.setattr(files, "_rename", spy)
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, randomized_unet("tiny"), GaussianDiffusion(make_betas("linear", 20)), step=1)
+    [(names, size)] = seen
+    assert len(names) == 1 and names[0].startswith(files.TMP_PREFIX + "m.safetensors.")
+    assert size == path.stat().st_size
+    load_checkpoint(path)

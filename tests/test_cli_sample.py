@@ -110,3 +110,88 @@ def test_errors_are_checked_before_long_work(tmp_path, checkpoint):
     out = tmp_path / "o"
     assert main(["sample", "--checkpoint", str(checkpoint), "--steps", "500", "--out", str(out)]) == 2
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32), "99999999999999999999"])
+def test_seeds_outside_the_noise_key_range_are_refused(tmp_path, seed, capsys):
+    """The noise key is 32 bits; a seed outside 0..2^32-1 used to wrap silently (2^32 drew seed 0's noise)."""
+    out = tmp_path / "o"
+    assert main(["sample", "--model", "tiny", "--steps", "2", "--batch", "1", "--seed", seed, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--seed" in err and "4294967295" in err, err
+    assert not out.exists()
+
+
+def test_largest_seed_is_accepted_and_differs_from_seed_0(tmp_path):
+    for seed in (0, 2**32 - 1):
+        assert main(["sample", "--model", "tiny", "--steps", "2", "--batch", "2", "--seed", str(seed), "--no-progress",
+                     "--out", str(tmp_path / str(seed))]) == 0
+    a, b = (np.load(tmp_path / str(s) / "samples.npz")["arr_0"] for s in (0, 2**32 - 1))
+    assert not np.array_equal(a, b)
+
+
+def test_noise_refuses_instead_of_wrapping():
+    import torch
+
+    from fastddpm.errors import FastDDPMError
+    from fastddpm.noise import noise
+
+    for seed in (-1, 2**32, 2**40 + 3):
+        with pytest.raises(FastDDPMError, match="0 to 4294967295"):
+            noise(seed, 0, (1, 4))
+    torch.testing.assert_close(noise(np.int64(7), 3, (2, 4)), noise(7, 3, (2, 4)), rtol=0, atol=0)
+
+
+def test_a_bad_flag_is_prefixed_once(capsys):
+    assert main(["sample", "--batch", "many"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastddpm: error: sample: argument --batch") and err.count("fastddpm") == 1, err
+
+
+def test_out_of_memory_is_one_line_naming_the_flag(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from fastddpm import generate
+
+    assert main(["sample", "--model", "tiny", "--steps", "2", "--batch", str(10**12), "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "out of memory" in err and "lower --batch" in err, err  # refused before allocating
+    assert not (tmp_path / "a").exists()
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.1 GiB total)\nmore")
+    monkeypatch.setattr(generate, "sample", no_memory)
+    assert main(["sample", "--model", "tiny", "--steps", "2", "--batch", "2", "--out", str(tmp_path / "b")]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("fastddpm: error")]
+    assert len(lines) == 1 and "out of memory" in lines[0] and "Tried to allocate" in lines[0], lines
+    assert not (tmp_path / "b").exists()
+
+
+def test_library_warnings_do_not_precede_the_error_line(tmp_path, monkeypatch, capsys):
+    import warnings
+
+    from fastddpm import generate
+    from fastddpm.errors import CheckpointError
+
+    def warn_then_fail(*args, **kwargs):
+        warnings.warn("TypedStorage is deprecated", UserWarning)
+        raise CheckpointError("the checkpoint is broken")
+    monkeypatch.setattr(generate, "build_model", warn_then_fail)
+    assert main(["sample", "--model", "tiny", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == "fastddpm: error: the checkpoint is broken\n"
+
+
+def test_warnings_of_a_successful_command_are_still_shown(tmp_path, monkeypatch):
+    import warnings
+
+    from fastddpm import generate
+
+    real = generate.forward_gflops
+
+    def warn(config):
+        warnings.warn("a library's warning", UserWarning)
+        return real(config)
+    monkeypatch.setattr(generate, "forward_gflops", warn)
+    with pytest.warns(UserWarning, match="a library's warning"):
+        assert main(["sample", "--model", "tiny", "--steps", "2", "--batch", "1", "--no-progress",
+                     "--out", str(tmp_path / "o")]) == 0

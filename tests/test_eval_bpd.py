@@ -93,3 +93,25 @@ def test_cli(files, tmp_path, capsys):
     assert main(["eval", "bpd", "--checkpoint", str(tmp_path / "none.safetensors"), "--data", data]) == 2
     _one_line_error(capsys, "does not exist")
     assert not (tmp_path / "x.json").exists()
+
+
+def test_out_is_checked_before_the_evaluation(files, tmp_path, capsys, monkeypatch):
+    """A bad --out used to fail only after the whole evaluation; now before the checkpoint is even read."""
+    from fastddpm import bpd
+
+    folder, *_ = files
+    ckpt, data = str(folder / "model.safetensors"), f"npz:{folder / 'images.npz'}"
+
+    def never(*args, **kwargs):
+        raise AssertionError("the evaluation must not start")
+    monkeypatch.setattr(bpd, "load_checkpoint", never)
+    (tmp_path / "a-folder").mkdir()
+    (tmp_path / "a-file").write_text("x")
+    for out, piece in [(str(tmp_path / "a-folder"), "is a folder"), ("", "--out is empty"),
+                       ("/proc/bpd.json", "system folder"), (str(tmp_path / "a-file" / "bpd.json"), "not a folder")]:
+        assert main(["eval", "bpd", "--checkpoint", ckpt, "--data", data, "--no-progress", "--out", out]) == 2
+        _one_line_error(capsys, piece)
+    assert main(["eval", "bpd", "--checkpoint", ckpt, "--data", data, "--seed", str(2**32), "--out",
+                 str(tmp_path / "b.json")]) == 2
+    _one_line_error(capsys, "--seed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "a-folder"]

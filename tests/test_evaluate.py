@@ -231,3 +231,16 @@ def test_bad_image_sets_exit_2(tmp_path, capsys, weights_file, case):
     code, _, err = run_cli(args, capsys)
     errors = [line for line in err.splitlines() if "error:" in line]  # besides the unpublished-weights warning
     assert code == 2 and len(errors) == 1 and expected in errors[0], err
+
+
+def test_output_files_are_checked_before_any_image_is_read(tmp_path, capsys):
+    (tmp_path / "a-folder").mkdir()
+    missing = str(tmp_path / "no-such-samples.npz")  # would be the error if the outputs were checked late
+    for flags, piece in [(["--json", str(tmp_path / "a-folder")], "--json"), (["--json", ""], "--json is empty"),
+                         (["--ref", missing, "--save-ref-stats", "/proc/ref.npz"], "system folder"),
+                         (["--ref", missing, "--json", str(tmp_path / "x"), "--save-ref-stats", str(tmp_path / "x")],
+                          "same file")]:
+        assert main(["eval", "fid", missing, "--metrics", "is", *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and piece in err, (flags, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-folder"]

@@ -389,3 +389,126 @@ def test_gpu_training_precisions(npz, tmp_path, precision):
     trainer.run()
     assert trainer.skipped_total == 0
     assert all(p.dtype == torch.float32 and p.is_cuda for p in trainer.model.parameters())
+
+
+# ------------------------------------------------------------------------------------ kill mid-save
+_PAUSE_BEFORE_RENAME = """
+import os, sys, time
+from fastddpm import files
+real = files._rename
+def paused(tmp, path):
+    if os.path.basename(str(path)) == sys.argv[1]:  # the temporary file is complete and flushed: stop here
+        open(sys.argv[2], "w").close()
+        time.sleep(600)
+    real(tmp, path)
+files._rename = paused
+from fastddpm.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def test_sigkill_during_a_save_then_resume_leaves_no_temporary_file(npz, tmp_path):
+    """A kill between writing a checkpoint's temporary file and renaming it: the next run that takes
+    the folder removes the temporary, resumes from the previous checkpoint, and ends exact."""
+    out, marker = tmp_path / "killed", tmp_path / "paused"
+    argv = _argv(npz, out, steps=6, save_every=3)
+    proc = subprocess.Popen([sys.executable, "-c", _PAUSE_BEFORE_RENAME, "ckpt-6.safetensors", str(marker), *argv],
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the training subprocess never reached the save"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+        proc.stderr.close()
+    temporaries = [p.name for p in out.iterdir() if p.name.startswith(".fastddpm-tmp.")]
+    assert len(temporaries) == 1 and "ckpt-6" in temporaries[0]  # what the kill left: a whole checkpoint
+    assert _meta(out / "last.safetensors")["step"] == 3
+    assert main(_argv(npz, out, steps=6, save_every=3, resume=True)) == 0
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temporary, no lock file
+    assert main(_argv(npz, tmp_path / "straight", steps=6, save_every=3)) == 0
+    _assert_same_state(tmp_path / "straight" / "last.safetensors", out / "last.safetensors")
+
+
+# ------------------------------------------------------------------------------------ tampered resume
+def _rewrite(path, tensors=None, meta=None, drop=()):
+    """Rewrite trainer checkpoint `path` with some tensors replaced / dropped and meta entries changed."""
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    ts = {k: v for k, v in _tensors(path).items() if k not in drop}
+    ts.update(tensors or {})
+    config = json.loads(metadata["config"])
+    for k, v in (meta or {}).items():
+        if v is None:
+            config["meta"].pop(k, None)
+        else:
+            config["meta"][k] = v
+    metadata["config"] = json.dumps(config)
+    path.unlink()
+    save_file(ts, str(path), metadata=metadata)
+
+
+def test_tampered_checkpoints_are_refused_before_the_first_step(npz, tmp_path, capsys):
+    good = tmp_path / "good"
+    assert main(_argv(npz, good, steps=3)) == 0
+    t = _tensors(good / "last.safetensors")
+    exp_avg = next(k for k in t if k.endswith(".exp_avg"))
+    exp_avg_sq = exp_avg + "_sq"
+    cases = {
+        "bad RNG state": (dict(tensors={"train.rng.cpu": torch.zeros(10, dtype=torch.uint8)}), "train.rng.cpu"),
+        "RNG state of another dtype": (dict(tensors={"train.rng.cpu": t["train.rng.cpu"].float()}), "train.rng.cpu"),
+        "missing data position": (dict(meta={"data_position": None}), "no training state"),
+        "data position not a dict": (dict(meta={"data_position": [0, 12]}), "data position"),
+        "data position not numbers": (dict(meta={"data_position": {"epoch": "x", "position": 12}}), "'epoch'"),
+        "step not a number": (dict(meta={"step": "three"}), "'step'"),
+        "negative step": (dict(meta={"step": -4}), "'step'"),
+        "optimizer moment of another shape": (dict(tensors={exp_avg: torch.zeros(3)}), "exp_avg of parameter"),
+        "optimizer moment of another dtype": (dict(tensors={exp_avg: t[exp_avg].double()}), "float64"),
+        "negative second moment": (dict(tensors={exp_avg_sq: -torch.ones_like(t[exp_avg_sq])}), "negative"),
+        "optimizer moment missing": (dict(drop=(exp_avg_sq,)), "incomplete optimizer state"),
+        "foreign optimizer tensor": (dict(tensors={"train.optimizer.9999.exp_avg": torch.zeros(1)}),
+                                     "unexpected optimizer tensor"),
+        "non-finite raw weight": (dict(tensors={"train.model.conv_in.weight": t["train.model.conv_in.weight"] *
+                                                float("nan")}), "non-finite"),
+        "bad scaler state": (dict(meta={"scaler": "big"}), "GradScaler"),
+    }
+    for label, (change, piece) in cases.items():
+        out = tmp_path / label.replace(" ", "-")
+        out.mkdir()
+        (out / "last.safetensors").write_bytes((good / "last.safetensors").read_bytes())
+        _rewrite(out / "last.safetensors", **change)
+        before = sorted(p.name for p in out.iterdir())
+        code = main(_argv(npz, out, steps=6, resume=True))
+        err = capsys.readouterr().err
+        assert code == 2, (label, err)
+        assert err.startswith("fastddpm: error: ") and err.count("\n") == 1 and piece in err, (label, piece, err)
+        assert sorted(p.name for p in out.iterdir()) == before, label  # no step ran: no log, no checkpoint
+
+
+def test_work_that_cannot_fit_in_memory_is_refused_naming_the_flag(npz, tmp_path, monkeypatch, capsys):
+    """Checked against the free memory before allocating (here: a machine with 4 MiB free; a batch of 40
+    8x8 images keeps at least 7 MiB of activations for the backward pass of the tiny U-Net)."""
+    from fastddpm import memory
+
+    monkeypatch.setattr(memory, "available_memory", lambda device: 4 * 2**20)
+    assert main(_argv(npz, tmp_path / "a", diffusion_steps=10**7)) == 2
+    _one_line_error(capsys, "out of memory", "lower --diffusion-steps")
+    assert main(_argv(npz, tmp_path / "b", batch=40)) == 2
+    _one_line_error(capsys, "out of memory", "batch of 40", "lower --batch")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    monkeypatch.undo()
+
+    from fastddpm import train as train_module
+
+    def no_memory(*args, **kwargs):  # what torch raises for one allocation too large for the host
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 32000000000 bytes. Error code 12")
+    monkeypatch.setattr(train_module, "make_betas", no_memory)
+    assert main(_argv(npz, tmp_path / "c")) == 2
+    _one_line_error(capsys, "out of memory", "lower --batch or --diffusion-steps")

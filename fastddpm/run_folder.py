@@ -1,0 +1,201 @@
+"""One run at a time per output: an exclusive OS lock on the output folder for the run's life.
+
+`RunFolder(path)` (a context manager) checks the path, creates the folder if needed, takes an
+exclusive `fcntl.flock` on the lock file `.fastddpm.lock` inside it, removes temporary files a
+killed run of ours left there, and proves the folder writable, all before any long work. A
+second process asking for the same folder gets FolderBusyError at once (exit 2 on the command
+line). The kernel drops the lock when the holder dies, so a SIGKILL never leaves a stale lock:
+the lock file may stay, unlocked, and the next run simply locks it again.
+
+On leaving, the lock file is removed; if the run failed and the folder was created by this run
+and is still empty, it is removed too, so a failed command leaves no empty --out folder behind.
+
+`RunFolder(path, lock_name=".NAME.fastddpm.lock")` is the same for a single output file (eval's
+JSON): the lock file sits beside the output, so two evaluations of other files in one folder
+do not block each other.
+
+Removing a lock file while others may be waiting on it is safe because every acquirer checks,
+after flock succeeds, that the file it locked is still the one at the path (same inode), and
+retries otherwise. Processes forked (without exec) while the lock is held inherit it: they must
+not outlive the run (torch's workers do not).
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import FolderBusyError, OutputError
+from .files import TMP_PREFIX, check_output_dir, output_error, remove_leftovers
+
+LOCK_NAME = ".fastddpm.lock"
+
+
+class RunFolder:
+    """Exclusive use of output folder `path` by this process (use in a `with` block).
+
+    enabled=False (the non-zero ranks of a torchrun job, which write nothing) makes it a no-op
+    that only remembers the path. `flag` names the option in messages ("--out").
+    """
+
+    def __init__(self, path, flag: str = "--out", enabled: bool = True, lock_name: str = LOCK_NAME,
+                 file_name: str | None = None):
+        self.file_name = file_name  # set by output_file_lock: the lock covers this one file only
+        self.flag = flag
+        self.enabled = enabled
+        self.lock_name = lock_name
+        self.path = check_output_dir(path, flag) if lock_name == LOCK_NAME else Path(path)
+        self._fd: int | None = None
+        self._created: list[Path] = []
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path / self.lock_name
+
+    def __enter__(self) -> "RunFolder":
+        if not self.enabled:
+            return self
+        self._created = _make_dirs(self.path, self.flag)
+        try:
+            self._lock()
+            remove_leftovers(self.path, self.file_name)
+            _probe(self.path)
+        except BaseException:
+            self._release(failed=True)
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.enabled:
+            self._release(failed=exc_type is not None)
+
+    def _lock(self) -> None:
+        for _ in range(10):  # each retry means another run removed the file between open and flock
+            try:
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            except OSError as e:
+                raise output_error(e, self.lock_path) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_pid(fd)
+                os.close(fd)
+                raise FolderBusyError(
+                    f"{str(self.path)!r} is in use by another fastddpm run{f' (pid {holder})' if holder else ''}; "
+                    f"wait for it to finish or choose another {self.flag}") from None
+            except OSError as e:
+                os.close(fd)
+                raise output_error(e, self.lock_path) from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.lock_path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                self._fd = fd
+                return
+            os.close(fd)
+        raise FolderBusyError(f"could not lock {str(self.path)!r}: other runs keep replacing {self.lock_name}")
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:  # never released (a Trainer dropped unrun): free the lock
+            os.close(self._fd)
+            self._fd = None
+
+    def _release(self, failed: bool) -> None:
+        if self._fd is not None:
+            try:
+                self.lock_path.unlink(missing_ok=True)  # while still holding it (see the module docstring)
+            except OSError:
+                pass
+            os.close(self._fd)
+            self._fd = None
+        if failed:
+            for folder in reversed(self._created):  # innermost first; stops at the first non-empty one
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+        self._created = []
+
+
+def output_file_lock(path, flag: str = "--out", enabled: bool = True) -> RunFolder:
+    """A RunFolder on the folder of output file `path`, locking only that file's name."""
+    p = Path(path)
+    return RunFolder(p.parent, flag=flag, enabled=enabled, lock_name=f".{p.name}.fastddpm.lock", file_name=p.name)
+
+
+def _make_dirs(path: Path, flag: str) -> list[Path]:
+    """mkdir -p; returns the folders that did not exist before, outermost first."""
+    missing = []
+    p = path
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"{flag} {str(path)!r}: {str(p)!r} is not a folder")
+    missing.reverse()
+    for folder in missing:
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as e:
+            for made in reversed(missing[:missing.index(folder)]):
+                try:
+                    made.rmdir()
+                except OSError:
+                    break
+            raise output_error(e, path) from None
+    return missing
+
+
+def _probe(folder: Path) -> None:
+    """Create and remove a file in `folder`, so an unwritable folder fails before the work."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=TMP_PREFIX + "probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise output_error(e, folder) from None
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode().strip()
+        return int(text) if text else None
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+
+
+class lock_on_main:
+    """`with lock_on_main(folder, dist):` rank 0 of a torchrun job (or the only process) enters
+    RunFolder `folder`; then every rank learns whether it could, so that when rank 0 is refused
+    (a busy or unwritable folder) the other ranks stop with an error too instead of waiting for
+    it in a collective. `dist` is a fastddpm.distributed.Distributed."""
+
+    def __init__(self, folder: RunFolder, dist):
+        self.folder, self.dist = folder, dist
+        self.folder.enabled = self.folder.enabled and dist.is_main
+
+    def __enter__(self) -> RunFolder:
+        error = None
+        try:
+            self.folder.__enter__()
+        except BaseException as e:  # noqa: B036 (re-raised below, after the ranks agree)
+            error = e
+        if self.dist.enabled:
+            import torch
+
+            failed = torch.tensor([0.0 if error is None else 1.0], device=self.dist.device)
+            if self.dist.all_reduce_sum(failed).item() > 0 and error is None:
+                self.folder.__exit__(FolderBusyError, None, None)
+                raise FolderBusyError(f"rank 0 could not take the output folder {str(self.folder.path)!r}")
+        if error is not None:
+            raise error
+        return self.folder
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.folder.__exit__(exc_type, exc, tb)
