@@ -138,7 +138,7 @@ def npz(tmp_path_factory):
 
 def _train(npz, out, steps, *extra):
     return main(["train", "--no-progress", "--data", f"npz:{npz}", "--model", "tiny", "--out", str(out), "--steps",
-                 str(steps), "--batch", "4", "--diffusion-steps", "20", "--save-every", "2", "--log-every", "1",
+                 str(steps), "--batch", "4", "--diffusion-steps", "25", "--save-every", "2", "--log-every", "1",
                  "--warmup", "2", *extra])
 
 
@@ -183,7 +183,7 @@ def test_training_on_a_full_tmpfs(npz, tmp_path, small_disk, capsys):
 # ------------------------------------------------------------------------------------ the shared writer
 def test_save_checkpoint_out_of_space_leaves_the_old_file(tmp_path, full_on):
     path = tmp_path / "m.safetensors"
-    model, diffusion = randomized_unet("tiny"), GaussianDiffusion(make_betas("linear", 20))
+    model, diffusion = randomized_unet("tiny"), GaussianDiffusion(make_betas("linear", 25))
     save_checkpoint(path, model, diffusion, step=1)
     before = path.read_bytes()
     full_on("m.safetensors")
@@ -231,7 +231,7 @@ def test_publish_together_is_all_or_nothing(tmp_path, full_on):
 
 def test_convert_out_of_space_is_one_line(tmp_path, full_on, capsys):
     src = tmp_path / "m.safetensors"
-    save_checkpoint(src, randomized_unet("tiny"), GaussianDiffusion(make_betas("linear", 20)))
+    save_checkpoint(src, randomized_unet("tiny"), GaussianDiffusion(make_betas("linear", 25)))
     full_on("diffusion_pytorch_model.safetensors")
     assert main(["convert", str(src), "--out", str(tmp_path / "diffusers")]) == 2
     _one_line(capsys, "out of space")

@@ -78,7 +78,7 @@ def npz(tmp_path_factory):
 
 def _train_argv(npz, out, *extra):
     return ["train", "--no-progress", "--data", f"npz:{npz}", "--model", "tiny", "--out", str(out), "--steps", "2",
-            "--batch", "4", "--diffusion-steps", "20", "--save-every", "2", "--log-every", "1", *extra]
+            "--batch", "4", "--diffusion-steps", "25", "--save-every", "2", "--log-every", "1", *extra]
 
 
 def test_second_run_on_a_locked_folder_exits_2_naming_it(tmp_path, holder, npz, capsys):
