@@ -650,14 +650,17 @@ def _writable_dir(path: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ command line
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _int_in(lo: int, hi: int, what: str):
+    """An argparse type: an integer in lo..hi (seeds: 0..2^32-1, the noise key's range, as fastddpm's)."""
+    def parse(text: str) -> int:
+        value = int(text) if text.strip().lstrip("+-").isdecimal() else None
+        if value is None or not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
+
+
+_positive_int = _int_in(1, 2**63 - 1, "a positive integer")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -670,8 +673,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", required=True, metavar="FILE.onnx", help="a file written by `fastddpm export`")
     p.add_argument("--steps", type=_positive_int, default=None, help="sampling steps (default: the model's T)")
     p.add_argument("--batch", type=_positive_int, default=64, help="number of samples (default 64)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    p.add_argument("--sample-offset", type=int, default=0, help="index of the first sample (sharding; default 0)")
+    p.add_argument("--seed", type=_int_in(0, _MASK32, "a seed in 0..2^32-1"), default=0, help="noise seed (default 0)")
+    p.add_argument("--sample-offset", type=_int_in(0, _MASK32, "a sample index in 0..2^32-1"), default=0,
+                   help="index of the first sample (sharding; default 0)")
     p.add_argument("--sampler", default="ancestral", choices=SAMPLERS)
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale in [0, 1] (default 0)")
     p.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"],

@@ -118,7 +118,7 @@ def build_model(request: SampleRequest, device: torch.device):
     if request.checkpoint is not None:
         model, diffusion, meta = load_checkpoint(request.checkpoint, device=device)
         return model, diffusion, f"checkpoint {request.checkpoint}", bool(meta.get("clip_denoised", True))
-    preset = request.model or "cifar10"
+    preset = "cifar10" if request.model is None else request.model
     torch.manual_seed(request.seed)
     model = UNet.from_preset(preset).to(device).eval()
     return model, default_diffusion(), f"random {preset} weights", True
@@ -136,7 +136,7 @@ def validate(request: SampleRequest) -> None:
         raise FastDDPMError(f"--eta must be in [0, 1], got {request.eta}")
     if request.backend == "onnx" and request.onnx is None:
         raise FastDDPMError("--backend onnx needs --onnx FILE.onnx (make one with `fastddpm export`)")
-    if request.checkpoint is None and (request.model or "cifar10") not in PRESETS:
+    if request.checkpoint is None and ("cifar10" if request.model is None else request.model) not in PRESETS:
         raise FastDDPMError(f"unknown model preset {request.model!r}; choose one of {', '.join(map(repr, PRESETS))}")
 
 

@@ -158,5 +158,5 @@ def test_bad_export_requests(tiny, tmp_path):
         build_onnx(torch.nn.Conv2d(3, 3, 1), GaussianDiffusion(diffusion.schedule.betas))
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with pytest.raises(FastDDPMError, match="cannot write"):
+    with pytest.raises(FastDDPMError, match="exists and is not a folder"):
         export_onnx(model, diffusion, blocker / "m.onnx")

@@ -118,3 +118,20 @@ def test_export_refuses_a_folder_as_out(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "is a folder" in err and err.count("\n") == 1
     assert _files_under(tmp_path) == []
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--seed", "4294967296"),  # one past the noise key's 32-bit word: refused, never wrapped
+    ("--seed", "-1"),
+    ("--sample-offset", "4294967296"),
+    ("--batch", "0"),
+    ("--batch", "3x"),
+])
+def test_ort_sample_refuses_out_of_range_numbers_before_loading(tmp_path, capsys, flag, value):
+    """Like `fastddpm sample --seed`, ort_sample.py takes seeds in 0..2^32-1 only: one line, exit 2,
+    checked while parsing (the ONNX file named here does not even exist)."""
+    args = ["--onnx", str(tmp_path / "absent.onnx"), "--out", str(tmp_path / "out"), flag, value]
+    assert ort_sample.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ort_sample.py: error: argument " + flag) and err.count("\n") == 1, err
+    assert repr(value) in err and not (tmp_path / "out").exists()
