@@ -37,7 +37,7 @@ from .diffusers_config import (ddpm_diffusion, diffusers_config, diffusion_from_
                                unet_config_from_diffusers)
 from .diffusion import GaussianDiffusion
 from .errors import CheckpointError, FastDDPMError, check_choice
-from .files import atomic_write, atomic_write_bytes
+from .files import publish_together
 from .unet import UNet, UNetConfig, count_parameters
 from .unet_layouts import diffusers_state_dict, import_weights
 from .validate import unet_config as validated_unet_config
@@ -253,7 +253,7 @@ def from_pytorch_diffusion(path: Path, tensors: dict, image_size: int | None = N
 def export_diffusers(src, out) -> Path:
     """Write a fastddpm checkpoint as a diffusers folder: config.json, diffusion_pytorch_model.safetensors
     and scheduler_config.json (UNet2DModel.from_pretrained / DDPMScheduler.from_pretrained read it)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -266,9 +266,10 @@ def export_diffusers(src, out) -> Path:
     unet_cfg = json.dumps(diffusers_config(model.config), indent=2) + "\n"
     sched_cfg = json.dumps(scheduler_config(diffusion, bool(meta.get("clip_denoised", True))), indent=2) + "\n"
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / DIFFUSERS_WEIGHTS[0], lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
-    atomic_write_bytes(out / SCHEDULER_CONFIG, sched_cfg.encode())
-    atomic_write_bytes(out / DIFFUSERS_CONFIG, unet_cfg.encode())
+    # serialised in memory (no safetensors .tmpXXXX file), the three files published together
+    publish_together(out, {DIFFUSERS_WEIGHTS[0]: save(weights, metadata={"format": "pt"}),
+                           SCHEDULER_CONFIG: sched_cfg.encode(), DIFFUSERS_CONFIG: unet_cfg.encode()},
+                     last=DIFFUSERS_CONFIG)
     return out
 
 

@@ -159,6 +159,9 @@ def test_export_round_trip_through_diffusers(tmp_path, capsys):
     save_checkpoint(tmp_path / "ours.safetensors", model, diffusion)
     code, _, err = run_cli(["convert", tmp_path / "ours.safetensors", "--out", tmp_path / "exported"], capsys)
     assert code == 0, err
+    # exactly the three files, published together: no temporary (safetensors' .tmpXXXX or ours) left
+    assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == [
+        "config.json", "diffusion_pytorch_model.safetensors", "scheduler_config.json"]
     dmodel = UNet2DModel.from_pretrained(tmp_path / "exported").eval()
     sched = DDPMScheduler.from_pretrained(tmp_path / "exported")
     assert sched.config.variance_type == "fixed_large" and sched.config.clip_sample
