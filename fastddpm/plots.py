@@ -136,3 +136,37 @@ def plot_series(series: dict[str, tuple[list, list]], path, xlabel: str, ylabel:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     _save(fig, path)
+
+
+def plot_image_rows(rows: list, path, row_labels: list[str], col_labels: list[str] | None = None,
+                    title: str = "", scale: float = 0.55) -> None:
+    """A labelled table of small grey images (DDPM Figs. 6-8 at 8x8).
+
+    rows: one uint8 array [K, H, W] or [K, H, W, 1] per row (rows may differ in K; short rows are
+    left blank on the right); row_labels [R]; col_labels [max K] or None.
+    """
+    import numpy as np
+
+    rows = [np.asarray(r).reshape(len(r), r.shape[1], r.shape[2]) for r in rows]
+    h, w = rows[0].shape[1:]
+    pad = max(1, h // 8)
+    ncol = max(len(r) for r in rows)
+    canvas = np.full((len(rows) * (h + pad) + pad, ncol * (w + pad) + pad), 255, dtype=np.uint8)
+    for i, r in enumerate(rows):
+        for j, img in enumerate(r):
+            y, x = pad + i * (h + pad), pad + j * (w + pad)
+            canvas[y:y + h, x:x + w] = img
+    fig = _figure(max(3.0, 1.2 + scale * ncol), max(2.0, 0.8 + scale * len(rows)))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.imshow(canvas, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    ax.set_yticks([pad + i * (h + pad) + h / 2 - 0.5 for i in range(len(rows))], row_labels, fontsize=8)
+    if col_labels is not None:
+        ax.set_xticks([pad + j * (w + pad) + w / 2 - 0.5 for j in range(len(col_labels))], col_labels,
+                      fontsize=7, rotation=0)
+        ax.xaxis.tick_top()
+    else:
+        ax.set_xticks([])
+    for side in ax.spines.values():
+        side.set_visible(False)
+    ax.set_title(title, fontsize=10)
+    _save(fig, path)

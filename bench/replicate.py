@@ -1,0 +1,247 @@
+"""The papers' own experiments at digits scale, in one rerunnable script (docs/REPLICATION.md).
+
+    python bench/replicate.py --runs /work/runs --out docs/replication
+           [--bpd-images 64] [--fid-samples 200] [--steps 1000,250,100,50,25,10]
+           [--quality-steps 100] [--threads 1] [--only bpd,fid,curves,figures]
+
+Evaluates whatever checkpoints exist: the bundled `digits` (L_simple, linear schedule, fixed
+variance) and RUNS/NAME/last.safetensors for NAME in hybrid-linear, hybrid-cosine, kl-uniform,
+kl-importance (skipped when absent; the step each was at is recorded). Writes into --out:
+
+  bpd.json            test bits/dim (first --bpd-images held-out digits, seed 0) of every model
+  quality.json        digits FID (fastddpm.digits_fid; --fid-samples samples, ancestral,
+                      --quality-steps steps, noise seed 0) of every model, with the noise floor
+  fid_vs_steps.json/.png  digits FID against sampling steps for the simple model with sigma^2 =
+                      beta (fixedlarge) and betatilde (fixedsmall), and the hybrid learned-variance
+                      model (IDDPM Fig. 8)
+  vlb_terms.json/.png     the shipped model's VLB terms L_0..L_T (IDDPM Fig. 2); with the hybrid
+                      models' terms in the JSON
+  rate_distortion.json/.png  the shipped model's rate-distortion curve (DDPM Fig. 5, Table 4)
+  training_curves.png, loss_noise.json  loss and loss by quartile of t from RUNS/*/log.jsonl,
+                      and the step-to-step noise of the logged loss (IDDPM Fig. 6, sec. 3.3)
+  samples-NAME.png    64 of each model's FID samples
+  timings.json        seconds per piece
+
+Each piece is cached in --out/cache under the checkpoint's content hash and the piece's
+settings, so a rerun after more training recomputes only what changed. Runs on a CPU; all
+randomness is seeded.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RUNS = ("hybrid-linear", "hybrid-cosine", "kl-uniform", "kl-importance")
+FIG8 = (("simple, sigma^2 = beta (fixedlarge)", "digits", "fixedlarge"),
+        ("simple, sigma^2 = betatilde (fixedsmall)", "digits", "fixedsmall"),
+        ("hybrid, learned sigma", "hybrid-linear", None))
+
+
+def _sha(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:12]
+
+
+class Runner:
+    def __init__(self, args):
+        self.args = args
+        self.out = Path(args.out)
+        self.cache = self.out / "cache"
+        self.cache.mkdir(parents=True, exist_ok=True)
+        self.timings: dict[str, float] = {}
+        self.models = self._discover()
+
+    # ----------------------------------------------------------------------------- plumbing
+    def _discover(self) -> dict:
+        from fastddpm.checkpoint import bundled_path, load_checkpoint
+
+        found = {"digits": str(bundled_path("digits"))}
+        for name in RUNS if self.args.models is None else [m for m in RUNS if m in self.args.models.split(",")]:
+            p = Path(self.args.runs) / name / "last.safetensors"
+            if p.is_file():
+                found[name] = str(p)
+        models = {}
+        for name, path in found.items():
+            _, diffusion, meta = load_checkpoint(path)
+            tc = meta.get("train_config", {})
+            models[name] = {"checkpoint": path, "sha": _sha(path), "step": meta.get("step"),
+                            "loss": tc.get("loss"), "schedule": tc.get("schedule"),
+                            "timestep_sampler": tc.get("timestep_sampler"), "var_type": diffusion.var_type}
+        return models
+
+    def cached(self, key: str, fn):
+        """fn() -> JSON-able, stored in cache/key.json; the time it took goes into timings."""
+        f = self.cache / f"{key}.json"
+        if f.is_file():
+            return json.loads(f.read_text())
+        start = time.perf_counter()
+        value = fn()
+        self.timings[key] = time.perf_counter() - start
+        print(f"  {key}: {self.timings[key]:.0f} s", flush=True)
+        f.write_text(json.dumps(value))
+        return value
+
+    def write(self, name: str, obj) -> None:
+        from fastddpm.files import atomic_write_bytes
+
+        atomic_write_bytes(self.out / name, (json.dumps(obj, indent=1) + "\n").encode())
+
+    # ----------------------------------------------------------------------------- pieces
+    def bpd(self, name: str) -> dict:
+        m, n = self.models[name], self.args.bpd_images
+
+        def run():
+            from fastddpm.bpd import BpdRequest, evaluate_bpd
+
+            r = evaluate_bpd(BpdRequest(checkpoint=m["checkpoint"], data="digits", batch=n, limit=n, seed=0,
+                                        device="cpu", out=None, progress=False))
+            return {k: r[k] for k in ("bpd", "bpd_stderr", "prior_bpd", "images", "T", "per_timestep", "seconds")}
+        return self.cached(f"bpd-{name}-{m['sha']}-n{n}", run)
+
+    def fid(self, name: str, steps: int, var_type: str | None = None) -> dict:
+        m, n = self.models[name], self.args.fid_samples
+        v = var_type or m["var_type"]
+
+        def run():
+            from fastddpm.checkpoint import load_checkpoint
+            from fastddpm.digits_fid import digits_fid
+            from fastddpm.generate import respaced_for
+            from fastddpm.images import save_grid, to_uint8
+            from fastddpm.sampling import sample
+
+            model, diffusion, _ = load_checkpoint(m["checkpoint"])
+            diffusion.var_type = v  # a fixed-variance model samples with either fixed variance
+            start = time.perf_counter()
+            x = sample(model, respaced_for(diffusion, steps, "ancestral"), (n, 1, 8, 8), seed=0)
+            seconds = time.perf_counter() - start
+            images = to_uint8(x)
+            if steps == self.args.quality_steps and var_type is None:
+                save_grid(self.out / f"samples-{name}.png", images[:64])
+            return {"fid": digits_fid(images), "n": n, "steps": steps, "var_type": v, "sample_seconds": seconds}
+        return self.cached(f"fid-{name}-{m['sha']}-{v}-s{steps}-n{n}", run)
+
+    # ----------------------------------------------------------------------------- experiments
+    def run_bpd(self) -> None:
+        from fastddpm.plots import plot_rate_distortion, plot_vlb_terms
+        from fastddpm.vlb_terms import rate_distortion_records, vlb_term_records
+
+        table = {}
+        for name, m in self.models.items():
+            r = self.bpd(name)
+            table[name] = {"bpd": r["bpd"], "bpd_stderr": r["bpd_stderr"], "prior_bpd": r["prior_bpd"],
+                           "images": r["images"], **m}
+        self.write("bpd.json", table)
+        r = self.bpd("digits")
+        pt = r["per_timestep"]
+        terms = {"digits": vlb_term_records(pt["vb"], r["prior_bpd"])}
+        for name in ("hybrid-linear", "hybrid-cosine"):
+            if name in self.models:
+                q = self.bpd(name)
+                terms[name] = vlb_term_records(q["per_timestep"]["vb"], q["prior_bpd"])
+        first = {k: {"share_of_bound_in_first_%d_steps" % s: sum(x["vb"] for x in v[:s]) / sum(x["vb"] for x in v)
+                     for s in (1, 10, 50, 100)} for k, v in terms.items()}
+        self.write("vlb_terms.json", {"images": r["images"], "summary": first, "terms": terms})
+        plot_vlb_terms(terms["digits"], self.out / "vlb_terms.png",
+                       title=f"VLB terms of the shipped digits model ({r['images']} test images)")
+        rd = rate_distortion_records(pt["vb"], r["prior_bpd"], pt["xstart_mse"])
+        self.write("rate_distortion.json", {"images": r["images"], "bpd": r["bpd"], "records": rd,
+                                            "lossless": {"rate": r["bpd"], "distortion": 0.0}})
+        plot_rate_distortion(rd, self.out / "rate_distortion.png",
+                             title=f"Rate-distortion of the shipped digits model ({r['images']} test images)")
+
+    def run_fid(self) -> None:
+        from fastddpm.digits_fid import classifier_accuracy, noise_floor
+        from fastddpm.plots import plot_series
+
+        floor = noise_floor(self.args.fid_samples)
+        floor["classifier_accuracy"] = classifier_accuracy()
+        quality = {name: {**self.fid(name, self.args.quality_steps), **m} for name, m in self.models.items()}
+        self.write("quality.json", {"noise_floor": floor, "models": quality})
+        series, table = {}, {}
+        for label, name, var in FIG8:
+            if name not in self.models:
+                continue
+            pts = [self.fid(name, s, var) for s in self.args.steps]
+            table[label] = {"model": name, "step": self.models[name]["step"], "points": pts}
+            series[label] = ([p["steps"] for p in pts], [p["fid"] for p in pts])
+        self.write("fid_vs_steps.json", {"noise_floor": floor, "series": table})
+        plot_series(series, self.out / "fid_vs_steps.png", "sampling steps", "digits FID (lower is better)",
+                    title=f"Digits FID against sampling steps ({self.args.fid_samples} samples)", logx=True,
+                    hline=(floor["train"], f"real training digits (n={floor['train_n']})"))
+
+    def run_curves(self) -> None:
+        from fastddpm.plots import plot_training_curves
+
+        runs, noise = {}, {}
+        for name in RUNS:
+            log = Path(self.args.runs) / name / "log.jsonl"
+            if not log.is_file():
+                continue
+            recs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+            recs = [r for r in recs if r.get("loss") is not None]
+            if not recs:
+                continue
+            runs[name] = recs
+            half = [r["loss"] for r in recs[len(recs) // 2:]]
+            if len(half) >= 3:
+                # step-to-step noise of the logged loss (each a mean over --log-every steps) relative to
+                # its level: std of successive differences / sqrt(2) / mean, over the second half of the run
+                d = np.diff(np.asarray(half))
+                noise[name] = {"relative_noise": float(d.std(ddof=1) / np.sqrt(2) / np.mean(half)),
+                               "mean_loss": float(np.mean(half)), "records": len(half),
+                               "last_step": recs[-1]["step"]}
+        if runs:
+            plot_training_curves(runs, self.out / "training_curves.png",
+                                 title="Training loss (tiny U-Net, digits)")
+        self.write("loss_noise.json", noise)
+
+    def run_figures(self) -> None:
+        here = Path(__file__).resolve().parent
+        sys.path.insert(0, str(here))
+        import paper_figures
+
+        start = time.perf_counter()
+        paper_figures.make_all("digits", self.out, seed=0)
+        self.timings["paper_figures"] = time.perf_counter() - start
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", default="/work/runs")
+    p.add_argument("--out", default="docs/replication")
+    p.add_argument("--bpd-images", type=int, default=64)
+    p.add_argument("--fid-samples", type=int, default=200)
+    p.add_argument("--steps", default="1000,250,100,50,25,10")
+    p.add_argument("--quality-steps", type=int, default=100)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--only", default="bpd,fid,curves,figures")
+    p.add_argument("--models", default=None, help="only these runs (comma-separated; the bundled digits always)")
+    a = p.parse_args(argv)
+    a.steps = [int(s) for s in a.steps.split(",")]
+    torch.set_num_threads(a.threads)
+    from fastddpm.plots import require_matplotlib
+
+    require_matplotlib()
+    r = Runner(a)
+    print("models:", {k: (v["step"], v["sha"]) for k, v in r.models.items()}, flush=True)
+    start = time.perf_counter()
+    for piece in a.only.split(","):
+        getattr(r, f"run_{piece}")()
+    old = json.loads((r.out / "timings.json").read_text()) if (r.out / "timings.json").is_file() else {}
+    r.write("timings.json", {"pieces": {**old.get("pieces", {}), **r.timings}, "models": r.models,
+                             "last_run_seconds": time.perf_counter() - start, "threads": a.threads})
+    print(f"done in {time.perf_counter() - start:.0f} s; wrote {r.out}")
+
+
+if __name__ == "__main__":
+    main()
