@@ -26,10 +26,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-PROGRESSIVE_T = (999, 900, 800, 700, 600, 500, 400, 300, 200, 150, 100, 50, 25, 0)
-SHARED_T = (100, 250, 500, 750, 900)
-INTERP_T = (0, 100, 250, 500, 750)
+# the timesteps shown, as fractions of T (at T = 1000: t = 999, 900, ..., 25, 0 and so on)
+PROGRESSIVE_T = (0.999, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.15, 0.1, 0.05, 0.025, 0.0)
+SHARED_T = (0.1, 0.25, 0.5, 0.75, 0.9)
+INTERP_T = (0.0, 0.1, 0.25, 0.5, 0.75)
 LAMBDAS = np.linspace(0.0, 1.0, 9)
+
+
+def _at(fractions, T: int) -> list[int]:
+    """Timesteps round(f * T) for fractions f, within 0..T-1 (duplicates dropped, order kept)."""
+    return list(dict.fromkeys(min(T - 1, round(f * T)) for f in fractions))
 
 
 def _uint8(x: torch.Tensor) -> np.ndarray:
@@ -39,49 +45,49 @@ def _uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def progressive(model, diffusion, path, n: int = 8, seed: int = 0) -> None:
-    """DDPM Fig. 6: predicted x_0 over t for n samples (rows), t in PROGRESSIVE_T (columns)."""
+    """DDPM Fig. 6: predicted x_0 over t for n samples (rows), t in PROGRESSIVE_T * T (columns)."""
     from fastddpm.plots import plot_image_rows
     from fastddpm.sampling import sample
 
-    seen = {}
+    seen, shown = {}, _at(PROGRESSIVE_T, diffusion.num_timesteps)
 
     def keep(state):
-        if state["t"] in PROGRESSIVE_T:
+        if state["t"] in shown:
             seen[state["t"]] = _uint8(state["pred_x0"])
 
     sample(model, diffusion, (n, 1, 8, 8), seed=seed, callback=keep)
-    rows = [np.stack([seen[t][i] for t in PROGRESSIVE_T]) for i in range(n)]
-    plot_image_rows(rows, path, [f"sample {i}" for i in range(n)], [str(t) for t in PROGRESSIVE_T],
+    rows = [np.stack([seen[t][i] for t in shown]) for i in range(n)]
+    plot_image_rows(rows, path, [f"sample {i}" for i in range(n)], [str(t) for t in shown],
                     title="Progressive generation: predicted x_0 at t (DDPM Fig. 6)")
 
 
 def shared_xt(model, diffusion, x0: torch.Tensor, path, draws: int = 6, seed: int = 0) -> None:
-    """DDPM Fig. 7: x_0, x_t and `draws` samples of p(x_0 | x_t) for each t in SHARED_T (rows)."""
+    """DDPM Fig. 7: x_0, x_t and `draws` samples of p(x_0 | x_t) for each t in SHARED_T * T (rows)."""
     from fastddpm.noise import XT_STEP, noise
     from fastddpm.plots import plot_image_rows
     from fastddpm.sampling import denoise_loop
 
     eps = noise(seed + 1, XT_STEP, (1,) + tuple(x0.shape))
-    rows = []
-    for t in SHARED_T:
+    rows, shown = [], _at(SHARED_T, diffusion.num_timesteps)
+    for t in shown:
         xt = diffusion.q_sample(x0[None], torch.tensor([t]), eps)
         with torch.no_grad():
             out = denoise_loop(model, diffusion, xt.expand(draws, -1, -1, -1).contiguous(), t, seed=seed)
         rows.append(np.concatenate([_uint8(x0[None]), _uint8(xt), _uint8(out.clamp(-1, 1))]))
-    plot_image_rows(rows, path, [f"t = {t}" for t in SHARED_T], ["x_0", "x_t"] + [f"draw {i}" for i in range(draws)],
+    plot_image_rows(rows, path, [f"t = {t}" for t in shown], ["x_0", "x_t"] + [f"draw {i}" for i in range(draws)],
                     title="Samples sharing x_t (DDPM Fig. 7)")
 
 
 def interpolation(model, diffusion, a: torch.Tensor, b: torch.Tensor, path, seed: int = 0) -> None:
-    """DDPM Fig. 8: source a, decoded mixes for LAMBDAS, source b; one row per t in INTERP_T."""
+    """DDPM Fig. 8: source a, decoded mixes for LAMBDAS, source b; one row per t in INTERP_T * T."""
     from fastddpm.plots import plot_image_rows
     from fastddpm.sampling import interpolate
 
-    rows = []
-    for t in INTERP_T:
+    rows, shown = [], _at(INTERP_T, diffusion.num_timesteps)
+    for t in shown:
         mixed = interpolate(model, diffusion, a, b, t, LAMBDAS.tolist(), seed=seed)
         rows.append(np.concatenate([_uint8(a[None]), _uint8(mixed), _uint8(b[None])]))
-    plot_image_rows(rows, path, [f"t = {t}" for t in INTERP_T],
+    plot_image_rows(rows, path, [f"t = {t}" for t in shown],
                     ["x_0"] + [f"{lam:.2f}" for lam in LAMBDAS] + ["x'_0"],
                     title="Interpolation through x_t, lambda = 0 .. 1 (DDPM Fig. 8)")
 
