@@ -128,7 +128,9 @@ class Runner:
             if steps == self.args.quality_steps and var_type is None:
                 save_grid(self.out / f"samples-{name}.png", images[:64])
             return {"fid": digits_fid(images), "n": n, "steps": steps, "var_type": v, "sample_seconds": seconds}
-        return self.cached(f"fid-{name}-{m['sha']}-{v}-s{steps}-n{n}", run)
+        from fastddpm.digits_fid import VERSION
+
+        return self.cached(f"fid{VERSION}-{name}-{m['sha']}-{v}-s{steps}-n{n}", run)
 
     # ----------------------------------------------------------------------------- experiments
     def run_bpd(self) -> None:
