@@ -207,6 +207,56 @@ class Runner:
                                  title="Training loss (tiny U-Net, digits)")
         self.write("loss_noise.json", noise)
 
+    def run_summary(self) -> None:
+        """summary.md: the tables of REPLICATION.md, filled from the JSON files of this folder."""
+        def load(name):
+            f = self.out / name
+            return json.loads(f.read_text()) if f.is_file() else None
+
+        lines = ["# Replication numbers (written by bench/replicate.py; do not edit)", ""]
+        bpd, quality, fig8 = load("bpd.json"), load("quality.json"), load("fid_vs_steps.json")
+        if bpd:
+            q = (quality or {}).get("models", {})
+            lines += ["| model | loss | schedule | t sampler | sigma | train step | test bits/dim (n) | "
+                      f"digits FID @{self.args.quality_steps} steps |", "|---|---|---|---|---|---|---|---|"]
+            for name, r in bpd.items():
+                fid = f"{q[name]['fid']:.2f}" if name in q and q[name].get("sha") == r["sha"] else "-"
+                lines.append(f"| {name} | {r['loss']} | {r['schedule']} | {r['timestep_sampler']} | {r['var_type']} "
+                             f"| {r['step']} | {r['bpd']:.3f} +- {r['bpd_stderr']:.3f} ({r['images']}) | {fid} |")
+            lines.append("")
+        if fig8:
+            f = fig8["noise_floor"]
+            steps = sorted({p["steps"] for v in fig8["series"].values() for p in v["points"]}, reverse=True)
+            lines += ["| digits FID, %d samples | " % self.args.fid_samples + " | ".join(map(str, steps)) + " |",
+                      "|---" * (len(steps) + 1) + "|"]
+            for label, v in fig8["series"].items():
+                by = {p["steps"]: p["fid"] for p in v["points"]}
+                lines.append(f"| {label} (step {v['step']}) | " + " | ".join(
+                    f"{by[s]:.2f}" if s in by else "-" for s in steps) + " |")
+            lines += ["", f"Real digits the feature network never saw, n = {f['train_n']}: "
+                          f"{f['train_mean']:.2f} +- {f['train_std']:.2f} (mean +- std over {f['train_repeats']} draws); "
+                          f"two halves of the held-out set ({f['halves_n']} vs {f['halves_n']}): {f['halves']:.2f}; "
+                          f"feature network accuracy on held-out digits {f['classifier_accuracy']:.3f}.", ""]
+        noise, terms = load("loss_noise.json"), load("vlb_terms.json")
+        if noise:
+            lines += ["| run | last step | mean logged loss (2nd half) | relative step-to-step noise |",
+                      "|---|---|---|---|"]
+            lines += [f"| {k} | {v['last_step']} | {v['mean_loss']:.4g} | {v['relative_noise']:.3f} |"
+                      for k, v in noise.items()] + [""]
+        if terms:
+            lines += ["| model | share of the bound in L_0 | in L_0..L_9 | in L_0..L_49 | in L_0..L_99 |",
+                      "|---|---|---|---|---|"]
+            lines += [f"| {k} | " + " | ".join(f"{v[key]:.3f}" for key in sorted(v, key=lambda x: int(x.split('_')[-2])))
+                      + " |" for k, v in terms["summary"].items()] + [""]
+        rd = load("rate_distortion.json")
+        if rd:
+            recs = {r["t"]: r for r in rd["records"]}
+            lines += ["| t | rate (bits/dim) | distortion (RMSE, 0..255) |", "|---|---|---|"]
+            lines += [f"| {t} | {recs[t]['rate']:.4f} | {recs[t]['distortion']:.2f} |"
+                      for t in (999, 750, 500, 250, 100, 50, 10, 1, 0) if t in recs]
+            lines += [f"| lossless (after L_0) | {rd['lossless']['rate']:.4f} | 0 |", ""]
+        (self.out / "summary.md").write_text("\n".join(lines) + "\n")
+
     def run_figures(self) -> None:
         here = Path(__file__).resolve().parent
         sys.path.insert(0, str(here))
@@ -226,7 +276,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", default="1000,250,100,50,25,10")
     p.add_argument("--quality-steps", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--only", default="bpd,fid,curves,figures")
+    p.add_argument("--only", default="bpd,fid,curves,figures,summary")
     p.add_argument("--models", default=None, help="only these runs (comma-separated; the bundled digits always)")
     a = p.parse_args(argv)
     a.steps = [int(s) for s in a.steps.split(",")]

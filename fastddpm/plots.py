@@ -111,7 +111,7 @@ def plot_training_curves(runs: dict[str, list[dict]], path, title: str = "") -> 
         a.set_xlabel("training step")
         a.set_ylabel(label)
         a.grid(alpha=0.3, which="both")
-        a.legend(fontsize=7)
+        a.legend(fontsize=6, ncol=2 if a is ax2 else 1)
     fig.suptitle(title or "Training curves")
     _save(fig, path)
 
