@@ -183,25 +183,14 @@ class Runner:
 
     def run_curves(self) -> None:
         from fastddpm.plots import plot_training_curves
+        from fastddpm.train_curves import loss_noise, read_log
 
         runs, noise = {}, {}
         for name in RUNS:
             log = Path(self.args.runs) / name / "log.jsonl"
-            if not log.is_file():
-                continue
-            recs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-            recs = [r for r in recs if r.get("loss") is not None]
-            if not recs:
-                continue
-            runs[name] = recs
-            half = [r["loss"] for r in recs[len(recs) // 2:]]
-            if len(half) >= 3:
-                # step-to-step noise of the logged loss (each a mean over --log-every steps) relative to
-                # its level: std of successive differences / sqrt(2) / mean, over the second half of the run
-                d = np.diff(np.asarray(half))
-                noise[name] = {"relative_noise": float(d.std(ddof=1) / np.sqrt(2) / np.mean(half)),
-                               "mean_loss": float(np.mean(half)), "records": len(half),
-                               "last_step": recs[-1]["step"]}
+            if log.is_file():
+                runs[name] = read_log(log)
+                noise[name] = loss_noise(runs[name])
         if runs:
             plot_training_curves(runs, self.out / "training_curves.png",
                                  title="Training loss (tiny U-Net, digits)")
@@ -241,8 +230,9 @@ class Runner:
         if noise:
             lines += ["| run | last step | mean logged loss (2nd half) | relative step-to-step noise |",
                       "|---|---|---|---|"]
-            lines += [f"| {k} | {v['last_step']} | {v['mean_loss']:.4g} | {v['relative_noise']:.3f} |"
-                      for k, v in noise.items()] + [""]
+            lines += [f"| {k} | {v['last_step']} | {v['mean_loss']:.4g} | " + (
+                "n/a" if v["relative_noise"] is None else f"{v['relative_noise']:.3f}") + " |"
+                for k, v in noise.items()] + [""]
         if terms:
             lines += ["| model | share of the bound in L_0 | in L_0..L_9 | in L_0..L_49 | in L_0..L_99 |",
                       "|---|---|---|---|---|"]

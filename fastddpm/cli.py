@@ -117,11 +117,12 @@ def cmd_train(args) -> int:
 
 # ------------------------------------------------------------------------------------------ eval
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate samples or a checkpoint: fid | bpd | rate-distortion")
+    p = sub.add_parser("eval", help="evaluate samples, a checkpoint or a run: fid | bpd | rate-distortion | curves")
     metrics = p.add_subparsers(dest="metric", required=True, parser_class=_Parser)
     _add_eval_fid(metrics)
     _add_eval_bpd(metrics)
     _add_eval_rate_distortion(metrics)
+    _add_eval_curves(metrics)
 
 
 def _add_eval_fid(metrics) -> None:
@@ -228,6 +229,23 @@ def cmd_eval_rate_distortion(args) -> int:
     from .vlb_terms import evaluate_rate_distortion
 
     evaluate_rate_distortion(_terms_request(args, args.out))
+    return 0
+
+
+def _add_eval_curves(metrics) -> None:
+    p = metrics.add_parser("curves", help="training curves of runs from their log.jsonl",
+                           description="Loss and loss by quarter of t against step for each run (IDDPM Fig. 6), "
+                                       "and how noisy each loss curve is (IDDPM sec. 3.3), from RUN/log.jsonl.")
+    p.add_argument("runs", metavar="RUN", nargs="+", help="run folders (holding log.jsonl) or log.jsonl files")
+    p.add_argument("--out", default="curves.json", metavar="FILE.json", help="result file (default curves.json)")
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="also plot the curves (needs fastddpm[plots])")
+    p.set_defaults(func=cmd_eval_curves)
+
+
+def cmd_eval_curves(args) -> int:
+    from .train_curves import CurvesRequest, evaluate_curves
+
+    evaluate_curves(CurvesRequest(runs=args.runs, out=args.out, plot=args.plot))
     return 0
 
 
