@@ -148,3 +148,44 @@ def noise_floor(n: int, seed: int = SEED) -> dict:
     return {"halves": frechet_distance(test[order[:half]], test[order[half:2 * half]]), "halves_n": half,
             "train": draws[0], "train_n": size, "train_mean": float(np.mean(draws)),
             "train_std": float(np.std(draws, ddof=1)), "train_repeats": REPEATS}
+
+
+def load_grey_digits(paths) -> np.ndarray:
+    """uint8 [N, 8, 8, 1] from .npz files, image folders or `fastddpm sample` output folders (pooled)."""
+    from pathlib import Path
+
+    from .evaluate import ImageSet
+
+    # a `fastddpm sample` folder also holds grid.png: read its samples.npz, not the picture of them
+    paths = [Path(p) / "samples.npz" if (Path(p) / "samples.npz").is_file() else p for p in paths]
+    images = np.concatenate(list(ImageSet(paths).batches(1024)))  # [N, H, W, 3], grey repeated
+    if images.shape[1:3] != (8, 8):
+        raise DataError(f"digits FID takes 8x8 images; {', '.join(map(str, paths))} holds "
+                        f"{images.shape[2]}x{images.shape[1]}")
+    if not (images == images[..., :1]).all():
+        raise DataError("digits FID takes grey images; these have colour")
+    return images[..., :1]
+
+
+def evaluate_digits_fid(paths, json_out: str | None = None) -> dict:
+    """`fastddpm eval digits-fid`: the digits FID of the images at `paths`, beside the noise floor at
+    the same n; written to json_out when given (checked before any work)."""
+    import json
+
+    from .files import atomic_write_bytes
+    from .vlb_terms import check_output_file
+
+    check_output_file(json_out, "--json")
+    images = load_grey_digits(paths)
+    if len(images) < 2:
+        raise DataError(f"digits FID needs at least 2 images, got {len(images)}")
+    result = {"digits_fid": digits_fid(images), "n": int(len(images)), "noise_floor": noise_floor(len(images)),
+              "features": f"MLP hidden layer ({HIDDEN} ReLU units), feature version {VERSION}",
+              "reference": "digits test split (370 images)", "samples": [str(p) for p in paths]}
+    f = result["noise_floor"]
+    print(f"digits FID {result['digits_fid']:.3f} over {result['n']} images; real digits at this n: "
+          f"{f['train_mean']:.3f} +- {f['train_std']:.3f}")
+    if json_out is not None:
+        atomic_write_bytes(json_out, (json.dumps(result, indent=1) + "\n").encode())
+        print(f"wrote {json_out}")
+    return result

@@ -66,3 +66,31 @@ def test_bad_input():
         digits_features(np.zeros((3, 8, 8, 1), dtype=np.float32))
     with pytest.raises(DataError, match="equal D"):
         frechet_distance(np.zeros((5, 3)), np.zeros((5, 4)))
+
+
+def test_cli(tmp_path, capsys):
+    import json
+
+    from fastddpm.cli import main
+
+    real = load_digits("test").images
+    np.savez(tmp_path / "real.npz", arr_0=real[:100])
+    folder = tmp_path / "run"  # a `fastddpm sample` folder: samples.npz beside grid.png
+    folder.mkdir()
+    np.savez(folder / "samples.npz", arr_0=real[100:200, ..., 0])  # NHW is accepted too
+    (folder / "grid.png").write_bytes(b"not read")
+    out = tmp_path / "fid.json"
+    assert main(["eval", "digits-fid", str(tmp_path / "real.npz"), str(folder), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["n"] == 200
+    assert result["digits_fid"] == pytest.approx(digits_fid(real[:200]), rel=1e-12)
+    assert result["noise_floor"] == noise_floor(200)
+    assert "digits FID" in capsys.readouterr().out
+    np.savez(tmp_path / "rgb.npz", arr_0=np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8))
+    np.savez(tmp_path / "big.npz", arr_0=np.zeros((5, 16, 16, 1), dtype=np.uint8))
+    for argv, piece in (([str(tmp_path / "rgb.npz")], "grey images"), ([str(tmp_path / "big.npz")], "8x8"),
+                        ([str(tmp_path / "none.npz")], "does not exist"),
+                        ([str(tmp_path / "real.npz"), "--json", str(tmp_path)], "is a folder")):
+        assert main(["eval", "digits-fid", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("fastddpm: error: ") and err.count("\n") == 1 and piece in err, err
