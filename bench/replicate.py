@@ -44,14 +44,6 @@ FIG8 = (("simple, sigma^2 = beta (fixedlarge)", "digits", "fixedlarge"),
         ("hybrid, learned sigma", "hybrid-linear", None))
 
 
-def _sha(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:12]
-
-
 class Runner:
     def __init__(self, args):
         self.args = args
@@ -71,10 +63,19 @@ class Runner:
             if p.is_file():
                 found[name] = str(p)
         models = {}
-        for name, path in found.items():
+        for name, source in found.items():
+            path = source
+            # a run still training replaces last.safetensors every --save-every steps: evaluate a copy,
+            # so that every piece of this run sees the same weights as the hash in its cache key
+            data = Path(path).read_bytes()
+            sha = hashlib.sha256(data).hexdigest()[:12]
+            path = self.cache / f"ckpt-{name}-{sha}.safetensors"
+            if not path.is_file():
+                path.write_bytes(data)
+            path = str(path)
             _, diffusion, meta = load_checkpoint(path)
             tc = meta.get("train_config", {})
-            models[name] = {"checkpoint": path, "sha": _sha(path), "step": meta.get("step"),
+            models[name] = {"checkpoint": path, "source": source, "sha": sha, "step": meta.get("step"),
                             "loss": tc.get("loss"), "schedule": tc.get("schedule"),
                             "timestep_sampler": tc.get("timestep_sampler"), "var_type": diffusion.var_type}
         return models
