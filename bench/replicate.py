@@ -136,13 +136,14 @@ class Runner:
     # ----------------------------------------------------------------------------- experiments
     def run_bpd(self) -> None:
         from fastddpm.plots import plot_rate_distortion, plot_vlb_terms
-        from fastddpm.vlb_terms import rate_distortion_records, vlb_term_records
+        from fastddpm.vlb_terms import rate_distortion_records, vlb_estimator_noise, vlb_term_records
 
         table = {}
         for name, m in self.models.items():
             r = self.bpd(name)
             table[name] = {"bpd": r["bpd"], "bpd_stderr": r["bpd_stderr"], "prior_bpd": r["prior_bpd"],
-                           "images": r["images"], **m}
+                           "images": r["images"], "vlb_estimator_noise": vlb_estimator_noise(r["per_timestep"]["vb"]),
+                           **m}
         self.write("bpd.json", table)
         r = self.bpd("digits")
         pt = r["per_timestep"]
@@ -208,11 +209,14 @@ class Runner:
         if bpd:
             q = (quality or {}).get("models", {})
             lines += ["| model | loss | schedule | t sampler | sigma | train step | test bits/dim (n) | "
-                      f"digits FID @{self.args.quality_steps} steps |", "|---|---|---|---|---|---|---|---|"]
+                      f"digits FID @{self.args.quality_steps} steps | L_vlb estimate's rel. std from t: uniform / "
+                      "importance |", "|---|---|---|---|---|---|---|---|---|"]
             for name, r in bpd.items():
                 fid = f"{q[name]['fid']:.2f}" if name in q and q[name].get("sha") == r["sha"] else "-"
+                en = r["vlb_estimator_noise"]
                 lines.append(f"| {name} | {r['loss']} | {r['schedule']} | {r['timestep_sampler']} | {r['var_type']} "
-                             f"| {r['step']} | {r['bpd']:.3f} +- {r['bpd_stderr']:.3f} ({r['images']}) | {fid} |")
+                             f"| {r['step']} | {r['bpd']:.3f} +- {r['bpd_stderr']:.3f} ({r['images']}) | {fid} | "
+                             f"{en['uniform']:.1f} / {en['importance']:.2f} |")
             lines.append("")
         if fig8:
             f = fig8["noise_floor"]

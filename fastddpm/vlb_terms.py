@@ -83,6 +83,29 @@ def rate_distortion(model, diffusion, x0, clip_denoised: bool = True) -> dict:
             "bpd": bpd}
 
 
+def vlb_estimator_noise(vb: list[float], uniform_prob: float = 0.001) -> dict:
+    """How noisy a one-sample estimate of L_vlb = sum_t L_t is, from the choice of t alone (IDDPM sec. 3.3).
+
+    vb [T]: mean terms L_t (bits/dim). Training estimates L_vlb by L_t / p(t) with t ~ p. Over the
+    draw of t (the terms' own noise within a t aside), its relative standard deviation is
+        sqrt(sum_t L_t^2 / p(t) - L_vlb^2) / L_vlb,
+    for uniform p(t) = 1/T and for IDDPM's importance sampling p(t) ~ sqrt(E[L_t^2]), taken as
+    p(t) ~ L_t mixed with `uniform_prob` of the uniform distribution (fastddpm.train's sampler).
+    Returns {"uniform": ..., "importance": ..., "L_vlb": ...}.
+    """
+    T = len(vb)
+    total = float(sum(vb))
+    if total <= 0:
+        raise ValueError("the terms must have a positive sum")
+
+    def rel_std(p):
+        var = sum(m * m / q for m, q in zip(vb, p) if m != 0) - total * total  # a t never drawn adds 0 if L_t = 0
+        return math.sqrt(max(var, 0.0)) / total
+
+    importance = [(1.0 - uniform_prob) * max(m, 0.0) / total + uniform_prob / T for m in vb]
+    return {"uniform": rel_std([1.0 / T] * T), "importance": rel_std(importance), "L_vlb": total}
+
+
 # ------------------------------------------------------------------------------- the commands
 def check_output_file(path, flag: str) -> None:
     """Refuse an output path that cannot be written, before any work: empty, a folder, or in an

@@ -157,3 +157,18 @@ def test_unwritable_output_is_refused_before_the_work(files, tmp_path, capsys):
         _one_line_error(capsys, "--out", "cannot be written")
     finally:
         os.chmod(locked, 0o700)
+
+
+def test_vlb_estimator_noise():
+    from fastddpm.vlb_terms import vlb_estimator_noise
+
+    flat = vlb_estimator_noise([0.5] * 8)
+    assert flat["uniform"] == pytest.approx(0.0, abs=1e-12) and flat["L_vlb"] == pytest.approx(4.0)
+    # one term holds everything: uniform draws see it 1 time in T, rel. std sqrt(T - 1)
+    spike = [1.0] + [0.0] * 9
+    assert vlb_estimator_noise(spike)["uniform"] == pytest.approx(3.0, rel=1e-12)
+    assert vlb_estimator_noise(spike, uniform_prob=0.0)["importance"] == pytest.approx(0.0, abs=1e-12)
+    # terms falling over orders of magnitude (IDDPM Fig. 2): importance sampling removes most of the noise
+    falling = list(np.geomspace(1.0, 1e-6, 1000))
+    n = vlb_estimator_noise(falling)
+    assert n["uniform"] > 5 and n["importance"] < 0.1 * n["uniform"]
