@@ -169,6 +169,10 @@ def test_vlb_estimator_noise():
     assert vlb_estimator_noise(spike)["uniform"] == pytest.approx(3.0, rel=1e-12)
     assert vlb_estimator_noise(spike, uniform_prob=0.0)["importance"] == pytest.approx(0.0, abs=1e-12)
     # terms falling over orders of magnitude (IDDPM Fig. 2): importance sampling removes most of the noise
-    falling = list(np.geomspace(1.0, 1e-6, 1000))
-    n = vlb_estimator_noise(falling)
-    assert n["uniform"] > 5 and n["importance"] < 0.1 * n["uniform"]
+    falling = np.geomspace(1.0, 1e-6, 1000)
+    n = vlb_estimator_noise(falling.tolist())
+    L = falling.sum()
+    assert n["uniform"] == pytest.approx(np.sqrt(1000 * (falling**2).sum() / L**2 - 1), rel=1e-9)  # ~2.4
+    p = 0.999 * falling / L + 0.001 / 1000
+    assert n["importance"] == pytest.approx(np.sqrt((falling**2 / p).sum() - L**2) / L, rel=1e-6)
+    assert n["importance"] < 0.05 * n["uniform"]
