@@ -181,7 +181,8 @@ class Runner:
         self.write("fid_vs_steps.json", {"noise_floor": floor, "series": table})
         plot_series(series, self.out / "fid_vs_steps.png", "sampling steps", "digits FID (lower is better)",
                     title=f"Digits FID against sampling steps ({self.args.fid_samples} samples)", logx=True,
-                    hline=(floor["train"], f"real training digits (n={floor['train_n']})"))
+                    hline=(floor["train_mean"], f"real digits, n={floor['train_n']} "
+                                                f"(+- {floor['train_std']:.2f} by chance)"))
 
     def run_curves(self) -> None:
         from fastddpm.plots import plot_training_curves
