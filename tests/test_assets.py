@@ -73,7 +73,7 @@ def test_bundled_digits_draws_real_digits(tmp_path):
 # The hybrid-loss, learned-variance model (IDDPM eq. 16; fastddpm/assets/digits-hybrid.safetensors),
 # held by its digits FID (fastddpm.digits_fid) at 50 respaced steps, the regime where IDDPM's learned
 # variances matter. Measured on this machine (200 samples, seed 0): 0.95 for the shipped weights (step
-# 2000), 0.99 for the same run at step 1000 (bench/replicate.py, docs/REPLICATION.md). Real digits
+# 4000), 0.95 at step 2000 and 0.99 at step 1000 of the same run (bench/replicate.py). Real digits
 # the feature network never saw score 1.02 +- 0.23 (mean, std over 8 draws of 200; noise_floor), so
 # the ceiling sits about 4 of those standard deviations above the measurement; uniform noise scores ~40.
 HYBRID_SAMPLES = 200
