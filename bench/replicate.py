@@ -229,7 +229,8 @@ class Runner:
                 lines.append(f"| {label} (step {v['step']}) | " + " | ".join(
                     f"{by[s]:.2f}" if s in by else "-" for s in steps) + " |")
             lines += ["", f"Real digits the feature network never saw, n = {f['train_n']}: "
-                          f"{f['train_mean']:.2f} +- {f['train_std']:.2f} (mean +- std over {f['train_repeats']} draws); "
+                          f"{f['train_mean']:.2f} +- {f['train_std']:.2f} "
+                          f"(mean +- std over {f['train_repeats']} draws); "
                           f"two halves of the held-out set ({f['halves_n']} vs {f['halves_n']}): {f['halves']:.2f}; "
                           f"feature network accuracy on held-out digits {f['classifier_accuracy']:.3f}.", ""]
         noise, terms = load("loss_noise.json"), load("vlb_terms.json")
@@ -242,8 +243,10 @@ class Runner:
         if terms:
             lines += ["| model | share of the bound in L_0 | in L_0..L_9 | in L_0..L_49 | in L_0..L_99 |",
                       "|---|---|---|---|---|"]
-            lines += [f"| {k} | " + " | ".join(f"{v[key]:.3f}" for key in sorted(v, key=lambda x: int(x.split('_')[-2])))
-                      + " |" for k, v in terms["summary"].items()] + [""]
+            def order(key):  # "share_of_bound_in_first_10_steps" -> 10
+                return int(key.split("_")[-2])
+            lines += [f"| {k} | " + " | ".join(f"{v[key]:.3f}" for key in sorted(v, key=order)) + " |"
+                      for k, v in terms["summary"].items()] + [""]
         rd = load("rate_distortion.json")
         if rd:
             recs = {r["t"]: r for r in rd["records"]}
