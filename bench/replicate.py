@@ -95,7 +95,10 @@ class Runner:
     def write(self, name: str, obj) -> None:
         from fastddpm.files import atomic_write_bytes
 
-        atomic_write_bytes(self.out / name, (json.dumps(obj, indent=1) + "\n").encode())
+        text = json.dumps(obj, indent=1)
+        if len(text) > 50_000:  # the per-timestep records: one line per record keeps the file small
+            text = json.dumps(obj, separators=(",", ":")).replace("},{", "},\n{")
+        atomic_write_bytes(self.out / name, (text + "\n").encode())
 
     # ----------------------------------------------------------------------------- pieces
     def bpd(self, name: str) -> dict:
