@@ -40,6 +40,8 @@ setup(
         # diffusers is the parity peer in tests and benchmarks only (it does not require torch).
         "test": ["pytest", "pytest-benchmark", "triton", "diffusers", "onnx", "onnxruntime", "hypothesis"],
         "bench": ["pytest", "pytest-benchmark", "diffusers"],
+        # PNG figures: eval bpd --plot, eval rate-distortion --plot, bench/replicate.py, bench/paper_figures.py.
+        "plots": ["matplotlib"],
     },
     entry_points={"console_scripts": ["fastddpm = fastddpm.cli:main"]},
 )

@@ -30,7 +30,9 @@ from .validate import unet_config as validate_unet_config
 
 FORMAT = "fastddpm"
 VERSION = "1"
-BUNDLED = {"digits": "digits.safetensors"}  # names `--checkpoint` resolves to package data
+# names `--checkpoint` resolves to package data: the L_simple model (fixed variance) and the
+# hybrid-loss, learned-variance one (IDDPM)
+BUNDLED = {"digits": "digits.safetensors", "digits-hybrid": "digits-hybrid.safetensors"}
 
 
 def bundled_path(name: str) -> Path:
@@ -39,7 +41,7 @@ def bundled_path(name: str) -> Path:
 
 
 def resolve_checkpoint(path) -> Path:
-    """A path, or the name of a bundled checkpoint ("digits"), as an existing file's Path."""
+    """A path, or the name of a bundled checkpoint ("digits", "digits-hybrid"), as an existing file's Path."""
     if str(path) in BUNDLED:
         p = bundled_path(str(path))
         if not p.is_file():

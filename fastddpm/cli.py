@@ -140,10 +140,14 @@ def cmd_train(args) -> int:
 
 # ------------------------------------------------------------------------------------------ eval
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate samples or a checkpoint: fid | bpd")
+    p = sub.add_parser("eval", help="evaluate samples, a checkpoint or a run: "
+                                    "fid | bpd | rate-distortion | curves | digits-fid")
     metrics = p.add_subparsers(dest="metric", required=True, parser_class=_Parser)
     _add_eval_fid(metrics)
     _add_eval_bpd(metrics)
+    _add_eval_rate_distortion(metrics)
+    _add_eval_curves(metrics)
+    _add_eval_digits_fid(metrics)
 
 
 def _add_eval_fid(metrics) -> None:
@@ -200,14 +204,92 @@ def _add_eval_bpd(metrics) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", default="bpd.json", metavar="FILE.json", help="result file (default bpd.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--per-timestep", action="store_true",
+                   help="also write the bound's terms L_0 .. L_T as records {t, term, vb, mse, xstart_mse}")
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="plot the terms against t, log scale (implies --per-timestep; needs fastddpm[plots])")
     p.set_defaults(func=cmd_eval_bpd, memory_flags="--batch")
+
+
+def _terms_request(args, out):
+    from .vlb_terms import TermsRequest
+
+    return TermsRequest(checkpoint=args.checkpoint, data=args.data, batch=args.batch, limit=args.limit,
+                        seed=args.seed, device=args.device, out=out, plot=args.plot, progress=not args.no_progress)
 
 
 def cmd_eval_bpd(args) -> int:
     from .bpd import BpdRequest, evaluate_bpd
 
+    if args.per_timestep or args.plot is not None:
+        from .vlb_terms import evaluate_vlb_terms
+
+        evaluate_vlb_terms(_terms_request(args, args.out))
+        return 0
+
     evaluate_bpd(BpdRequest(checkpoint=args.checkpoint, data=args.data, batch=args.batch, limit=args.limit,
                             seed=args.seed, device=args.device, out=args.out, progress=not args.no_progress))
+    return 0
+
+
+def _add_eval_rate_distortion(metrics) -> None:
+    p = metrics.add_parser("rate-distortion", help="rate (bits/dim) and distortion (RMSE) per timestep",
+                           description="DDPM's progressive lossy code (sec. 4.3, Fig. 5): for each t, the rate "
+                                       "L_T + sum_{s>t} L_s in bits/dim and the RMSE (0..255) of the x0 predicted "
+                                       "from x_t, over a data set's test split. Takes eval bpd's flags.")
+    p.add_argument("--checkpoint", required=True, help="a fastddpm .safetensors checkpoint, or a bundled name")
+    p.add_argument("--data", required=True, help="digits | cifar10:DIR | images:DIR | npz:FILE (its test split)")
+    p.add_argument("--batch", type=_positive_int, default=256, help="images per batch (default 256)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="evaluate only the first N test images")
+    p.add_argument("--seed", type=_seed, default=0, help="seeds the x_t draws, 0 .. 2^32-1 (default 0)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--out", default="rate_distortion.json", metavar="FILE.json",
+                   help="result file (default rate_distortion.json)")
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="also draw DDPM Fig. 5 (needs fastddpm[plots])")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval_rate_distortion, memory_flags="--batch")
+
+
+def cmd_eval_rate_distortion(args) -> int:
+    from .vlb_terms import evaluate_rate_distortion
+
+    evaluate_rate_distortion(_terms_request(args, args.out))
+    return 0
+
+
+def _add_eval_curves(metrics) -> None:
+    p = metrics.add_parser("curves", help="training curves of runs from their log.jsonl",
+                           description="Loss and loss by quarter of t against step for each run (IDDPM Fig. 6), "
+                                       "and how noisy each loss curve is (IDDPM sec. 3.3), from RUN/log.jsonl.")
+    p.add_argument("runs", metavar="RUN", nargs="+", help="run folders (holding log.jsonl) or log.jsonl files")
+    p.add_argument("--out", default="curves.json", metavar="FILE.json", help="result file (default curves.json)")
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="also plot the curves (needs fastddpm[plots])")
+    p.set_defaults(func=cmd_eval_curves)
+
+
+def cmd_eval_curves(args) -> int:
+    from .train_curves import CurvesRequest, evaluate_curves
+
+    evaluate_curves(CurvesRequest(runs=args.runs, out=args.out, plot=args.plot))
+    return 0
+
+
+def _add_eval_digits_fid(metrics) -> None:
+    p = metrics.add_parser("digits-fid", help="Frechet distance of 8x8 digit samples to the held-out digits",
+                           description="FID for the built-in digits data: the Frechet distance between the samples "
+                                       "and the 370 held-out digits in the hidden layer of a small MLP classifier "
+                                       "fitted on half the training digits (fastddpm.digits_fid), printed beside "
+                                       "what real digits score at the same number of images.")
+    p.add_argument("samples", metavar="SAMPLES", nargs="+",
+                   help="8x8 grey images: .npz files, image folders or `fastddpm sample` output folders (pooled)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
+    p.set_defaults(func=cmd_eval_digits_fid)
+
+
+def cmd_eval_digits_fid(args) -> int:
+    from .digits_fid import evaluate_digits_fid
+
+    evaluate_digits_fid(args.samples, args.json)
     return 0
 
 

@@ -1,0 +1,103 @@
+"""Training curves from a run's log.jsonl: `fastddpm eval curves RUN [RUN ...]` (IDDPM Fig. 6, sec. 3.3).
+
+The trainer appends one JSON record per --log-every steps to RUN/log.jsonl: {"step", "loss" (the
+objective averaged over the interval; for importance-sampled t it is the reweighted, unbiased
+estimate), "loss_by_quarter": [4] (the loss averaged over the samples whose t fell in each quarter
+of 0..T-1, unweighted), ...}. This module reads those records, summarises how noisy the loss is,
+and plots loss and loss by quarter against step.
+
+Noise of a curve: over the second half of the records, the standard deviation of successive
+differences of the logged loss divided by sqrt(2) (the noise of one logged value if the trend is
+smooth) and by the mean logged loss there (so runs whose losses differ in scale compare).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import DataError, FastDDPMError
+from .files import atomic_write_bytes
+
+
+def read_log(run) -> list[dict]:
+    """The records of RUN/log.jsonl (or of a .jsonl file given directly) that carry a finite loss."""
+    p = Path(run)
+    log = p / "log.jsonl" if p.is_dir() else p
+    if not log.is_file():
+        raise DataError(f"no training log at {str(log)!r} (expected a run folder holding log.jsonl)")
+    records = []
+    with open(log, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except (json.JSONDecodeError, RecursionError):
+                raise DataError(f"{str(log)!r} line {number} is not JSON") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+                raise DataError(f"{str(log)!r} line {number} is not a training record (no integer 'step')")
+            loss = rec.get("loss")
+            if isinstance(loss, (int, float)) and math.isfinite(loss):
+                records.append(rec)
+    if not records:
+        raise DataError(f"{str(log)!r} holds no record with a finite loss yet")
+    return records
+
+
+def loss_noise(records: list[dict]) -> dict:
+    """{"relative_noise", "mean_loss", "records", "last_step"} over the second half of `records`
+    (see the module docstring); relative_noise is None with fewer than 3 records there."""
+    half = [float(r["loss"]) for r in records[len(records) // 2:]]
+    mean = sum(half) / len(half)
+    noise = None
+    if len(half) >= 3 and mean != 0:
+        d = [b - a for a, b in zip(half, half[1:])]
+        m = sum(d) / len(d)
+        noise = math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1)) / math.sqrt(2) / abs(mean)
+    return {"relative_noise": noise, "mean_loss": mean, "records": len(half), "last_step": records[-1]["step"]}
+
+
+@dataclass
+class CurvesRequest:
+    """`fastddpm eval curves`: run folders (or log.jsonl files), the JSON summary and an optional plot."""
+
+    runs: list[str] = field(default_factory=list)
+    out: str | None = "curves.json"
+    plot: str | None = None
+
+
+def evaluate_curves(request: CurvesRequest) -> dict:
+    """Read every run's log and write {name: {"noise": loss_noise(...), "records": [...]}} to request.out."""
+    from .vlb_terms import check_output_file
+
+    check_output_file(request.out, "--out")
+    check_output_file(request.plot, "--plot")
+    if request.plot is not None:
+        from .plots import require_matplotlib
+
+        require_matplotlib()
+    runs = {}
+    for run in request.runs:
+        name = Path(run).name if Path(run).is_dir() else Path(run).parent.name or str(run)
+        if name in runs:
+            raise FastDDPMError(f"two runs are named {name!r}; give each its own folder")
+        runs[name] = read_log(run)
+    result = {name: {"noise": loss_noise(recs), "records": [
+        {k: r.get(k) for k in ("step", "loss", "mse", "vb", "loss_by_quarter")} for r in recs]}
+        for name, recs in runs.items()}
+    for name, r in result.items():
+        n = r["noise"]
+        noise = "n/a" if n["relative_noise"] is None else f"{n['relative_noise']:.3f}"
+        print(f"{name}: step {n['last_step']}, mean loss {n['mean_loss']:.4g} (2nd half), relative noise {noise}")
+    if request.out is not None:
+        atomic_write_bytes(request.out, (json.dumps({"runs": result, "request": asdict(request)}, indent=1)
+                                         + "\n").encode())
+        print(f"wrote {request.out}")
+    if request.plot is not None:
+        from .plots import plot_training_curves
+
+        plot_training_curves(runs, request.plot)
+        print(f"wrote {request.plot}")
+    return result
