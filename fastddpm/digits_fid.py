@@ -172,10 +172,10 @@ def evaluate_digits_fid(paths, json_out: str | None = None) -> dict:
     the same n; written to json_out when given (checked before any work)."""
     import json
 
-    from .files import atomic_write_bytes
-    from .vlb_terms import check_output_file
+    from .files import atomic_write_bytes, check_output_file
 
-    check_output_file(json_out, "--json")
+    if json_out is not None:
+        check_output_file(json_out, "--json")
     images = load_grey_digits(paths)
     if len(images) < 2:
         raise DataError(f"digits FID needs at least 2 images, got {len(images)}")

@@ -70,11 +70,12 @@ class CurvesRequest:
 
 def evaluate_curves(request: CurvesRequest) -> dict:
     """Read every run's log and write {name: {"noise": loss_noise(...), "records": [...]}} to request.out."""
-    from .vlb_terms import check_output_file
+    from .files import check_output_file
 
-    check_output_file(request.out, "--out")
-    check_output_file(request.plot, "--plot")
+    if request.out is not None:
+        check_output_file(request.out, "--out")
     if request.plot is not None:
+        check_output_file(request.plot, "--plot")
         from .plots import require_matplotlib
 
         require_matplotlib()

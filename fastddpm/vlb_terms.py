@@ -143,6 +143,14 @@ def _checked_bpd(request: TermsRequest, default_out: str) -> tuple[dict, str]:
     return result, out
 
 
+def _locked(request: TermsRequest, default_out: str, body):
+    """body(request) with its output file checked first and locked while it runs (as eval bpd)."""
+    out = request.out if request.out is not None else default_out
+    check_output_file(out, "--out")
+    with output_file_lock(out, "--out"):
+        return body(request)
+
+
 def _write_json(path: str, obj: dict) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
 
@@ -150,10 +158,7 @@ def _write_json(path: str, obj: dict) -> None:
 def evaluate_vlb_terms(request: TermsRequest) -> dict:
     """`eval bpd --per-timestep`: eval bpd's result plus "terms" = vlb_term_records(...), written to
     request.out (default bpd.json), and a log-scale plot of the terms when request.plot is set."""
-    out = request.out if request.out is not None else "bpd.json"
-    check_output_file(out, "--out")
-    with output_file_lock(out, "--out"):
-        return _vlb_terms(request)
+    return _locked(request, "bpd.json", _vlb_terms)
 
 
 def _vlb_terms(request: TermsRequest) -> dict:
@@ -175,10 +180,7 @@ def _vlb_terms(request: TermsRequest) -> dict:
 def evaluate_rate_distortion(request: TermsRequest) -> dict:
     """`eval rate-distortion`: {"records": [{"t", "rate", "distortion"}] for t = 0..T-1, "lossless",
     "bpd", ...} written to request.out (default rate_distortion.json), plus DDPM Fig. 5 when plotting."""
-    out = request.out if request.out is not None else "rate_distortion.json"
-    check_output_file(out, "--out")
-    with output_file_lock(out, "--out"):
-        return _rate_distortion(request)
+    return _locked(request, "rate_distortion.json", _rate_distortion)
 
 
 def _rate_distortion(request: TermsRequest) -> dict:
