@@ -36,7 +36,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastddpm.generate import forward_gflops
+from fastddpm.unet import forward_gflops
 from fastddpm.train import TrainConfig, Trainer
 from fastddpm.unet import PRESETS
 

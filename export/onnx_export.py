@@ -33,7 +33,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from fastddpm.backends import group_norm_impl
+from fastddpm.unet import group_norm_impl
 from fastddpm.checkpoint import load_checkpoint
 from fastddpm.diffusion import GaussianDiffusion
 from fastddpm.errors import FastDDPMError, check_choice
@@ -68,7 +68,7 @@ def _trace(module: torch.nn.Module, model: UNet, inputs: tuple, input_names: lis
 def describe(model: UNet, diffusion: GaussianDiffusion, *, graph: str, dtype: str, group_norm: str, opset: int,
              clip_denoised: bool, meta: dict | None = None) -> dict:
     """The JSON-able description stored in the file's metadata (module docstring)."""
-    from fastddpm.generate import forward_gflops
+    from fastddpm.unet import forward_gflops
 
     return {"format": ort_sample.FORMAT, "version": ort_sample.FORMAT_VERSION, "graph": graph, "dtype": dtype,
             "group_norm": group_norm, "opset": opset, "clip_denoised": clip_denoised,

@@ -35,7 +35,7 @@ from .noise import check_seed
 from .run_folder import RunFolder, lock_on_main
 from .sampling import SAMPLERS, sample, warm_up
 from .schedule import make_betas
-from .unet import PRESETS, UNet, UNetConfig
+from .unet import PRESETS, UNet, forward_gflops  # noqa: F401  (forward_gflops re-exported)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -81,24 +81,6 @@ def respaced_for(diffusion: GaussianDiffusion, steps: int | None, sampler: str) 
         except FastDDPMError:
             pass
     return diffusion.respace(str(steps))
-
-
-@functools.lru_cache(maxsize=8)
-def forward_gflops(config: UNetConfig) -> float:
-    """GFLOP of one U-Net forward for one image, counted by torch's FLOP counter on the meta device.
-
-    Counts convolutions, linear layers and attention matmuls (2 FLOP per multiply-add); for the
-    cifar10 preset that is 12.44 GFLOP (the DDPM literature's 12.1 leaves out the attention).
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.device("meta"):
-        model = UNet(config)
-        x = torch.zeros(1, config.in_channels, config.image_size, config.image_size)
-        t = torch.zeros(1, dtype=torch.int64)
-    with FlopCounterMode(display=False) as counter:
-        model(x, t)
-    return counter.get_total_flops() / 1e9
 
 
 def build_model(request: SampleRequest, device: torch.device):
