@@ -405,6 +405,13 @@ def _one_line(message: str) -> str:
     return " ".join(str(message).split())
 
 
+def _error_line(message: str) -> None:
+    """`fastddpm: error: message` and its newline in ONE write: ranks of a torchrun job share stderr,
+    and print's separate writes of text and newline let their lines interleave."""
+    sys.stderr.write(f"fastddpm: error: {message}\n")
+    sys.stderr.flush()
+
+
 def main(argv=None) -> int:
     """Run one command; returns the exit status (0 done, 2 bad input, 130 interrupted)."""
     args = None
@@ -413,7 +420,7 @@ def main(argv=None) -> int:
             args = build_parser().parse_args(argv)
             status = args.func(args)
         except FastDDPMError as e:
-            print(f"fastddpm: error: {_one_line(e)}", file=sys.stderr)
+            _error_line(_one_line(e))
             return 2
         except KeyboardInterrupt:
             print("fastddpm: interrupted", file=sys.stderr)
@@ -422,13 +429,12 @@ def main(argv=None) -> int:
             from .files import is_out_of_space, output_error
 
             if is_out_of_space(e):  # a write that did not go through fastddpm.files
-                print(f"fastddpm: error: {_one_line(output_error(e, getattr(e, 'filename', None) or '?'))}",
-                      file=sys.stderr)
+                _error_line(_one_line(output_error(e, getattr(e, 'filename', None) or '?')))
                 return 2
             if _is_out_of_memory(e):
                 flags = getattr(args, "memory_flags", "--batch")
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                print(f"fastddpm: error: out of memory ({_one_line(first)[:200]}); lower {flags}", file=sys.stderr)
+                _error_line(f"out of memory ({_one_line(first)[:200]}); lower {flags}")
                 return 2
             _show(held)  # a bug, not bad input: the traceback follows, with everything that led to it
             raise
