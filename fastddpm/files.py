@@ -236,13 +236,19 @@ def check_output_file(path, flag: str = "--out") -> Path:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise OutputError(f"{flag} {str(p)!r}: {str(ancestor)!r} is not a folder")
+    probe_writable(ancestor, p)
+    return p
+
+
+def probe_writable(folder, named=None) -> None:
+    """Create and remove a file in `folder`, so an unwritable place fails before the work; the
+    error (OutputError / OutOfSpaceError) names `named` (default the folder)."""
     try:
-        fd, probe = tempfile.mkstemp(prefix=TMP_PREFIX + "probe.", dir=ancestor)
+        fd, probe = tempfile.mkstemp(prefix=TMP_PREFIX + "probe.", dir=folder)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise output_error(e, p) from None
-    return p
+        raise output_error(e, named if named is not None else folder) from None
 
 
 def ensure_writable_dir(path) -> Path:

@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import fcntl
 import os
-import tempfile
 from pathlib import Path
 
 from .errors import FolderBusyError, OutputError
-from .files import TMP_PREFIX, check_output_dir, output_error, remove_leftovers
+from .files import check_output_dir, output_error, probe_writable, remove_leftovers
 
 LOCK_NAME = ".fastddpm.lock"
 
@@ -60,7 +59,7 @@ class RunFolder:
         try:
             self._lock()
             remove_leftovers(self.path, self.file_name)
-            _probe(self.path)
+            probe_writable(self.path)
         except BaseException:
             self._release(failed=True)
             raise
@@ -150,16 +149,6 @@ def _make_dirs(path: Path, flag: str) -> list[Path]:
                     break
             raise output_error(e, path) from None
     return missing
-
-
-def _probe(folder: Path) -> None:
-    """Create and remove a file in `folder`, so an unwritable folder fails before the work."""
-    try:
-        fd, probe = tempfile.mkstemp(prefix=TMP_PREFIX + "probe.", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise output_error(e, folder) from None
 
 
 def _read_pid(fd: int) -> int | None:
