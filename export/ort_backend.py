@@ -197,7 +197,7 @@ def loop_settings(options: SampleOptions) -> dict:
 
 
 def run(model, diffusion: GaussianDiffusion, shape, options: SampleOptions | None = None, *, device=None,
-        dtype=None, **settings) -> torch.Tensor:
+        dtype=None, x_T: torch.Tensor | None = None, **settings) -> torch.Tensor:
     """The backend's run hook (see fastddpm.sampling.sample): the whole loop in ONNX Runtime + numpy.
 
     `diffusion` (possibly respaced) defines the tables, exactly as for the reference loop; the
@@ -221,6 +221,7 @@ def run(model, diffusion: GaussianDiffusion, shape, options: SampleOptions | Non
 
     try:
         x = ort_sample.sample_loop(ort_model, process, shape, **loop_settings(opts),
+                                   x_T=None if x_T is None else x_T.detach().to("cpu", torch.float32).numpy(),
                                    callback=torch_callback if callback is not None else None,
                                    progress=(lambda index: bar.update(1)) if progress else None)
     except ort_sample.SampleError as e:

@@ -490,7 +490,7 @@ class _DeviceLoop:
 
 def sample_loop(model: OnnxModel, process: Process, shape, seed: int = 0, sampler: str = "ancestral",
                 eta: float = 0.0, sample_offset: int = 0, clip_denoised: bool = True, callback=None,
-                progress=None, device_loop: bool | None = None) -> np.ndarray:
+                progress=None, device_loop: bool | None = None, x_T: np.ndarray | None = None) -> np.ndarray:
     """Draw samples of `shape` = [B, C, H, W]; the numpy twin of fastddpm.sampling.sample.
 
     x_T = noise(seed, XT_STEP); then for step index k = K-1 .. 0 the model runs at original
@@ -530,7 +530,7 @@ def sample_loop(model: OnnxModel, process: Process, shape, seed: int = 0, sample
         return noise(seed, noise_at[i], shape, sample_offset, pool=workers)
 
     try:
-        x = noise(seed, XT_STEP, shape, sample_offset, pool=workers)
+        x = noise(seed, XT_STEP, shape, sample_offset, pool=workers) if x_T is None else np.array(x_T, np.float32)
         if device_loop is None:
             device_loop = model.kind == "step" and model.on_cuda
         if device_loop and model.kind != "step":

@@ -12,9 +12,10 @@ and says with `check(device)` whether it can run here. Nothing falls back silent
 that cannot run raises BackendUnavailableError, and the CLI turns that into exit status 2.
 
 The hooks' signatures:
-    run(model, diffusion, shape, options, *, device, dtype) -> x_0 [B, C, ...]
+    run(model, diffusion, shape, options, *, device, dtype, x_T=None) -> x_0 [B, C, ...]
     warmup(model, diffusion, shape, options, *, device, dtype) -> None
-with `options` a `fastddpm.options.SampleOptions` and dtype the sampler state's dtype.
+with `options` a `fastddpm.options.SampleOptions`, dtype the sampler state's dtype, and x_T
+None (draw the seeded start) or the checked starting noise in that dtype on that device.
 
 This module is a leaf of the import graph: the implementations (graph.py, compiled.py,
 kernels/, export/) are imported on first use inside the hooks below, and none of them imports

@@ -39,14 +39,17 @@ class BpdRequest:
     clip_denoised: bool = True
     out: str | None = "bpd.json"
     progress: bool = True
+    steps: int | None = None  # the bound of the K-step process (respaced "K": t = 0 and T - 1 kept)
+    variance: str | None = None  # None: the checkpoint's; fixedlarge, fixedsmall, learned or analytic
 
 
 def evaluate_bpd(request: BpdRequest) -> dict:
     """Mean total bits/dim over the test images, with its standard error and the per-timestep terms.
 
     Returns (and writes to request.out, when set) a dict: bpd, bpd_stderr, prior_bpd, images,
-    and per_timestep = {vb, mse, xstart_mse}: lists of length T in t order 0..T-1, each the mean
-    over images (vb in bits/dim; mse the eps-prediction error; xstart_mse the x0 error).
+    T (the number of steps of the process: K with --steps), timesteps (its original timesteps),
+    variance, and per_timestep = {vb, mse, xstart_mse}: lists of length T in step order, each the
+    mean over images (vb in bits/dim; mse the eps-prediction error; xstart_mse the x0 error).
     request.out is checked before any work (a folder, an empty name, an unwritable place are
     refused at once) and locked while the evaluation runs.
     """
@@ -58,6 +61,27 @@ def evaluate_bpd(request: BpdRequest) -> dict:
         return _evaluate(request)
 
 
+def process_for(diffusion, steps: int | None, variance: str | None):
+    """The process whose bound `eval bpd` computes: the checkpoint's, with `variance` (None: its own)
+    and respaced to `steps` evenly spaced steps ("K", which keeps t = 0 and T - 1; None: all T).
+
+    The respaced process's bound is a bound on the same likelihood (Nichol & Dhariwal 2021,
+    sec. 4: the K-step model is a diffusion model of its own): L_T + sum_k L_k + L_0 over its
+    steps, with its own betas beta'_k = 1 - alphabar_{t_k} / alphabar_{t_{k-1}}.
+    """
+    from .errors import FastDDPMError
+
+    if variance is not None:
+        diffusion = diffusion.with_variance(variance)
+    if steps is not None:
+        T = diffusion.num_timesteps
+        if not 1 <= steps <= T:
+            raise FastDDPMError(f"--steps must be between 1 and the model's T = {T}, got {steps}")
+        if steps < T:
+            diffusion = diffusion.respace(str(steps))
+    return diffusion
+
+
 def _evaluate(request: BpdRequest) -> dict:
     from tqdm.auto import tqdm
 
@@ -65,6 +89,7 @@ def _evaluate(request: BpdRequest) -> dict:
 
     device = resolve_device(request.device)
     model, diffusion, _ = load_checkpoint(request.checkpoint, device=device)
+    diffusion = process_for(diffusion, request.steps, request.variance)
     c = model.config
     data = load_dataset(request.data, image_size=c.image_size, split="test")
     if data.channels != c.in_channels:
@@ -91,6 +116,7 @@ def _evaluate(request: BpdRequest) -> dict:
     result = {
         "bpd": float(total.mean()), "bpd_stderr": stderr, "prior_bpd": float(torch.cat(priors).mean()),
         "images": n, "data": f"{data.name}", "checkpoint": str(request.checkpoint), "T": T,
+        "timesteps": diffusion.timesteps.tolist(), "variance": diffusion.var_type,
         "per_timestep": {k: (v / n).tolist() for k, v in sums.items()},
         "seconds": seconds, "request": asdict(request),
     }

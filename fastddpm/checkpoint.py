@@ -25,7 +25,7 @@ from .diffusion import GaussianDiffusion
 from .errors import CheckpointError, FastDDPMError
 from .files import save_safetensors
 from .unet import UNet
-from .validate import betas_tensor, check_weights, config_object, diffusion_settings
+from .validate import ANALYTIC_KEY, analytic_gamma, betas_tensor, check_weights, config_object, diffusion_settings
 from .validate import unet_config as validate_unet_config
 
 FORMAT = "fastddpm"
@@ -60,6 +60,8 @@ def save_checkpoint(path, model: UNet, diffusion: GaussianDiffusion, extra_tenso
     """Write `model`'s weights, `diffusion`'s betas and settings, and JSON-able `meta` to `path`.
 
     extra_tensors: more tensors to store, each name starting with "train." (training state).
+    A diffusion that carries an Analytic-DPM table (`diffusion.gamma`) stores it in
+    meta["analytic_dpm"]["gamma"], beside whatever else meta["analytic_dpm"] holds.
     Raises OutOfSpaceError / OutputError (fastddpm.errors) when the file cannot be written; the
     file at `path`, if any, is then unchanged.
     """
@@ -71,6 +73,8 @@ def save_checkpoint(path, model: UNet, diffusion: GaussianDiffusion, extra_tenso
         if not name.startswith("train."):
             raise ValueError(f"extra tensor {name!r} must be named 'train.*'")
         tensors[name] = value.detach().to("cpu").contiguous()
+    if diffusion.gamma is not None:
+        meta = {**meta, ANALYTIC_KEY: {**meta.get(ANALYTIC_KEY, {}), "gamma": diffusion.gamma.tolist()}}
     config = {"unet": model.config.to_dict(), "diffusion": diffusion.config(), "meta": meta}
     metadata = {"format": FORMAT, "version": VERSION, "config": json.dumps(config)}
     save_safetensors(path, tensors, metadata)
@@ -131,7 +135,8 @@ def load_checkpoint(path, device="cpu") -> tuple[UNet, GaussianDiffusion, dict]:
     `path` may also name a bundled checkpoint ("digits"). The model is in eval mode on `device`,
     in float32. Everything in the file is checked before anything is built (fastddpm.validate):
     the U-Net config's fields and size, the diffusion settings, the betas, the weights' names,
-    shapes, dtypes (floating point) and values (finite). Any problem raises CheckpointError.
+    shapes, dtypes (floating point) and values (finite), and a calibration table if there is one
+    (then `diffusion.gamma` holds it). Any problem raises CheckpointError.
     """
     tensors, config, unet_config = _read_checkpoint(path)
     source = repr(str(path))
@@ -139,8 +144,9 @@ def load_checkpoint(path, device="cpu") -> tuple[UNet, GaussianDiffusion, dict]:
         raise CheckpointError(f"{source} holds no 'diffusion.betas' tensor")
     betas = betas_tensor(tensors.pop("diffusion.betas"), source)
     settings = diffusion_settings(config["diffusion"], len(betas), source)
+    gamma = analytic_gamma(config["meta"], len(betas), source)
     try:
-        diffusion = GaussianDiffusion(betas, **settings)
+        diffusion = GaussianDiffusion(betas, **settings, gamma=gamma)
     except FastDDPMError as e:
         raise CheckpointError(f"{source}: {e}") from None
     weights = {k: v for k, v in tensors.items() if not k.startswith("train.")}

@@ -60,8 +60,17 @@ def _add_sample(sub) -> None:
     p.add_argument("--batch", type=_positive_int, default=64, help="number of samples (default 64)")
     p.add_argument("--seed", type=_seed, default=0,
                    help="noise seed, 0 .. 2^32-1; also seeds random weights (default 0)")
-    p.add_argument("--sampler", default="ancestral", choices=["ancestral", "ddim"])
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale in [0, 1] (default 0)")
+    p.add_argument("--sampler", default="ancestral", choices=["ancestral", "ddim", "dpm++2m", "dpm++2m-sde"],
+                   help="ancestral (DDPM), ddim, dpm++2m (DPM-Solver++(2M): fewest model calls) or dpm++2m-sde "
+                        "(default ancestral)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale in [0, 1] (default 0; ddim only)")
+    p.add_argument("--spacing", default="iddpm", choices=["iddpm", "linspace", "leading", "trailing"],
+                   help="which timesteps --steps keeps: iddpm (evenly spaced, default) or diffusers' "
+                        "timestep_spacing rule of the sampler's peer scheduler")
+    p.add_argument("--variance", default=None, choices=["fixedlarge", "fixedsmall", "learned", "analytic"],
+                   help="reverse variance (default: the checkpoint's): fixed beta or betatilde, the model's "
+                        "learned one, or analytic (Analytic-DPM; needs `fastddpm calibrate`); ancestral, and "
+                        "analytic for ddim")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="model precision")
     p.add_argument("--backend", default="reference", choices=["reference", "triton", "graph", "compile", "onnx"])
     p.add_argument("--onnx", default=None, metavar="FILE.onnx", help="the exported model, with --backend onnx")
@@ -75,10 +84,38 @@ def cmd_sample(args) -> int:
     from .generate import SampleRequest, run_sample
 
     request = SampleRequest(model=args.model, checkpoint=args.checkpoint, steps=args.steps, batch=args.batch,
-                            seed=args.seed, sampler=args.sampler, eta=args.eta, dtype=args.dtype,
+                            seed=args.seed, sampler=args.sampler, eta=args.eta, spacing=args.spacing,
+                            variance=args.variance, dtype=args.dtype,
                             backend=args.backend, onnx=args.onnx, device=args.device, out=args.out,
                             progress=not args.no_progress)
     run_sample(request)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ calibrate
+def _add_calibrate(sub) -> None:
+    p = sub.add_parser("calibrate", help="Analytic-DPM: estimate Gamma_t of a checkpoint, write a calibrated copy",
+                       description="Estimate Analytic-DPM's Gamma_t = E||eps_theta(x_t, t)||^2 / d for every t by "
+                                   "Monte Carlo over a data set's training images (one x_t draw per image and t: "
+                                   "T x ceil(N / B) model calls) and write a copy of the checkpoint that carries "
+                                   "the table, for `sample --variance analytic` and `eval bpd --variance analytic`.")
+    p.add_argument("--checkpoint", required=True, help="a fastddpm .safetensors checkpoint, or a bundled name")
+    p.add_argument("--data", required=True, help="digits | cifar10:DIR | images:DIR | npz:FILE (its training split)")
+    p.add_argument("--out", required=True, metavar="C2.safetensors", help="the calibrated checkpoint to write")
+    p.add_argument("--limit", type=_positive_int, default=None, help="use only the first N images (default all)")
+    p.add_argument("--batch", type=_positive_int, default=256, help="images per model call (default 256)")
+    p.add_argument("--seed", type=_seed, default=0, help="seeds the x_t draws, 0 .. 2^32-1 (default 0)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_calibrate, memory_flags="--batch")
+
+
+def cmd_calibrate(args) -> int:
+    """`fastddpm calibrate`: the Analytic-DPM table of a checkpoint (fastddpm.calibrate)."""
+    from .calibrate import CalibrateRequest, calibrate
+
+    calibrate(CalibrateRequest(checkpoint=args.checkpoint, data=args.data, out=args.out, limit=args.limit,
+                               batch=args.batch, seed=args.seed, device=args.device, progress=not args.no_progress))
     return 0
 
 
@@ -208,6 +245,10 @@ def _add_eval_bpd(metrics) -> None:
                    help="also write the bound's terms L_0 .. L_T as records {t, term, vb, mse, xstart_mse}")
     p.add_argument("--plot", default=None, metavar="FILE.png",
                    help="plot the terms against t, log scale (implies --per-timestep; needs fastddpm[plots])")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="the bound of the K-step respaced process (evenly spaced, t = 0 and T-1 kept; default: T)")
+    p.add_argument("--variance", default=None, choices=["fixedlarge", "fixedsmall", "learned", "analytic"],
+                   help="reverse variance of the bound (default: the checkpoint's; analytic needs `fastddpm calibrate`)")
     p.set_defaults(func=cmd_eval_bpd, memory_flags="--batch")
 
 
@@ -224,11 +265,16 @@ def cmd_eval_bpd(args) -> int:
     if args.per_timestep or args.plot is not None:
         from .vlb_terms import evaluate_vlb_terms
 
+        if args.steps is not None or args.variance is not None:
+            raise FastDDPMError("eval bpd: --per-timestep and --plot describe the full process with the checkpoint's "
+                                "variance; leave out --steps and --variance (or --per-timestep and --plot)")
+
         evaluate_vlb_terms(_terms_request(args, args.out))
         return 0
 
     evaluate_bpd(BpdRequest(checkpoint=args.checkpoint, data=args.data, batch=args.batch, limit=args.limit,
-                            seed=args.seed, device=args.device, out=args.out, progress=not args.no_progress))
+                            seed=args.seed, device=args.device, out=args.out, progress=not args.no_progress,
+                            steps=args.steps, variance=args.variance))
     return 0
 
 
@@ -387,7 +433,7 @@ def cmd_convert(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fastddpm", description="Fast, tested denoising diffusion probabilistic models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_sample, _add_train, _add_eval, _add_export, _add_bench, _add_convert):
+    for add in (_add_sample, _add_calibrate, _add_train, _add_eval, _add_export, _add_bench, _add_convert):
         add(sub)
     return parser
 

@@ -20,11 +20,15 @@ import math
 
 import torch
 
+from .analytic import check_gamma
 from .errors import FastDDPMError, check_choice
-from .schedule import Schedule, respaced_betas, space_timesteps
+from .schedule import Schedule, explicit_timesteps, respaced_betas, space_timesteps
 
 MEAN_TYPES = ("eps", "x0", "xprev")
-VAR_TYPES = ("fixedlarge", "fixedsmall", "learned", "learned_range")
+# What a model is trained with (and a checkpoint stores): fixed beta_t or betatilde_t, or learned.
+MODEL_VAR_TYPES = ("fixedlarge", "fixedsmall", "learned", "learned_range")
+# ... plus Analytic-DPM's optimal variance (Bao et al. 2022), for sampling and evaluation only.
+VAR_TYPES = MODEL_VAR_TYPES + ("analytic",)
 LOSS_TYPES = ("simple", "kl", "hybrid")
 LEARNED_VAR_TYPES = ("learned", "learned_range")
 
@@ -66,16 +70,21 @@ class GaussianDiffusion:
     mean_type  what the model predicts: "eps" (the noise, DDPM eq. 11), "x0", or "xprev" (the
                posterior mean mu~ directly).
     var_type   the reverse variance Sigma_t: "fixedlarge" (beta_t), "fixedsmall" (betatilde_t),
-               "learned" (the model outputs log Sigma), or "learned_range" (the model outputs v in
+               "learned" (the model outputs log Sigma), "learned_range" (the model outputs v in
                [-1, 1]; log Sigma = f log beta_t + (1 - f) log betatilde_t, f = (v + 1) / 2,
-               IDDPM eq. 15).
+               IDDPM eq. 15), or "analytic" (Analytic-DPM's optimal variance, Bao et al. 2022,
+               from the calibration table `gamma`; sampling and evaluation only).
+    learn_sigma  the model outputs 2C channels (default: var_type is learned); such a model can
+               still be sampled with a fixed or analytic variance (`with_variance`).
+    gamma      Analytic-DPM's Gamma_t = E||eps_theta(x_t, t)||^2 / d, float64 [T] (`fastddpm calibrate`).
     loss_type  "simple" (MSE on the mean parameterisation's target, DDPM eq. 14), "kl" (the
                variational bound L_vlb, DDPM eq. 5), or "hybrid" (L_simple + lambda L_vlb, IDDPM
                eq. 16, lambda = 0.001).
     """
 
     def __init__(self, betas, mean_type: str = "eps", var_type: str = "fixedlarge", loss_type: str = "simple",
-                 timesteps=None, num_timesteps: int | None = None):
+                 timesteps=None, num_timesteps: int | None = None, *, learn_sigma: bool | None = None,
+                 gamma=None, trained_var_type: str | None = None):
         check_choice("mean_type", mean_type, MEAN_TYPES)
         check_choice("var_type", var_type, VAR_TYPES)
         check_choice("loss_type", loss_type, LOSS_TYPES)
@@ -86,6 +95,19 @@ class GaussianDiffusion:
         self.timesteps = torch.arange(steps) if timesteps is None else torch.as_tensor(timesteps, dtype=torch.int64)
         # T: the length of the original process the model was trained on.
         self.num_timesteps = steps if num_timesteps is None else int(num_timesteps)
+        # Whether the model outputs 2C channels (mean part, then variance part): a model trained
+        # with learned variances keeps them even when sampled with another var_type.
+        self.learn_sigma = var_type in LEARNED_VAR_TYPES if learn_sigma is None else bool(learn_sigma)
+        if var_type in LEARNED_VAR_TYPES and not self.learn_sigma:
+            raise FastDDPMError(f"var_type {var_type!r} needs a model that outputs its variance (learn_sigma)")
+        # The variance the model was trained with (what checkpoints store); var_type may differ.
+        self.trained_var_type = trained_var_type or (var_type if var_type in MODEL_VAR_TYPES else "fixedlarge")
+        check_choice("trained_var_type", self.trained_var_type, MODEL_VAR_TYPES)
+        # Analytic-DPM's Gamma_t = E||eps_theta(x_t, t)||^2 / d per ORIGINAL timestep, float64 [T], or None.
+        self.gamma = None if gamma is None else check_gamma(gamma, self.num_timesteps)
+        if var_type == "analytic" and self.gamma is None:
+            raise FastDDPMError("var_type 'analytic' needs the model's calibration table Gamma_t; make a calibrated "
+                                "checkpoint with `fastddpm calibrate`")
         self._tables: dict = {}
 
     # ----------------------------------------------------------------------------- structure
@@ -99,23 +121,64 @@ class GaussianDiffusion:
         return self.var_type in LEARNED_VAR_TYPES
 
     def config(self) -> dict:
-        """The settings that, with the betas, rebuild this process (saved in checkpoints)."""
-        return {"mean_type": self.mean_type, "var_type": self.var_type, "loss_type": self.loss_type,
+        """The settings that, with the betas, rebuild the trained process (saved in checkpoints).
+
+        var_type is the one the model was trained with (`trained_var_type`): a process viewed
+        with another variance (`with_variance`) saves as the model it came from."""
+        return {"mean_type": self.mean_type, "var_type": self.trained_var_type, "loss_type": self.loss_type,
                 "num_timesteps": self.num_timesteps}
 
-    def respace(self, spec: str) -> "GaussianDiffusion":
-        """The process that visits only some of the steps (IDDPM sec. 4), e.g. "50", "10,20,30", "ddim50".
+    def _like(self, betas, timesteps, var_type: str) -> "GaussianDiffusion":
+        return GaussianDiffusion(betas, self.mean_type, var_type, self.loss_type, timesteps=timesteps,
+                                 num_timesteps=self.num_timesteps, learn_sigma=self.learn_sigma, gamma=self.gamma,
+                                 trained_var_type=self.trained_var_type)
 
-        The kept steps keep their alphabar; betas are recomputed from it, so fixed and learned
-        variances follow the shorter process. The model is still called with original
-        timesteps, and `num_timesteps` stays T. See `schedule.space_timesteps` for the spec.
+    def respace(self, spec) -> "GaussianDiffusion":
+        """The process that visits only some of the steps (IDDPM sec. 4).
+
+        spec: "50", "10,20,30", "ddim50", diffusers' "linspace50" / "leading50" / "trailing50"
+        (see `schedule.space_timesteps`), or an explicit list of original timesteps in the order
+        they are visited, strictly decreasing (`[999, 800, 500, 200, 0]`).
+        The kept steps keep their alphabar; betas are recomputed from it, so fixed, learned and
+        analytic variances follow the shorter process. The model is still called with original
+        timesteps, and `num_timesteps` stays T.
         """
         if self.num_steps != self.num_timesteps:
             raise FastDDPMError("respace a full process, not one that is already respaced")
-        kept = space_timesteps(self.num_timesteps, spec)
+        if isinstance(spec, str):
+            kept = space_timesteps(self.num_timesteps, spec)
+        else:
+            kept = explicit_timesteps(self.num_timesteps, spec)
         betas = respaced_betas(self.schedule.alphas_cumprod, kept)
-        return GaussianDiffusion(betas, self.mean_type, self.var_type, self.loss_type, timesteps=kept,
-                                 num_timesteps=self.num_timesteps)
+        return self._like(betas, kept, self.var_type)
+
+    def with_gamma(self, gamma) -> "GaussianDiffusion":
+        """The same process carrying the Analytic-DPM calibration table gamma (float64 [T], per
+        original timestep; `fastddpm.analytic.estimate_gamma`)."""
+        return GaussianDiffusion(self.schedule.betas, self.mean_type, self.var_type, self.loss_type,
+                                 timesteps=self.timesteps, num_timesteps=self.num_timesteps,
+                                 learn_sigma=self.learn_sigma, gamma=gamma, trained_var_type=self.trained_var_type)
+
+    def with_variance(self, var_type: str) -> "GaussianDiffusion":
+        """The same process with another reverse variance (`fastddpm sample --variance`).
+
+        "fixedlarge" (beta_t), "fixedsmall" (betatilde_t), "learned" (the model's own learned
+        variance; FastDDPMError for a model trained with fixed ones) or "analytic" (Analytic-DPM's
+        optimal variance from the calibration table `gamma`; FastDDPMError without one). The model
+        output keeps its channels: a learned-variance model sampled with a fixed or analytic
+        variance has its variance channels ignored.
+        """
+        check_choice("variance", var_type, ("fixedlarge", "fixedsmall", "learned", "analytic"))
+        if var_type == "learned":
+            if self.trained_var_type not in LEARNED_VAR_TYPES:
+                raise FastDDPMError(f"--variance learned needs a model trained with learned variances; this one was "
+                                    f"trained with {self.trained_var_type!r} (use fixedlarge, fixedsmall or analytic)")
+            var_type = self.trained_var_type
+        if var_type == "analytic" and self.gamma is None:
+            raise FastDDPMError("--variance analytic needs Analytic-DPM's table Gamma_t, which this model does not "
+                                "carry; make a calibrated copy with `fastddpm calibrate --checkpoint C --data D "
+                                "--out C2.safetensors`")
+        return self._like(self.schedule.betas, self.timesteps, var_type)
 
     def tables(self, device, dtype) -> dict:
         """The schedule tables cast to `dtype` on `device`, plus the timestep map; cached."""
@@ -126,8 +189,22 @@ class GaussianDiffusion:
             tables["log_betas"] = torch.log(self.schedule.betas).to(device=device, dtype=dtype)
             tables["log_fixedlarge_variance"] = torch.log(self.schedule.fixedlarge_variance).to(device=device, dtype=dtype)
             tables["timesteps"] = self.timesteps.to(device)
+            if self.gamma is not None:
+                tables["log_analytic_variance"] = torch.log(self.analytic_variance()).to(device=device, dtype=dtype)
             self._tables[key] = tables
         return self._tables[key]
+
+    def analytic_variance(self, sampler: str = "ancestral", eta: float = 0.0) -> torch.Tensor:
+        """Analytic-DPM's optimal reverse variance sigma*_k^2 of every step of this process, float64 [K].
+
+        For the ancestral sampler (Analytic-DDPM) and for DDIM with noise scale eta (Analytic-DDIM);
+        see `fastddpm.analytic.optimal_variance`. Needs the calibration table `gamma`.
+        """
+        from .analytic import optimal_variance
+
+        if self.gamma is None:
+            raise FastDDPMError("this process has no Analytic-DPM calibration table; run `fastddpm calibrate`")
+        return optimal_variance(self.schedule, self.gamma[self.timesteps], sampler, eta)
 
     def _coef(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """tables[name][t] shaped [B, 1, 1, ...] to broadcast against `like` ([B, ...])."""
@@ -171,11 +248,11 @@ class GaussianDiffusion:
     # ----------------------------------------------------------------------------- p
     def split_output(self, output: torch.Tensor, channels: int):
         """(mean part, variance part or None) of a model output with `channels` data channels."""
-        if self.learned_variance:
+        if self.learn_sigma:
             if output.shape[1] != 2 * channels:
                 raise FastDDPMError(
-                    f"var_type {self.var_type!r} needs a model with {2 * channels} output channels "
-                    f"(mean and variance), got {output.shape[1]}")
+                    f"a learned-variance model needs {2 * channels} output channels (mean and variance), "
+                    f"got {output.shape[1]}")
             return output[:, :channels], output[:, channels:]
         if output.shape[1] != channels:
             raise FastDDPMError(f"the model returned {output.shape[1]} channels, expected {channels}")
@@ -191,6 +268,8 @@ class GaussianDiffusion:
                 "posterior_log_variance_clipped", t, like)
         elif self.var_type == "fixedlarge":
             log_var = self._coef("log_fixedlarge_variance", t, like).expand_as(like)
+        elif self.var_type == "analytic":
+            log_var = self._coef("log_analytic_variance", t, like).expand_as(like)
         else:
             log_var = self._coef("posterior_log_variance_clipped", t, like).expand_as(like)
         var = self._coef("posterior_variance", t, like).expand_as(like) if self.var_type == "fixedsmall" else torch.exp(log_var)
@@ -248,6 +327,9 @@ class GaussianDiffusion:
              lambda L_vlb with lambda = 0.001 at T = 1000 and the same weight per step at any T,
              as improved-diffusion's rescaled hybrid loss).
         """
+        if self.var_type != self.trained_var_type:
+            raise FastDDPMError(f"training uses the variance the model is trained with ({self.trained_var_type!r}), "
+                                f"not {self.var_type!r}: `with_variance` is for sampling and evaluation")
         if noise is None:
             noise = torch.randn_like(x0)
         xt = self.q_sample(x0, t, noise)

@@ -34,7 +34,7 @@ from .memory import check_sampling_fits
 from .noise import check_seed
 from .run_folder import RunFolder, lock_on_main
 from .sampling import SAMPLERS, sample, warm_up
-from .schedule import make_betas
+from .schedule import SPACINGS, make_betas, sampling_timesteps
 from .unet import PRESETS, UNet, forward_gflops  # noqa: F401  (forward_gflops re-exported)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -51,6 +51,8 @@ class SampleRequest:
     seed: int = 0
     sampler: str = "ancestral"
     eta: float = 0.0
+    spacing: str = "iddpm"  # which timesteps: iddpm, or diffusers' linspace / leading / trailing
+    variance: str | None = None  # None: the model's own; fixedlarge, fixedsmall, learned or analytic
     dtype: str = "fp32"
     backend: str = "reference"
     onnx: str | None = None
@@ -64,23 +66,26 @@ def default_diffusion(T: int = 1000) -> GaussianDiffusion:
     return GaussianDiffusion(make_betas("linear", T), mean_type="eps", var_type="fixedlarge")
 
 
-def respaced_for(diffusion: GaussianDiffusion, steps: int | None, sampler: str) -> GaussianDiffusion:
-    """The process that takes `steps` steps: full at T, else respaced.
+def respaced_for(diffusion: GaussianDiffusion, steps: int | None, sampler: str,
+                 spacing: str = "iddpm") -> GaussianDiffusion:
+    """The process that takes `steps` steps: full at T (with the default spacing), else respaced
+    to the timesteps `schedule.sampling_timesteps(T, steps, sampler, spacing)` names.
 
-    Ancestral sampling keeps `steps` evenly spaced steps ("N"); DDIM uses the integer stride
-    from t = 0 ("ddimN") when one gives exactly N steps, else evenly spaced steps.
+    spacing "iddpm": ancestral and the solvers keep `steps` evenly spaced steps ("N"); DDIM uses
+    the integer stride from t = 0 ("ddimN") when one gives exactly N steps. "linspace",
+    "leading", "trailing": diffusers' rule of the sampler's peer scheduler.
     """
     T = diffusion.num_timesteps
-    if steps is None or steps == T:
+    kept = sampling_timesteps(T, steps, sampler, spacing)
+    if kept == list(range(T)):
         return diffusion
-    if not 1 <= steps <= T:
-        raise FastDDPMError(f"--steps must be between 1 and the model's T = {T}, got {steps}")
-    if sampler == "ddim":
-        try:
-            return diffusion.respace(f"ddim{steps}")
-        except FastDDPMError:
-            pass
-    return diffusion.respace(str(steps))
+    return diffusion.respace(kept[::-1])
+
+
+# Which --variance each sampler can use: the ODE solvers have no reverse variance, DDIM's is set by
+# eta (or replaced by Analytic-DDIM's), the ancestral sampler takes any.
+VARIANCES_OF = {"ancestral": ("fixedlarge", "fixedsmall", "learned", "analytic"), "ddim": ("analytic",),
+                "dpm++2m": (), "dpm++2m-sde": ()}
 
 
 def build_model(request: SampleRequest, device: torch.device):
@@ -109,13 +114,22 @@ def build_model(request: SampleRequest, device: torch.device):
 def validate(request: SampleRequest) -> None:
     """Check a request's values before any long work; FastDDPMError names the bad one."""
     check_choice("sampler", request.sampler, SAMPLERS)
+    check_choice("spacing", request.spacing, SPACINGS)
     check_choice("dtype", request.dtype, tuple(DTYPES))
+    if request.variance is not None:
+        check_choice("variance", request.variance, VARIANCES_OF["ancestral"])
+        if request.variance not in VARIANCES_OF[request.sampler]:
+            usable = VARIANCES_OF[request.sampler]
+            raise FastDDPMError(f"--variance {request.variance} does not apply to the {request.sampler} sampler "
+                                + (f"(it takes only {', '.join(usable)})" if usable else "(it has no reverse variance)"))
     get_backend(request.backend)
     if request.batch < 1:
         raise FastDDPMError(f"--batch must be a positive integer, got {request.batch}")
     check_seed(request.seed, "--seed")
     if not 0.0 <= request.eta <= 1.0:
         raise FastDDPMError(f"--eta must be in [0, 1], got {request.eta}")
+    if request.eta != 0.0 and request.sampler != "ddim":
+        raise FastDDPMError(f"--eta is DDIM's noise scale; the {request.sampler} sampler has none")
     if request.backend == "onnx" and request.onnx is None:
         raise FastDDPMError("--backend onnx needs --onnx FILE.onnx (make one with `fastddpm export`)")
     if request.checkpoint is None and ("cifar10" if request.model is None else request.model) not in PRESETS:
@@ -142,7 +156,9 @@ def _run(request: SampleRequest, dist: Distributed, out) -> dict:
     if device.type == "cuda" and request.dtype != "fp32":
         # Half precision on a GPU: channels-last activations feed the tensor cores' NHWC kernels.
         model = model.to(memory_format=torch.channels_last)
-    process = respaced_for(diffusion, request.steps, request.sampler)
+    if request.variance is not None:
+        diffusion = diffusion.with_variance(request.variance)
+    process = respaced_for(diffusion, request.steps, request.sampler, request.spacing)
     c = model.config
     first, count = dist.shard(request.batch)  # this rank's samples: first .. first + count - 1
     shape = (count, c.in_channels, c.image_size, c.image_size)
@@ -178,6 +194,10 @@ def _run(request: SampleRequest, dist: Distributed, out) -> dict:
         "request": asdict(request),
         "source": source,
         "steps": steps,
+        "model_calls": steps,
+        "sampler": request.sampler,
+        "variance": process.var_type if request.sampler == "ancestral" or request.variance else None,
+        "timesteps": process.timesteps.tolist()[::-1],
         "shape": list(images.shape),
         "seconds": seconds,
         "warmup_seconds": warmup_seconds,

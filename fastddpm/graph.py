@@ -223,13 +223,14 @@ def warmup(model, diffusion: GaussianDiffusion, shape, options: SampleOptions | 
 
 
 def run(model, diffusion: GaussianDiffusion, shape, options: SampleOptions | None = None, *, device,
-        dtype=torch.float32, **settings) -> torch.Tensor:
+        dtype=torch.float32, x_T: torch.Tensor | None = None, **settings) -> torch.Tensor:
     """`Backend.run` for "graph": replay the (cached) captured step K times from x_T.
 
     shape [B, C, H, W]; the settings come from `options` (or SampleOptions keywords in
-    `settings`). Returns x_0 [B, C, H, W] in `dtype`, unclipped (sample() clips).
+    `settings`); x_T, if given, replaces the seeded starting noise. Returns x_0 [B, C, H, W] in `dtype`, unclipped (sample() clips).
     """
     opts = options_from(options, **settings)
     cached = _sampler_for(model, diffusion, shape, opts, dtype, keep_pred_x0=opts.callback is not None)
-    x_T = noise(opts.seed, XT_STEP, shape, opts.sample_offset, dtype=dtype, device=device)
+    if x_T is None:
+        x_T = noise(opts.seed, XT_STEP, shape, opts.sample_offset, dtype=dtype, device=device)
     return cached.run(x_T, opts.seed, opts.sample_offset, progress=opts.progress, callback=opts.callback)

@@ -15,7 +15,10 @@ from typing import Callable
 
 from .errors import FastDDPMError, check_choice
 
-SAMPLERS = ("ancestral", "ddim")
+SAMPLERS = ("ancestral", "ddim", "dpm++2m", "dpm++2m-sde")
+# Samplers that carry the previous step's x0 prediction from step to step (fastddpm/solvers.py).
+MULTISTEP_SAMPLERS = ("dpm++2m", "dpm++2m-sde")
+SEED_MAX = 0xFFFFFFFF  # fastddpm.noise.SEED_MAX (this module imports only errors)
 GRAPH_CAPTURES = ("compiled", "eager")  # what the `graph` backend captures: the torch.compile'd U-Net or eager
 
 
@@ -27,10 +30,13 @@ def _is_int(v) -> bool:
 class SampleOptions:
     """How to walk the reverse process; the same record for every backend.
 
-    seed            fixes every Gaussian with sample_offset (fastddpm.noise); any integer, used mod 2^32
+    seed            fixes every Gaussian with sample_offset (fastddpm.noise); an integer in 0..2^32-1
     sample_offset   index of the first sample of the batch (row b is sample sample_offset + b), >= 0
-    sampler         "ancestral" (DDPM Algorithm 2) or "ddim" (Song et al. 2021, eq. 12)
-    eta             DDIM's noise scale in [0, 1] (0: deterministic); ignored by "ancestral"
+    sampler         "ancestral" (DDPM Algorithm 2), "ddim" (Song et al. 2021, eq. 12), "dpm++2m"
+                    (DPM-Solver++(2M), Lu et al. 2022) or "dpm++2m-sde" (its SDE variant); see
+                    fastddpm/solvers.py
+    eta             DDIM's noise scale in [0, 1] (0: deterministic); the other samplers have none and
+                    refuse an eta other than 0
     clip_denoised   clip the predicted x0 to [-1, 1] (images); off for unbounded data
     progress        show a progress bar on stderr
     callback        None, or called after every step with dict(index, k, t, x, pred_x0)
@@ -51,14 +57,16 @@ class SampleOptions:
     graph_capture: str = "compiled"
 
     def __post_init__(self):
-        if not _is_int(self.seed):
-            raise FastDDPMError(f"seed must be an integer, got {self.seed!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed <= SEED_MAX:
+            raise FastDDPMError(f"seed must be an integer from 0 to {SEED_MAX} (2^32 - 1), got {self.seed!r}")
         if not _is_int(self.sample_offset) or not 0 <= self.sample_offset < 2**32:
             raise FastDDPMError(f"sample_offset must be an integer in 0..2^32-1, got {self.sample_offset!r}")
         check_choice("sampler", self.sampler, SAMPLERS)
         if (not isinstance(self.eta, numbers.Real) or isinstance(self.eta, bool) or not math.isfinite(self.eta)
                 or not 0.0 <= self.eta <= 1.0):
             raise FastDDPMError(f"eta must be in [0, 1], got {self.eta!r}")
+        if self.eta != 0.0 and self.sampler != "ddim":
+            raise FastDDPMError(f"eta is DDIM's noise scale; the {self.sampler!r} sampler has none (got eta={self.eta})")
         for name in ("clip_denoised", "progress"):
             value = getattr(self, name)
             if not (isinstance(value, numbers.Integral) and value in (0, 1)):

@@ -30,7 +30,8 @@ from .diffusion import GaussianDiffusion
 from .errors import FastDDPMError
 from .model_props import as_model_fn, channels_last, check_model_shape, eval_mode, model_device_dtype
 from .noise import XT_STEP, noise
-from .options import SAMPLERS, SampleOptions, options_from
+from .options import MULTISTEP_SAMPLERS, SAMPLERS, SampleOptions, options_from
+from .solvers import dpm_step
 from .unet import group_norm_impl
 
 __all__ = ["SAMPLERS", "SampleOptions", "channels_last", "denoise_loop", "eval_mode", "interpolate",
@@ -39,31 +40,44 @@ __all__ = ["SAMPLERS", "SampleOptions", "channels_last", "denoise_loop", "eval_m
 
 def reference_step(diffusion: GaussianDiffusion, x: torch.Tensor, k: int, model_output: torch.Tensor, *,
                    seed: int, sample_offset: int = 0, sampler: str = "ancestral", eta: float = 0.0,
-                   clip_denoised: bool = True, return_pred_x0: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                   clip_denoised: bool = True, return_pred_x0: bool = True,
+                   prev_x0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One reverse step from x = x_{t_k} [B, C, ...] given the model's output at step index k.
 
     ancestral (DDPM Algorithm 2, line 4):  x_{t-1} = mu_theta(x_t, t) + sigma_t z,  z = 0 at k = 0;
-        for eps prediction without clipping mu_theta = (x_t - beta_t / sqrt(1 - alphabar_t) eps) / sqrt(alpha_t).
-    ddim (Song et al. 2021, eq. 12):  x_{t-1} = sqrt(alphabar_{t-1}) x0 + sqrt(1 - alphabar_{t-1} - s^2) eps + s z,
-        s = eta sqrt((1 - alphabar_{t-1}) / (1 - alphabar_t)) sqrt(1 - alphabar_t / alphabar_{t-1}).
+        for eps prediction without clipping mu_theta = (x_t - beta_t / sqrt(1 - alphabar_t) eps) / sqrt(alpha_t);
+        sigma_t^2 per the process's var_type (fixed, learned, or Analytic-DPM's optimal variance).
+    ddim (Song et al. 2021, eq. 12):  x_{t-1} = sqrt(alphabar_{t-1}) x0 + sqrt(1 - alphabar_{t-1} - s^2) eps + sigma z,
+        s = eta sqrt((1 - alphabar_{t-1}) / (1 - alphabar_t)) sqrt(1 - alphabar_t / alphabar_{t-1}), sigma = s;
+        with var_type "analytic" sigma^2 is Analytic-DDIM's optimal variance for this eta (fastddpm/analytic.py).
+    dpm++2m, dpm++2m-sde (DPM-Solver++(2M) and its SDE variant, fastddpm/solvers.py): the
+        multistep update from the x0 predictions of this step and of the previous one
+        (`prev_x0`, None at the first step walked); the variance channels of a learned-variance
+        model are ignored, as diffusers does.
     With clip_denoised, x0 is clipped to [-1, 1] and eps recomputed from it.
     Returns (x_{t-1}, predicted x0). (return_pred_x0=False lets a fused step skip writing x0; the
-    reference computes it anyway.)
+    reference computes it anyway. A multistep sampler's loop keeps pred_x0 as the next prev_x0.)
     """
     B = x.shape[0]
     t_vec = torch.full((B,), k, dtype=torch.int64, device=x.device)
     p = diffusion.p_mean_variance(None, x, t_vec, clip_denoised=clip_denoised, model_output=model_output)
+    t = int(diffusion.timesteps[k])
+    if sampler in MULTISTEP_SAMPLERS:
+        sde = sampler == "dpm++2m-sde"
+        z = noise(seed, t, x.shape, sample_offset, dtype=x.dtype, device=x.device) if sde and k > 0 else None
+        return dpm_step(diffusion.schedule, k, x, p["pred_x0"], prev_x0, sde, z), p["pred_x0"]
     if sampler == "ancestral":
         if k == 0:
             return p["mean"], p["pred_x0"]
-        z = noise(seed, int(diffusion.timesteps[k]), x.shape, sample_offset, dtype=x.dtype, device=x.device)
+        z = noise(seed, t, x.shape, sample_offset, dtype=x.dtype, device=x.device)
         return p["mean"] + torch.exp(0.5 * p["log_variance"]) * z, p["pred_x0"]
     s = diffusion.schedule
     ab, ab_prev = float(s.alphas_cumprod[k]), float(s.alphas_cumprod_prev[k])
-    sigma = eta * math.sqrt((1.0 - ab_prev) / (1.0 - ab)) * math.sqrt(1.0 - ab / ab_prev)
-    x_prev = math.sqrt(ab_prev) * p["pred_x0"] + math.sqrt(max(1.0 - ab_prev - sigma**2, 0.0)) * p["eps"]
+    lam = eta * math.sqrt((1.0 - ab_prev) / (1.0 - ab)) * math.sqrt(1.0 - ab / ab_prev)
+    sigma = math.sqrt(float(diffusion.analytic_variance("ddim", eta)[k])) if diffusion.var_type == "analytic" else lam
+    x_prev = math.sqrt(ab_prev) * p["pred_x0"] + math.sqrt(max(1.0 - ab_prev - lam**2, 0.0)) * p["eps"]
     if k > 0 and sigma > 0:
-        z = noise(seed, int(diffusion.timesteps[k]), x.shape, sample_offset, dtype=x.dtype, device=x.device)
+        z = noise(seed, t, x.shape, sample_offset, dtype=x.dtype, device=x.device)
         x_prev = x_prev + sigma * z
     return x_prev, p["pred_x0"]
 
@@ -101,7 +115,8 @@ def denoise_loop(model_fn: Callable, diffusion: GaussianDiffusion, x: torch.Tens
     """Run the reverse process from x = x_{t_start} [B, ...] down to x_0, step indices start .. 0.
 
     model_fn(x, t) -> output is called with original timesteps; step_fn has reference_step's
-    signature. The sampler settings come from `options` (or, without it, from SampleOptions
+    signature (for a multistep sampler the loop passes the previous step's x0 prediction as
+    prev_x0; such a sampler starts at the process's first step, start = K - 1). The sampler settings come from `options` (or, without it, from SampleOptions
     keywords in `settings`: seed=..., sampler=..., ...). options.callback, if given, gets a dict
     (index, k, t, x, pred_x0) after every step: x is the new state, pred_x0 the model's current
     estimate of the final image (DDPM's progressive generation, sec. 4.4).
@@ -111,11 +126,17 @@ def denoise_loop(model_fn: Callable, diffusion: GaussianDiffusion, x: torch.Tens
     tables = diffusion.tables(x.device, torch.float32)
     step_kwargs = opts.step_kwargs()
     callback = opts.callback
+    multistep = opts.sampler in MULTISTEP_SAMPLERS
+    if multistep and start != diffusion.num_steps - 1:
+        raise FastDDPMError(f"the {opts.sampler} sampler walks the whole process: start at step {diffusion.num_steps - 1}")
+    pred_x0 = None
     for index, k in enumerate(tqdm(range(start, -1, -1), disable=not opts.progress, desc="sampling", unit="step",
                                    leave=False)):
         t_model = tables["timesteps"][k].expand(B)
         out = model_fn(x, t_model)
-        x, pred_x0 = step_fn(diffusion, x, k, out, **step_kwargs, return_pred_x0=callback is not None)
+        extra = {"prev_x0": pred_x0} if multistep else {}
+        x, pred_x0 = step_fn(diffusion, x, k, out, **step_kwargs, return_pred_x0=multistep or callback is not None,
+                             **extra)
         if callback is not None:
             callback({"index": index, "k": k, "t": int(diffusion.timesteps[k]), "x": x, "pred_x0": pred_x0})
     return x
@@ -125,22 +146,28 @@ def denoise_loop(model_fn: Callable, diffusion: GaussianDiffusion, x: torch.Tens
 def sample(model, diffusion: GaussianDiffusion, shape, seed: int = 0, sampler: str = "ancestral", eta: float = 0.0,
            backend: str = "reference", progress: bool = False, callback: Callable | None = None, *,
            clip_denoised: bool = True, sample_offset: int = 0, device=None, dtype=None, steps_per_graph: int = 1,
-           graph_capture: str = "compiled", options: SampleOptions | None = None) -> torch.Tensor:
+           graph_capture: str = "compiled", options: SampleOptions | None = None,
+           x_T: torch.Tensor | None = None) -> torch.Tensor:
     """Draw samples of `shape` = [B, C, ...] from the reverse process of `diffusion`.
 
     model      callable (x_t, t) -> output; an nn.Module runs on its parameters' device, and a
                half-precision model keeps the sampler state in float32 (the model sees its dtype).
                A model with a U-Net config needs shape [B, in_channels, image_size, image_size].
-    diffusion  the process to walk; respace it for fewer steps, e.g. diffusion.respace("ddim50").
+    diffusion  the process to walk; respace it for fewer steps, e.g. diffusion.respace("ddim50") or
+               diffusion.respace("trailing10"), and pick its variance with diffusion.with_variance(...).
     seed       with sample_offset, fixes every Gaussian (see fastddpm.noise): row b of the result
                is sample number sample_offset + b of this seed, whatever the batch or backend.
-    sampler    "ancestral" (DDPM Algorithm 2) or "ddim" (eta = 0: deterministic).
+    sampler    "ancestral" (DDPM Algorithm 2), "ddim" (eta = 0: deterministic), "dpm++2m" or
+               "dpm++2m-sde" (DPM-Solver++(2M), fastddpm/solvers.py).
     backend    "reference", "triton", "graph", "compile" or "onnx" (see fastddpm.backends).
     clip_denoised  clip the predicted x0 to [-1, 1] (images); turn off for unbounded data.
     device, dtype  override where and in what dtype the state lives (default from the model).
     steps_per_graph, graph_capture  the `graph` backend's settings (fastddpm.options.SampleOptions).
     options    all the sampler settings as one SampleOptions record, instead of the keywords
                seed .. graph_capture (a keyword that is not at its default beside it is an error).
+    x_T        start from this noise [B, C, ...] (finite, floating point, of `shape`; cast to the
+               state's dtype and device) instead of the seeded x_T; the seed still draws every
+               later Gaussian. (diffusers' `latents=`: how runs are compared across tools.)
     Returns x_0 [B, C, ...]; in [-1, 1] when clip_denoised.
     """
     opts = options_from(options, seed=seed, sample_offset=sample_offset, sampler=sampler, eta=eta,
@@ -149,16 +176,31 @@ def sample(model, diffusion: GaussianDiffusion, shape, seed: int = 0, sampler: s
     shape = _validate(shape, opts)
     check_model_shape(model, shape)
     be, device, m_dtype, state_dtype = _plan(model, backend, device, dtype)
+    start = None if x_T is None else _start_noise(x_T, shape, state_dtype, device)
     with eval_mode(model):
         if be.run is not None:  # a backend that owns the whole loop (CUDA graphs, ONNX Runtime)
-            x = be.run(model, diffusion, shape, opts, device=device, dtype=state_dtype)
+            x = be.run(model, diffusion, shape, opts, device=device, dtype=state_dtype, x_T=start)
         else:
-            x = noise(opts.seed, XT_STEP, shape, opts.sample_offset, dtype=state_dtype, device=device)
+            x = start if start is not None else noise(opts.seed, XT_STEP, shape, opts.sample_offset,
+                                                     dtype=state_dtype, device=device)
             fn = be.prepare_model(model) if be.prepare_model is not None else model
             with group_norm_impl(model, be.group_norm_silu):
                 x = denoise_loop(as_model_fn(fn, m_dtype, state_dtype, layout_of=model), diffusion, x,
                                  diffusion.num_steps - 1, opts, step_fn=be.step or reference_step)
     return x.clamp(-1.0, 1.0) if opts.clip_denoised else x
+
+
+def _start_noise(x_T, shape, dtype, device) -> torch.Tensor:
+    """A user's x_T checked (a floating tensor of `shape`, finite) and copied to the state's dtype and device."""
+    if not isinstance(x_T, torch.Tensor):
+        raise FastDDPMError(f"x_T must be a torch tensor of shape {list(shape)}, got {type(x_T).__name__}")
+    if tuple(x_T.shape) != tuple(shape):
+        raise FastDDPMError(f"x_T has shape {list(x_T.shape)}, but the samples have shape {list(shape)}")
+    if not x_T.is_floating_point():
+        raise FastDDPMError(f"x_T must be floating point, got {x_T.dtype}")
+    if not bool(torch.isfinite(x_T).all()):
+        raise FastDDPMError("x_T holds NaN or infinite values")
+    return x_T.detach().to(device=device, dtype=dtype).clone()
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ dtype (and move them to their device) themselves; see `Schedule.to`.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, fields
 
 import torch
@@ -135,6 +136,52 @@ class Schedule:
         return Schedule(**{f.name: getattr(self, f.name).to(device=device, dtype=dtype) for f in fields(self)})
 
 
+SPACINGS = ("iddpm", "linspace", "leading", "trailing")  # `fastddpm sample --spacing`
+DIFFUSERS_SPACINGS = ("linspace", "leading", "trailing")  # diffusers' `timestep_spacing`
+# Samplers whose last step jumps straight to x_0 (sigma = 0) from the last listed timestep, as
+# diffusers' DPMSolverMultistepScheduler does with final_sigmas_type="zero": with linspace and
+# leading spacing it takes N of N + 1 points, dropping the cleanest (`diffusers_timesteps`).
+SOLVER_SAMPLERS = ("dpm++2m", "dpm++2m-sde")
+
+
+def diffusers_timesteps(num_timesteps: int, spacing: str, n: int, *, solver: bool = False) -> list[int]:
+    """The n timesteps diffusers' schedulers visit with `timestep_spacing=spacing`, ascending.
+
+    Exactly diffusers' `set_timesteps` (steps_offset 0), reproduced with numpy's own rounding:
+      solver=False (DDPMScheduler, DDIMScheduler, and most others), T = num_timesteps:
+        linspace  round(linspace(0, T - 1, n))
+        leading   arange(n) * (T // n)
+        trailing  round(arange(T, 0, -T / n)) - 1
+      solver=True (DPMSolverMultistepScheduler, whose last step goes to sigma = 0):
+        linspace  round(linspace(0, T - 1, n + 1)) without its first point (t = 0)
+        leading   arange(n + 1) * (T // (n + 1)) without its first point
+        trailing  as above.
+    One quirk is not copied: for some n (61, 103, ... at T = 1000) numpy's float `arange` in the
+    trailing rule yields n + 1 values, the last -1 (an invalid timestep diffusers then indexes as
+    alphabar[-1]); the n valid ones are kept.
+    FastDDPMError when n is out of range (1..T, or 1..T - 1 for the solver's linspace / leading).
+    """
+    import numpy as np
+
+    check_choice("spacing", spacing, DIFFUSERS_SPACINGS)
+    T = num_timesteps
+    most = T - 1 if solver and spacing != "trailing" else T
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= most:
+        raise FastDDPMError(f"{spacing} spacing takes 1 to {most} steps of T={T}, got {n!r}")
+    extra = 1 if solver else 0
+    if spacing == "linspace":
+        t = np.linspace(0, T - 1, n + extra).round()
+    elif spacing == "leading":
+        t = np.arange(0, n + extra) * (T // (n + extra))
+    else:
+        t = np.round(np.arange(T, 0, -T / n))[:n] - 1
+        extra = 0
+    kept = sorted(int(v) for v in t)[extra:]
+    if len(set(kept)) != n or kept[0] < 0 or kept[-1] > T - 1:  # cannot happen for the ranges above
+        raise FastDDPMError(f"{spacing} spacing of {n} steps over T={T} does not give {n} distinct timesteps")
+    return kept
+
+
 def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
     """Which of `num_timesteps` original steps a respaced process keeps, ascending.
 
@@ -142,16 +189,24 @@ def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
       "50"        50 evenly spaced steps (first and last included);
       "10,20,30"  T split into 3 near-equal sections (the first T mod 3 one step longer),
                   keeping 10, 20 and 30 evenly spaced steps in each;
-      "ddim50"    the integer stride that gives exactly 50 steps starting at t = 0.
+      "ddim50"    the integer stride that gives exactly 50 steps starting at t = 0;
+    and diffusers' `timestep_spacing` rules of DDPMScheduler / DDIMScheduler
+    (`diffusers_timesteps`): "linspace50", "leading50", "trailing50".
     """
     spec = str(spec).strip()
+    for spacing in DIFFUSERS_SPACINGS:
+        if spec.startswith(spacing):
+            count = spec[len(spacing):]
+            if not count.isdecimal():
+                raise FastDDPMError(f"bad respacing {spec!r}: expected '{spacing}N' with N a positive integer")
+            return diffusers_timesteps(num_timesteps, spacing, int(count))
     if spec.startswith("ddim"):
         try:
             want = int(spec[len("ddim"):])
         except ValueError:
             raise FastDDPMError(f"bad respacing {spec!r}: expected 'ddimN' with N an integer") from None
-        if want < 1:
-            raise FastDDPMError(f"bad respacing {spec!r}: the step count must be positive")
+        if not 1 <= want <= num_timesteps:
+            raise FastDDPMError(f"bad respacing {spec!r}: the step count must be in 1..T={num_timesteps}")
         for stride in range(1, num_timesteps + 1):
             if len(range(0, num_timesteps, stride)) == want:
                 return list(range(0, num_timesteps, stride))
@@ -162,7 +217,8 @@ def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
     try:
         counts = [int(c) for c in spec.split(",")]
     except ValueError:
-        raise FastDDPMError(f"bad respacing {spec!r}: expected 'N', 'N1,N2,...' or 'ddimN'") from None
+        raise FastDDPMError(f"bad respacing {spec!r}: expected 'N', 'N1,N2,...', 'ddimN', 'linspaceN', "
+                            "'leadingN' or 'trailingN'") from None
     if any(c < 1 for c in counts):
         raise FastDDPMError(f"bad respacing {spec!r}: every step count must be positive")
     size_per, extra = divmod(num_timesteps, len(counts))
@@ -178,6 +234,50 @@ def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
         kept += [start + round(j * stride) for j in range(count)]
         start += size
     return sorted(set(kept))
+
+
+def explicit_timesteps(num_timesteps: int, timesteps) -> list[int]:
+    """A user's list of timesteps to visit, given in walking order (strictly decreasing, as
+    diffusers' `set_timesteps(timesteps=...)` takes them), checked and returned ascending."""
+    try:
+        values = [operator.index(v) for v in (timesteps.tolist() if hasattr(timesteps, "tolist") else timesteps)]
+    except TypeError:
+        raise FastDDPMError(f"explicit timesteps must be a sequence of integers, got {timesteps!r:.80}") from None
+    if not values:
+        raise FastDDPMError("explicit timesteps: the list is empty")
+    bad = [v for v in values if not 0 <= v < num_timesteps]
+    if bad:
+        raise FastDDPMError(f"explicit timesteps must lie in 0..{num_timesteps - 1} (T={num_timesteps}); got {bad[0]}")
+    if any(a <= b for a, b in zip(values, values[1:])):
+        raise FastDDPMError("explicit timesteps must be strictly decreasing (the order they are visited in), "
+                            f"got {values[:8]}{' ...' if len(values) > 8 else ''}")
+    return values[::-1]
+
+
+def sampling_timesteps(num_timesteps: int, steps: int | None, sampler: str = "ancestral",
+                       spacing: str = "iddpm") -> list[int]:
+    """The original timesteps a run of `steps` steps visits, ascending (what `fastddpm sample` uses).
+
+    None or T: all of them. spacing "iddpm" (the default): ancestral and the solvers keep `steps`
+    evenly spaced steps ("N"); DDIM uses the integer stride from t = 0 ("ddimN") when one gives
+    exactly N steps, else "N". "linspace" / "leading" / "trailing": diffusers' rule of the
+    scheduler the sampler corresponds to (`diffusers_timesteps`): DDPMScheduler and DDIMScheduler
+    for ancestral and ddim, DPMSolverMultistepScheduler (solver=True) for dpm++2m and dpm++2m-sde.
+    """
+    check_choice("spacing", spacing, SPACINGS)
+    T = num_timesteps
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T):
+        raise FastDDPMError(f"--steps must be between 1 and the model's T = {T}, got {steps}")
+    if spacing != "iddpm":
+        return diffusers_timesteps(T, spacing, T if steps is None else steps, solver=sampler in SOLVER_SAMPLERS)
+    if steps is None or steps == T:
+        return list(range(T))
+    if sampler == "ddim":
+        try:
+            return space_timesteps(T, f"ddim{steps}")
+        except FastDDPMError:
+            pass
+    return space_timesteps(T, str(steps))
 
 
 def respaced_betas(alphas_cumprod: torch.Tensor, kept: list[int]) -> torch.Tensor:

@@ -9,6 +9,7 @@ exit status 2 instead of a traceback, a 64 GB allocation or all-NaN samples.
     unet_config(d, source)               JSON dict -> UNetConfig, every field type- and range-checked,
                                          the parameter count bounded (counted on the meta device)
     diffusion_settings(d, T, source)     JSON dict -> GaussianDiffusion keyword arguments
+    analytic_gamma(meta, T, source)      the Analytic-DPM table a calibrated checkpoint carries, or None
     betas_tensor(t, source)              a stored beta tensor -> float64 [T] in (0, 1)
     check_weights(tensors, source)       every weight floating point and finite
     config_object(value, what, source)   a JSON value that must be an object (dict)
@@ -20,7 +21,7 @@ from dataclasses import fields
 
 import torch
 
-from .diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
+from .diffusion import LOSS_TYPES, MEAN_TYPES, MODEL_VAR_TYPES
 from .errors import CheckpointError, FastDDPMError
 from .schedule import MAX_TIMESTEPS, check_betas
 
@@ -141,7 +142,7 @@ def diffusion_settings(d, num_betas: int, source: str) -> dict:
     if unknown:
         raise _fail(source, f"unknown diffusion config keys {unknown}; this fastddpm knows {list(DIFFUSION_KEYS)}")
     out = {}
-    for key, choices, default in (("mean_type", MEAN_TYPES, "eps"), ("var_type", VAR_TYPES, "fixedlarge"),
+    for key, choices, default in (("mean_type", MEAN_TYPES, "eps"), ("var_type", MODEL_VAR_TYPES, "fixedlarge"),
                                   ("loss_type", LOSS_TYPES, "simple")):
         value = d.get(key, default)
         if not isinstance(value, str) or value not in choices:
@@ -151,6 +152,27 @@ def diffusion_settings(d, num_betas: int, source: str) -> dict:
     if isinstance(T, bool) or not isinstance(T, int) or T != num_betas:
         raise _fail(source, f"diffusion config says num_timesteps={_short(T)} but the file holds {num_betas} betas")
     return out
+
+
+ANALYTIC_KEY = "analytic_dpm"  # meta key of `fastddpm calibrate`'s record: {"gamma": [T], "gamma_stderr": [T], ...}
+
+
+def analytic_gamma(meta: dict, T: int, source: str) -> torch.Tensor | None:
+    """The calibration table Gamma [T] (float64) of a checkpoint's meta, None when it has none;
+    a CheckpointError when the record is not an object holding T finite, non-negative numbers."""
+    from .analytic import check_gamma
+
+    if ANALYTIC_KEY not in meta:
+        return None
+    record = config_object(meta[ANALYTIC_KEY], f"meta[{ANALYTIC_KEY!r}]", source)
+    gamma = record.get("gamma")
+    if not isinstance(gamma, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in gamma):
+        raise _fail(source, f"meta[{ANALYTIC_KEY!r}]['gamma'] must be a list of numbers, not {_short(gamma)}; "
+                            "calibrate again with `fastddpm calibrate`")
+    try:
+        return check_gamma(gamma, T)
+    except FastDDPMError as e:
+        raise _fail(source, str(e)) from None
 
 
 def betas_tensor(betas, source: str) -> torch.Tensor:

@@ -27,3 +27,26 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| in float64."""
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm()).item()
+
+
+def gaussian_eps_model(full, mu, std):
+    """The optimal eps(x_t, t) for data N(mu, diag(std^2)) over channels ([B, C, 1, 1] states);
+    t is the ORIGINAL timestep of the full process `full`.
+
+    x_t | t ~ N(sqrt(ab) mu, ab s^2 + 1 - ab), so E[eps | x_t] = sqrt(1 - ab) (x_t - sqrt(ab) mu) / (ab s^2 + 1 - ab).
+    """
+    ab_table = full.schedule.alphas_cumprod
+    mu, std = torch.as_tensor(mu, dtype=torch.float64), torch.as_tensor(std, dtype=torch.float64)
+
+    def model(x, t):
+        ab = ab_table[t].to(x.dtype).view(-1, 1, 1, 1)
+        mu_, s2 = mu.to(x.dtype).view(1, -1, 1, 1), (std**2).to(x.dtype).view(1, -1, 1, 1)
+        return (1 - ab).sqrt() * (x - ab.sqrt() * mu_) / (ab * s2 + 1 - ab)
+
+    return model
+
+
+def gaussian_x0_affine(ab, mu, std):
+    """(a, b) with E[x_0 | x_t] = a x_t + b per dimension for N(mu, std^2) data at alphabar ab (float64)."""
+    c = (1 - ab).sqrt() / (ab * std**2 + 1 - ab)  # eps = c x - c sqrt(ab) mu
+    return (1 - (1 - ab).sqrt() * c) / ab.sqrt(), (1 - ab).sqrt() * c * ab.sqrt() * mu / ab.sqrt()

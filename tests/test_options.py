@@ -20,13 +20,19 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # ------------------------------------------------------------------------------------ SampleOptions
 @pytest.mark.parametrize("changes, message", [
-    (dict(sampler="euler"), "unknown sampler 'euler'; choose one of 'ancestral', 'ddim'"),
+    (dict(sampler="euler"), "unknown sampler 'euler'; choose one of 'ancestral', 'ddim', 'dpm++2m', 'dpm++2m-sde'"),
     (dict(graph_capture="cuda"), "unknown graph_capture 'cuda'; choose one of 'compiled', 'eager'"),
     (dict(eta=2.0), "eta must be in [0, 1], got 2.0"),
     (dict(eta=float("nan")), "eta must be in [0, 1], got nan"),
     (dict(eta="0.5"), "eta must be in [0, 1], got '0.5'"),
-    (dict(seed=1.5), "seed must be an integer, got 1.5"),
-    (dict(seed=True), "seed must be an integer, got True"),
+    (dict(seed=1.5), "seed must be an integer from 0 to 4294967295 (2^32 - 1), got 1.5"),
+    (dict(seed=True), "seed must be an integer from 0 to 4294967295 (2^32 - 1), got True"),
+    # the noise key holds 32 bits: a seed outside it is refused here, as sample() and the CLI refuse it
+    (dict(seed=-1), "seed must be an integer from 0 to 4294967295 (2^32 - 1), got -1"),
+    (dict(seed=2**32), "seed must be an integer from 0 to 4294967295 (2^32 - 1), got 4294967296"),
+    # eta is DDIM's; the other samplers have no noise scale, so a silent no-op is refused
+    (dict(eta=0.5), "eta is DDIM's noise scale; the 'ancestral' sampler has none (got eta=0.5)"),
+    (dict(sampler="dpm++2m", eta=0.3), "eta is DDIM's noise scale; the 'dpm++2m' sampler has none (got eta=0.3)"),
     (dict(sample_offset=-1), "sample_offset must be an integer in 0..2^32-1, got -1"),
     (dict(sample_offset=2**32), "sample_offset must be an integer in 0..2^32-1, got 4294967296"),
     (dict(steps_per_graph=0), "steps_per_graph must be a positive integer, got 0"),
@@ -43,7 +49,7 @@ def test_bad_options_name_the_value(changes, message):
 def test_options_are_frozen_and_normalised():
     import numpy as np
 
-    o = SampleOptions(seed=np.int64(7), eta=np.float32(0.5), progress=1)
+    o = SampleOptions(seed=np.int64(7), sampler="ddim", eta=np.float32(0.5), progress=1)
     assert (o.seed, o.eta, o.progress) == (7, 0.5, True) and type(o.seed) is int and type(o.eta) is float
     with pytest.raises(dataclasses.FrozenInstanceError):
         o.seed = 3

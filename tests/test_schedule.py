@@ -138,15 +138,103 @@ def test_space_timesteps_ddim_stride():
     ("abc", "bad respacing"),
     ("1001", "cannot keep 1001"),
     ("600,600", "cannot keep 600 steps of a section of 500"),
+    ("ddim3000", r"in 1\.\.T=1000"),  # no suggestion of '3000', which is refused too
+    ("trailing0", "takes 1 to 1000 steps"),
+    ("linspace1001", "takes 1 to 1000 steps"),
+    ("leadingx", "expected 'leadingN'"),
 ])
 def test_bad_respacing_is_explained(spec, message):
     with pytest.raises(FastDDPMError, match=message):
         space_timesteps(1000, spec)
 
 
-@pytest.mark.parametrize("spec", ["50", "10,20,30", "ddim25", "7"])
+@pytest.mark.parametrize("spec", ["50", "10,20,30", "ddim25", "7", "trailing10", "linspace7", "leading3"])
 def test_respacing_keeps_alphabar_of_kept_steps(spec):
     full = Schedule.from_betas(make_betas("linear", 1000))
     kept = space_timesteps(1000, spec)
     short = Schedule.from_betas(respaced_betas(full.alphas_cumprod, kept))
     torch.testing.assert_close(short.alphas_cumprod, full.alphas_cumprod[kept], rtol=1e-12, atol=0)
+
+
+# ------------------------------------------------------------------------------ diffusers' spacings
+def _diffusers_timesteps(scheduler_name: str, T: int, spacing: str, n: int) -> list[int]:
+    """What a diffusers scheduler's set_timesteps visits (ascending), configured as fastddpm's process."""
+    diffusers = pytest.importorskip("diffusers")
+    cls = getattr(diffusers, scheduler_name)
+    sched = cls(num_train_timesteps=T, beta_schedule="linear", timestep_spacing=spacing)
+    sched.set_timesteps(n)
+    return sorted(int(t) for t in sched.timesteps)
+
+
+# T = 1000 at step counts that divide it and that do not (7, 61: numpy's float arange gives the
+# trailing rule an extra -1 at n = 61, which fastddpm drops), and an odd T.
+SPACING_CASES = [(1000, n) for n in (1, 7, 10, 50, 61, 999)] + [(250, n) for n in (3, 17, 249)]
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize("T, n", SPACING_CASES)
+def test_spacings_are_diffusers_ddim_and_ddpm_rules(spacing, T, n):
+    from fastddpm.schedule import diffusers_timesteps
+
+    ours = diffusers_timesteps(T, spacing, n)
+    assert ours == space_timesteps(T, f"{spacing}{n}")
+    for name in ("DDIMScheduler", "DDPMScheduler"):
+        theirs = _diffusers_timesteps(name, T, spacing, n)
+        if spacing == "trailing" and len(theirs) == n + 1:  # the -1 quirk
+            assert theirs[0] == -1
+            theirs = theirs[1:]
+        assert ours == theirs, name
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize("T, n", SPACING_CASES)
+def test_solver_spacings_are_dpm_solver_multistep_rules(spacing, T, n):
+    from fastddpm.schedule import diffusers_timesteps
+
+    if n >= T and spacing != "trailing":
+        with pytest.raises(FastDDPMError, match=f"takes 1 to {T - 1} steps"):
+            diffusers_timesteps(T, spacing, n, solver=True)
+        return
+    ours = diffusers_timesteps(T, spacing, n, solver=True)
+    theirs = _diffusers_timesteps("DPMSolverMultistepScheduler", T, spacing, n)
+    if spacing == "trailing" and len(theirs) == n + 1:
+        theirs = theirs[1:]
+    assert ours == theirs
+
+
+def test_sampling_timesteps_picks_the_peer_schedulers_rule():
+    from fastddpm.schedule import diffusers_timesteps, sampling_timesteps
+
+    assert sampling_timesteps(1000, 10, "ancestral", "linspace") == diffusers_timesteps(1000, "linspace", 10)
+    assert sampling_timesteps(1000, 10, "ddim", "leading") == diffusers_timesteps(1000, "leading", 10)
+    assert sampling_timesteps(1000, 10, "dpm++2m", "linspace") == diffusers_timesteps(1000, "linspace", 10,
+                                                                                      solver=True)
+    assert 0 not in sampling_timesteps(1000, 10, "dpm++2m-sde", "leading")  # the solver's last step jumps to x_0
+    # iddpm: "N" evenly spaced, and DDIM's stride when one lands on N steps
+    assert sampling_timesteps(1000, 50, "ddim") == space_timesteps(1000, "ddim50")
+    assert sampling_timesteps(1000, 300, "ddim") == space_timesteps(1000, "300")
+    assert sampling_timesteps(1000, 10, "dpm++2m") == space_timesteps(1000, "10")
+    assert sampling_timesteps(1000, None) == list(range(1000))
+    with pytest.raises(FastDDPMError, match="spacing"):
+        sampling_timesteps(1000, 10, "ancestral", "karras")
+    with pytest.raises(FastDDPMError, match="between 1 and the model's T = 1000"):
+        sampling_timesteps(1000, 1001)
+
+
+def test_explicit_timesteps():
+    from fastddpm import GaussianDiffusion
+
+    full = GaussianDiffusion(make_betas("linear", 1000))
+    d = full.respace([999, 800, 500, 200, 0])
+    assert d.timesteps.tolist() == [0, 200, 500, 800, 999] and d.num_timesteps == 1000
+    torch.testing.assert_close(d.schedule.alphas_cumprod, full.schedule.alphas_cumprod[[0, 200, 500, 800, 999]],
+                               rtol=1e-12, atol=0)
+    import numpy as np
+
+    assert full.respace(np.array([10, 5])).timesteps.tolist() == [5, 10]
+    assert full.respace(torch.tensor([7])).timesteps.tolist() == [7]
+    for bad, message in [([0, 200], "strictly decreasing"), ([500, 500], "strictly decreasing"),
+                         ([1000, 5], r"in 0\.\.999"), ([5, -1], r"in 0\.\.999"), ([], "empty"),
+                         ([5.5], "integers"), (["a"], "integers")]:
+        with pytest.raises(FastDDPMError, match=message):
+            full.respace(bad)
