@@ -102,6 +102,8 @@ class BenchRequest:
     repeat: int = 3
     json: str | None = None
     progress: bool = True  # one line per row on stderr while it runs
+    sampler: str = "ancestral"  # every row walks the same sampler: ancestral, ddim, dpm++2m, dpm++2m-sde
+    spacing: str = "iddpm"  # and the same timesteps (fastddpm.schedule.sampling_timesteps)
 
 
 @dataclass
@@ -167,14 +169,31 @@ def diffusers_forward_gflops(config: UNetConfig) -> float:
     return counter.get_total_flops() / 1e9
 
 
+def _peer_scheduler(sampler: str, spacing: str):
+    """diffusers' scheduler for a fastddpm sampler (the same process: linear betas over T = 1000);
+    spacing "iddpm" has no diffusers equivalent and keeps the scheduler's default."""
+    import diffusers
+
+    kw = {} if spacing == "iddpm" else {"timestep_spacing": spacing}
+    if sampler == "ancestral":
+        return diffusers.DDPMScheduler(**DDPM_SCHEDULER_CONFIG, **kw)
+    common = {k: DDPM_SCHEDULER_CONFIG[k] for k in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end")}
+    if sampler == "ddim":
+        return diffusers.DDIMScheduler(**common, clip_sample=True, **kw)
+    return diffusers.DPMSolverMultistepScheduler(
+        **common, algorithm_type="dpmsolver++" if sampler == "dpm++2m" else "sde-dpmsolver++", **kw)
+
+
 def _diffusers_sampler(config: UNetConfig, shape, device: torch.device, dtype: torch.dtype,
-                       compiled: bool) -> tuple[Callable[[int], torch.Tensor], str]:
+                       compiled: bool, sampler: str = "ancestral",
+                       spacing: str = "iddpm") -> tuple[Callable[[int], torch.Tensor], str]:
     """(run(steps) -> x_0, notes): DDPMPipeline's loop over a random-weight UNet2DModel.
 
     The loop is DDPMPipeline.__call__ without its conversion to images: x_T and the state in the
-    UNet's dtype, unet(x, t).sample, then scheduler.step(...).prev_sample for each timestep.
+    UNet's dtype, unet(x, t).sample, then scheduler.step(...).prev_sample for each timestep; the
+    scheduler is the peer of `sampler` (DDPMScheduler, DDIMScheduler or DPMSolverMultistepScheduler).
     """
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import UNet2DModel
     from diffusers.utils.torch_utils import randn_tensor
 
     from diffusers.utils import logging as diffusers_logging
@@ -186,13 +205,13 @@ def _diffusers_sampler(config: UNetConfig, shape, device: torch.device, dtype: t
         unet = UNet2DModel(**diffusers_unet_kwargs(config)).to(device=device, dtype=dtype).eval()
     finally:
         diffusers_logging.set_verbosity(verbosity)
-    notes = "DDPMPipeline loop"
+    scheduler = _peer_scheduler(sampler, spacing)
+    notes = f"DDPMPipeline loop, {type(scheduler).__name__}"
     if compiled:
         unet = unet.to(memory_format=torch.channels_last)
         mode = "reduce-overhead" if device.type == "cuda" else "default"
         unet = torch.compile(unet, mode=mode)
         notes += f", torch.compile mode={mode}"
-    scheduler = DDPMScheduler(**DDPM_SCHEDULER_CONFIG)
 
     @torch.no_grad()
     def run(steps: int) -> torch.Tensor:
@@ -223,7 +242,7 @@ def random_model(preset: str, device: torch.device) -> UNet:
 
 
 def _fastddpm_sampler(name: str, base: UNet, process, shape, device: torch.device,
-                      dtype: torch.dtype) -> tuple[Callable, Callable, str, str]:
+                      dtype: torch.dtype, sampler: str = "ancestral") -> tuple[Callable, Callable, str, str]:
     """(warm(), run() -> x_0, dtype name, layout) for a fastddpm row; raises if it cannot run here.
 
     warm() is `sampling.warm_up` on the same model, process and shape as run(): the backend's
@@ -239,10 +258,10 @@ def _fastddpm_sampler(name: str, base: UNet, process, shape, device: torch.devic
         model = model.to(memory_format=torch.channels_last)
 
     def warm() -> None:
-        warm_up(model, process, shape, backend=backend, **extra)
+        warm_up(model, process, shape, backend=backend, sampler=sampler, **extra)
 
     def run() -> torch.Tensor:
-        return sample(model, process, shape, seed=SEED, backend=backend, **extra)
+        return sample(model, process, shape, seed=SEED, backend=backend, sampler=sampler, **extra)
 
     return warm, run, _dtype_name(dtype), "channels-last" if channels_last else "NCHW"
 
@@ -420,7 +439,7 @@ def run_bench(request: BenchRequest) -> dict:
     config = PRESETS[request.model]
     shape = (request.batch, config.in_channels, config.image_size, config.image_size)
     full = default_diffusion()
-    process = respaced_for(full, request.steps, "ancestral")
+    process = respaced_for(full, request.steps, request.sampler, request.spacing)
     gflop = forward_gflops(config)
     have_diffusers = importlib.util.find_spec("diffusers") is not None
     count_peer = have_diffusers and any(n in PEER_ROWS for n in names)
@@ -430,6 +449,7 @@ def run_bench(request: BenchRequest) -> dict:
         "schema": SCHEMA,
         "complete": False,
         "request": {"device": request.device, "model": request.model, "steps": process.num_steps,
+                    "sampler": request.sampler, "spacing": request.spacing,
                     "batch": request.batch, "backends": list(names), "repeat": request.repeat,
                     "peer_warmup_steps": min(process.num_steps, PEER_WARMUP_STEPS), "seed": SEED},
         "machine": machine_info(device),
@@ -479,13 +499,15 @@ def _run_row(name: str, request: BenchRequest, device: torch.device, base, shape
         if peer:
             if not have_diffusers:
                 raise FastDDPMError("diffusers is not installed (pip install diffusers)")
-            run_steps, notes = _diffusers_sampler(config, shape, device, dtype, compiled=name == "diffusers-compile")
+            run_steps, notes = _diffusers_sampler(config, shape, device, dtype, compiled=name == "diffusers-compile",
+                                                  sampler=request.sampler, spacing=request.spacing)
             row.notes = "; ".join(filter(None, [notes, row.notes]))
             warm_steps = min(process.num_steps, PEER_WARMUP_STEPS)
             warm, run = (lambda: run_steps(warm_steps)), (lambda: run_steps(process.num_steps))
             row_gflop = diffusers_forward_gflops(config)
         else:
-            warm, run, row.dtype, row.layout = _fastddpm_sampler(name, base, process, shape, device, dtype)
+            warm, run, row.dtype, row.layout = _fastddpm_sampler(name, base, process, shape, device, dtype,
+                                                                 request.sampler)
             row_gflop = gflop
         _log(request, f"{name}: warm-up, then {request.repeat} x {process.num_steps} steps")
         x = _time_row(row, warm, run, device, request.repeat)

@@ -384,6 +384,10 @@ def _add_bench(sub) -> None:
                    help=f"rows to time, comma-separated (default all: {','.join(BENCH_ROWS)})")
     p.add_argument("--repeat", type=_positive_int, default=3, help="timed runs per row; the median is reported "
                                                                    "(default 3)")
+    p.add_argument("--sampler", default="ancestral", choices=["ancestral", "ddim", "dpm++2m", "dpm++2m-sde"],
+                   help="the sampler every row walks (diffusers rows: its peer scheduler; default ancestral)")
+    p.add_argument("--spacing", default="iddpm", choices=["iddpm", "linspace", "leading", "trailing"],
+                   help="which timesteps --steps keeps (as fastddpm sample; default iddpm)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the table as JSON to FILE")
     p.set_defaults(func=cmd_bench, memory_flags="--batch")
 
@@ -392,7 +396,8 @@ def cmd_bench(args) -> int:
     from .bench import BenchRequest, format_table, run_bench
 
     request = BenchRequest(device=args.device, model=args.model, steps=args.steps, batch=args.batch,
-                           backends=tuple(args.backends.split(",")), repeat=args.repeat, json=args.json)
+                           backends=tuple(args.backends.split(",")), repeat=args.repeat, json=args.json,
+                           sampler=args.sampler, spacing=args.spacing)
     print(format_table(run_bench(request)))
     if args.json:
         print(f"wrote {args.json}")
