@@ -10,6 +10,7 @@ attention at 8x8) so they run in a second; one case runs the full 35.7M-paramete
 import json
 import pickle
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,6 +70,22 @@ def random_inputs(batch: int, size: int, seed: int = 1):
     x = torch.randn(batch, 3, size, size, generator=g)
     t = torch.randint(0, 1000, (batch,), generator=g)
     return x, t
+
+
+def snapshot(*paths) -> dict:
+    """{path: bytes} of every file under (or at) `paths`: compare before and after to prove nothing changed."""
+    out = {}
+    for root in map(Path, paths):
+        for p in [root, *root.rglob("*")] if root.is_dir() else [root]:
+            if p.is_file() and not p.is_symlink():
+                out[str(p)] = p.read_bytes()
+    return out
+
+
+def one_line(err: str) -> bool:
+    """stderr is exactly one `fastddpm: error: ...` line, no traceback."""
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    return len(lines) == 1 and lines[0].startswith("fastddpm: error: ") and "Traceback" not in err
 
 
 def run_cli(args, capsys) -> tuple[int, str, str]:
@@ -486,3 +503,91 @@ def test_fifo_and_devices_are_refused_without_blocking(tmp_path, capsys):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+# ------------------------------------------------------------------------- the scheduler's keys
+@pytest.mark.parametrize("change, message", [
+    ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr=True is not supported: .*zero terminal SNR"),
+    ({"rescale_betas_zero_snr": "no"}, "rescale_betas_zero_snr='no' must be true or false"),
+    ({"thresholding": True}, "thresholding=True is not supported"),
+    ({"prediction_type": "v_prediction"}, "prediction_type='v_prediction' is not supported"),
+    ({"beta_schedule": "sigmoid"}, "beta_schedule='sigmoid' is not supported"),
+    ({"variance_type": "fixed_large_log"}, "variance_type='fixed_large_log' is not supported"),
+    ({"_class_name": "DDIMScheduler"}, "_class_name='DDIMScheduler' is not supported: .*DDPMScheduler"),
+    ({"set_alpha_to_one": False}, r"keys fastddpm does not know \('set_alpha_to_one'\)"),
+    ({"timestep_spacing": "middle"}, "timestep_spacing='middle' is not linspace, leading or trailing"),
+    ({"steps_offset": -1}, "steps_offset=-1 is not an integer >= 0"),
+    ({"dynamic_thresholding_ratio": 2.0}, r"dynamic_thresholding_ratio=2.0 is not a number in \(0, 1\]"),
+    ({"timestep_values": [1, 2]}, r"timestep_values=\[1, 2\] is not null"),
+    ({"tensor_format": "jax"}, "tensor_format='jax' is not pt or np"),
+    ({"predict_epsilon": False, "prediction_type": "epsilon"}, "predict_epsilon=False and prediction_type='epsilon' "
+                                                               "disagree"),
+    ({"trained_betas": [0.01] * 10}, "trained_betas holds 10 values but num_train_timesteps is 1000"),
+    ({"clip_sample": False, "clip_sample_range": -1}, "clip_sample_range=-1"),
+])
+def test_scheduler_settings_fastddpm_cannot_honour_are_named(change, message):
+    from fastddpm.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match=message):
+        diffusion_from_scheduler({**CIFAR10_SCHEDULER, **change})
+
+
+@pytest.mark.parametrize("extra", [
+    {"timestep_spacing": "trailing", "steps_offset": 1},  # inference only
+    {"thresholding": False, "dynamic_thresholding_ratio": 0.9, "sample_max_value": 3.0},  # unused without it
+    {"rescale_betas_zero_snr": False, "clip_sample_range": 1.0},
+    {"_class_name": "DDPMScheduler", "_diffusers_version": "0.1.1", "_name_or_path": "google/ddpm-cifar10-32",
+     "_use_default_values": ["steps_offset"]},  # diffusers' bookkeeping
+    {"tensor_format": "pt", "timestep_values": None, "trained_betas": None},  # diffusers 0.1's configs
+    {"predict_epsilon": True},  # before prediction_type
+], ids=["inference", "thresholding-off", "defaults", "bookkeeping", "diffusers-0.1", "predict_epsilon"])
+def test_scheduler_keys_that_do_not_change_the_process_are_accepted(extra):
+    base, _ = diffusion_from_scheduler(CIFAR10_SCHEDULER)
+    diffusion, meta = diffusion_from_scheduler({**CIFAR10_SCHEDULER, **extra})
+    assert torch.equal(diffusion.schedule.betas, base.schedule.betas) and meta == {"clip_denoised": True}
+    assert (diffusion.mean_type, diffusion.var_type) == ("eps", "fixedlarge")
+
+
+def test_every_key_diffusers_writes_for_a_ddpm_scheduler_is_known():
+    """DDPMScheduler's whole config (every __init__ key of the installed diffusers) reads, and the
+    legacy predict_epsilon=false means x0 prediction as it did."""
+    diffusion, meta = diffusion_from_scheduler(dict(DDPMScheduler(**CIFAR10_SCHEDULER).config))
+    assert diffusion.var_type == "fixedlarge" and meta["clip_denoised"]
+    assert diffusion_from_scheduler({**CIFAR10_SCHEDULER, "predict_epsilon": False})[0].mean_type == "x0"
+
+
+def test_zero_terminal_snr_is_refused_because_its_alphabar_ends_at_zero(tmp_path, capsys):
+    """diffusers' rescale_zero_terminal_snr always ends at beta = 1 (alphabar_{T-1} = 0 exactly), a
+    process fastddpm refuses: converting the un-rescaled betas instead (what happened before) gave
+    betas off by up to 0.98. So the whole conversion is refused, in one line."""
+    from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
+
+    from fastddpm.diffusion import GaussianDiffusion
+    from fastddpm.errors import FastDDPMError
+
+    for betas in (make_betas("linear", 1000), make_betas("cosine", 100)):
+        rescaled = rescale_zero_terminal_snr(betas.clone())
+        assert rescaled[-1].item() == 1.0
+        with pytest.raises(FastDDPMError, match=r"beta\[.*\] = 1.0"):
+            GaussianDiffusion(rescaled)
+    folder = _small_folder(tmp_path)
+    (folder / "scheduler_config.json").write_text(json.dumps({**CIFAR10_SCHEDULER, "rescale_betas_zero_snr": True}))
+    before = snapshot(folder)
+    code, _, err = run_cli(["convert", folder, "--out", tmp_path / "o.safetensors"], capsys)
+    assert code == 2 and one_line(err) and "rescale_betas_zero_snr" in err and "scheduler_config.json" in err
+    assert snapshot(folder) == before and not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("change, piece", [
+    ({"set_alpha_to_one": False}, "set_alpha_to_one"),
+    ({"_class_name": "DDIMScheduler"}, "DDIMScheduler"),
+    ({"thresholding": True}, "thresholding"),
+    ({"prediction_type": "v_prediction"}, "v_prediction"),
+])
+def test_refused_scheduler_settings_exit_2_and_change_nothing(tmp_path, capsys, change, piece):
+    folder = _small_folder(tmp_path)
+    (folder / "scheduler_config.json").write_text(json.dumps({**CIFAR10_SCHEDULER, **change}))
+    before = snapshot(folder)
+    code, _, err = run_cli(["convert", folder, "--out", tmp_path / "o.safetensors"], capsys)
+    assert code == 2 and one_line(err) and piece in err
+    assert snapshot(folder) == before and not (tmp_path / "o.safetensors").exists()
