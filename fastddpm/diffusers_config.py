@@ -6,6 +6,8 @@
     diffusion_from_scheduler(sched)        scheduler_config.json dict -> (GaussianDiffusion, meta)
     scheduler_config(diffusion)            GaussianDiffusion -> scheduler_config.json dict
     ddpm_diffusion(image_size)             DDPM's own process, when a folder has no scheduler config
+    pipeline_index()                       the model_index.json of a DDPMPipeline folder
+    unet_of_index(index)                   check that a model_index.json's unet is a UNet2DModel
 
 A config is user input: every number is type- and range-checked (a string, a zero, a negative
 or a bool where a count belongs is a CheckpointError naming the key), and the resulting
@@ -386,3 +388,22 @@ def scheduler_config(diffusion: GaussianDiffusion, clip: bool = True) -> dict:
     cfg.update(beta_schedule="linear", beta_start=start, beta_end=end, trained_betas=None if linear else betas.tolist())
     return cfg
 
+
+# ------------------------------------------------------------------------------------ pipelines
+def pipeline_index() -> dict:
+    """The model_index.json of the DDPMPipeline folder fastddpm writes: the pipeline class and, per
+    component (a subfolder of that name), its [library, class]. DiffusionPipeline.from_pretrained
+    needs `_diffusers_version` (it parses it) and `_class_name`; diffusers itself writes this shape."""
+    return {"_class_name": "DDPMPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+            "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
+
+
+def unet_of_index(index: dict) -> None:
+    """Raise CheckpointError unless a model_index.json (dict) names a diffusers UNet2DModel as its `unet`
+    (the component fastddpm converts; the scheduler's own config names its class)."""
+    entry = index.get("unet")
+    if entry is None:
+        raise CheckpointError("model_index.json names no unet component; fastddpm converts a pipeline's UNet2DModel")
+    if not isinstance(entry, (list, tuple)) or list(entry) != ["diffusers", "UNet2DModel"]:
+        raise CheckpointError(f"model_index.json unet={_short(entry)} is not supported: fastddpm converts a "
+                              "pipeline whose unet is [\"diffusers\", \"UNet2DModel\"]")

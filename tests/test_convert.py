@@ -8,6 +8,7 @@ Most cases use a reduced width/depth variant of that config (3 levels, 32 channe
 attention at 8x8) so they run in a second; one case runs the full 35.7M-parameter model.
 """
 import json
+import os
 import pickle
 import re
 from pathlib import Path
@@ -70,6 +71,16 @@ def random_inputs(batch: int, size: int, seed: int = 1):
     x = torch.randn(batch, 3, size, size, generator=g)
     t = torch.randint(0, 1000, (batch,), generator=g)
     return x, t
+
+
+# The folder `fastddpm convert CHECKPOINT --out DIR` writes: a DDPMPipeline (relative paths, folders too).
+PIPELINE_FILES = ["model_index.json", "scheduler", "scheduler/scheduler_config.json", "unet", "unet/config.json",
+                  "unet/diffusion_pytorch_model.safetensors"]
+
+
+def tree(folder) -> list[str]:
+    """Every path under `folder`, relative, sorted (temporary files would show up here)."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
 def snapshot(*paths) -> dict:
@@ -176,11 +187,10 @@ def test_export_round_trip_through_diffusers(tmp_path, capsys):
     save_checkpoint(tmp_path / "ours.safetensors", model, diffusion)
     code, _, err = run_cli(["convert", tmp_path / "ours.safetensors", "--out", tmp_path / "exported"], capsys)
     assert code == 0, err
-    # exactly the three files, published together: no temporary (safetensors' .tmpXXXX or ours) left
-    assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == [
-        "config.json", "diffusion_pytorch_model.safetensors", "scheduler_config.json"]
-    dmodel = UNet2DModel.from_pretrained(tmp_path / "exported").eval()
-    sched = DDPMScheduler.from_pretrained(tmp_path / "exported")
+    # exactly the pipeline's files, published together: no temporary (safetensors' .tmpXXXX or ours) left
+    assert tree(tmp_path / "exported") == PIPELINE_FILES
+    dmodel = UNet2DModel.from_pretrained(tmp_path / "exported", subfolder="unet").eval()
+    sched = DDPMScheduler.from_pretrained(tmp_path / "exported", subfolder="scheduler")
     assert sched.config.variance_type == "fixed_large" and sched.config.clip_sample
     assert sched.config.beta_schedule == "linear" and sched.config.num_train_timesteps == 1000
     x, t = random_inputs(2, 16, seed=7)
@@ -204,8 +214,8 @@ def test_learned_range_model_round_trips(tmp_path, capsys):
     save_checkpoint(tmp_path / "iddpm.safetensors", model,
                     GaussianDiffusion(make_betas("cosine", 1000), var_type="learned_range"))
     assert run_cli(["convert", tmp_path / "iddpm.safetensors", "--out", tmp_path / "hf"], capsys)[0] == 0
-    dmodel = UNet2DModel.from_pretrained(tmp_path / "hf").eval()
-    assert DDPMScheduler.from_pretrained(tmp_path / "hf").config.variance_type == "learned_range"
+    dmodel = UNet2DModel.from_pretrained(tmp_path / "hf", subfolder="unet").eval()
+    assert DDPMScheduler.from_pretrained(tmp_path / "hf", subfolder="scheduler").config.variance_type == "learned_range"
     x, t = random_inputs(2, 16, seed=8)
     with torch.no_grad():
         theirs = dmodel(x, t).sample
@@ -214,6 +224,121 @@ def test_learned_range_model_round_trips(tmp_path, capsys):
     _, back, _ = load_checkpoint(tmp_path / "back.safetensors")
     assert back.var_type == "learned_range"
     torch.testing.assert_close(back.schedule.betas, make_betas("cosine", 1000), rtol=0, atol=0)
+
+
+def saved_tiny(tmp_path, seed: int = 5, name: str = "ours.safetensors"):
+    """A "tiny" U-Net with random weights and DDPM's CIFAR-10 process, saved as a fastddpm checkpoint."""
+    model = randomized_unet("tiny", seed=seed, norm_eps=1e-6)
+    diffusion = diffusion_from_scheduler(CIFAR10_SCHEDULER)[0]
+    save_checkpoint(tmp_path / name, model, diffusion)
+    return tmp_path / name, model, diffusion
+
+
+def assert_same_checkpoint(path, model, diffusion):
+    """The checkpoint at `path` holds `model`'s weights and `diffusion`'s float64 betas, bit for bit."""
+    back, back_diffusion, _ = load_checkpoint(path)
+    assert back.config == model.config
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    assert torch.equal(back_diffusion.schedule.betas, diffusion.schedule.betas)
+    assert (back_diffusion.mean_type, back_diffusion.var_type) == (diffusion.mean_type, diffusion.var_type)
+
+
+def test_export_is_a_ddpm_pipeline_that_diffusers_loads(tmp_path, capsys):
+    from diffusers import DDPMPipeline
+
+    src, model, diffusion = saved_tiny(tmp_path)
+    out = tmp_path / "pipe"
+    code, stdout, err = run_cli(["convert", src, "--out", out], capsys)
+    assert code == 0, err
+    assert tree(out) == PIPELINE_FILES and "DDPMPipeline" in stdout
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "DDPMPipeline" and isinstance(index["_diffusers_version"], str)
+    assert index["unet"] == ["diffusers", "UNet2DModel"] and index["scheduler"] == ["diffusers", "DDPMScheduler"]
+    pipe = DDPMPipeline.from_pretrained(out)  # the folder as it is: no subfolder or class arguments
+    assert isinstance(pipe.unet, UNet2DModel) and isinstance(pipe.scheduler, DDPMScheduler)
+    x, t = random_inputs(3, 16, seed=9)
+    with torch.no_grad():
+        assert rel_err(pipe.unet.eval()(x, t).sample, model(x, t)) < TOL
+    ours, theirs = diffusion.schedule.betas, pipe.scheduler.betas
+    assert theirs.dtype == torch.float32 and theirs.shape == ours.shape
+    # diffusers builds the linear schedule in float32 (torch.linspace): ours to float32 precision
+    assert ((theirs.double() - ours).abs() / ours).max().item() <= 2**-23
+    images = pipe(batch_size=1, num_inference_steps=2, output_type="np").images  # and it samples
+    assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
+    # ... and back, from the pipeline folder and from its unet/ (the scheduler found in ../scheduler/)
+    for i, back_from in enumerate((out, out / "unet")):
+        code, _, err = run_cli(["convert", back_from, "--out", tmp_path / f"back{i}.safetensors"], capsys)
+        assert code == 0, err
+        assert_same_checkpoint(tmp_path / f"back{i}.safetensors", model, diffusion)
+
+
+def test_model_index_picks_the_pipeline_over_stale_bare_files(tmp_path, capsys):
+    """A folder that held a bare UNet2DModel export and now holds a pipeline reads as the pipeline."""
+    folder = _small_folder(tmp_path)  # a bare UNet2DModel folder of another network
+    DDPMScheduler(**{**CIFAR10_SCHEDULER, "variance_type": "fixed_small"}).save_pretrained(folder)
+    src, model, diffusion = saved_tiny(tmp_path)
+    assert run_cli(["convert", src, "--out", folder], capsys)[0] == 0
+    assert (folder / "config.json").exists() and (folder / "model_index.json").exists()
+    code, _, err = run_cli(["convert", folder, "--out", tmp_path / "back.safetensors"], capsys)
+    assert code == 0, err
+    assert_same_checkpoint(tmp_path / "back.safetensors", model, diffusion)
+
+
+def test_first_hub_pipelines_keep_their_files_beside_model_index(tmp_path, capsys):
+    """The ddpm-* pipelines as first published: model_index.json, config.json, the weights and
+    scheduler_config.json side by side, no unet/ subfolder."""
+    dmodel = diffusers_unet(SMALL_CONFIG, seed=4)
+    folder = tmp_path / "ddpm-hub"
+    dmodel.save_pretrained(folder)
+    DDPMScheduler(**CIFAR10_SCHEDULER).save_pretrained(folder)
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "DDPMPipeline", "_diffusers_version": "0.1.1", "scheduler": ["diffusers", "DDPMScheduler"],
+        "unet": ["diffusers", "UNet2DModel"]}))
+    ours, theirs, _, diffusion, _ = converted_outputs(tmp_path, dmodel, folder, capsys, 16)
+    assert rel_err(ours, theirs) < TOL and diffusion.var_type == "fixedlarge"
+
+
+def test_a_pipeline_of_another_unet_is_refused(tmp_path, capsys):
+    src, _, _ = saved_tiny(tmp_path)
+    assert run_cli(["convert", src, "--out", tmp_path / "pipe"], capsys)[0] == 0
+    index = tmp_path / "pipe" / "model_index.json"
+    index.write_text(json.dumps({**json.loads(index.read_text()), "unet": ["diffusers", "UNet2DConditionModel"]}))
+    code, _, err = run_cli(["convert", tmp_path / "pipe", "--out", tmp_path / "o.safetensors"], capsys)
+    assert code == 2 and one_line(err) and "model_index.json" in err and "UNet2DConditionModel" in err
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def fail_flush_of(monkeypatch, name: str) -> None:
+    """From now on, flushing the temporary file of any output named `name` fails with ENOSPC."""
+    import errno
+
+    from fastddpm import files
+
+    real = files._fsync_path
+
+    def fsync(path):
+        if os.path.basename(path).startswith(f"{files.TMP_PREFIX}{name}."):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real(path)
+    monkeypatch.setattr(files, "_fsync_path", fsync)
+
+
+@pytest.mark.parametrize("failing", ["diffusion_pytorch_model.safetensors", "config.json", "scheduler_config.json",
+                                     "model_index.json"])
+def test_a_pipeline_is_published_all_or_nothing(tmp_path, capsys, monkeypatch, failing):
+    src, _, _ = saved_tiny(tmp_path)
+    # a pipeline already there (another model) stays exactly as it was
+    other, _, _ = saved_tiny(tmp_path, seed=8, name="other.safetensors")
+    assert run_cli(["convert", other, "--out", tmp_path / "old"], capsys)[0] == 0
+    before = snapshot(tmp_path / "old")
+    fail_flush_of(monkeypatch, failing)
+    code, _, err = run_cli(["convert", src, "--out", tmp_path / "old"], capsys)
+    assert code == 2 and one_line(err) and "out of space" in err
+    assert snapshot(tmp_path / "old") == before and tree(tmp_path / "old") == PIPELINE_FILES
+    # a new one is not created at all: neither the folder nor the missing folder above it
+    code, _, err = run_cli(["convert", src, "--out", tmp_path / "new" / "pipe"], capsys)
+    assert code == 2 and one_line(err) and not (tmp_path / "new").exists()
 
 
 def test_export_refuses_a_safetensors_destination(tmp_path, capsys):
