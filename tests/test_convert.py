@@ -716,3 +716,84 @@ def test_refused_scheduler_settings_exit_2_and_change_nothing(tmp_path, capsys, 
     code, _, err = run_cli(["convert", folder, "--out", tmp_path / "o.safetensors"], capsys)
     assert code == 2 and one_line(err) and piece in err
     assert snapshot(folder) == before and not (tmp_path / "o.safetensors").exists()
+
+
+# --------------------------------------------------------------------------- inputs never destroyed
+@pytest.mark.parametrize("case", ["the weights", "its config", "a hard link", "a symbolic link", "the folder",
+                                  "a folder above"])
+def test_an_import_never_writes_over_an_input(tmp_path, capsys, case):
+    folder = _small_folder(tmp_path)
+    DDPMScheduler(**CIFAR10_SCHEDULER).save_pretrained(folder)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    named = weights
+    if case == "a hard link":
+        os.link(weights, tmp_path / "link.safetensors")
+        out = tmp_path / "link.safetensors"
+    elif case == "a symbolic link":
+        (tmp_path / "sym.safetensors").symlink_to(weights)
+        out = tmp_path / "sym.safetensors"
+    else:
+        out = {"the weights": weights, "its config": folder / "config.json", "the folder": folder,
+               "a folder above": tmp_path}[case]
+        named = {"its config": folder / "config.json", "the folder": folder, "a folder above": folder}.get(case, weights)
+    before = snapshot(tmp_path)
+    code, _, err = run_cli(["convert", folder, "--out", out], capsys)
+    assert code == 2 and one_line(err), err
+    assert f"--out {str(out)!r}" in err and repr(str(named)) in err and "the input" in err
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("src, out, named", [
+    ("ckpts/m.safetensors", "ckpts/m.safetensors", "ckpts/m.safetensors"),  # the checkpoint itself
+    ("ckpts/m.safetensors", "ckpts", "ckpts/m.safetensors"),  # the folder it is in
+    ("ckpts/m.safetensors", ".", "ckpts"),  # a folder above it
+    ("pipe", "pipe/unet", "pipe/unet/config.json"),  # a pipeline's subfolder
+    ("pipe", "pipe/unet/diffusion_pytorch_model.safetensors", "pipe/unet/diffusion_pytorch_model.safetensors"),
+    ("pipe/unet", "pipe/scheduler/scheduler_config.json", "pipe/scheduler/scheduler_config.json"),
+])
+def test_no_conversion_writes_over_or_around_its_source(tmp_path, capsys, monkeypatch, src, out, named):
+    (tmp_path / "ckpts").mkdir()
+    saved_tiny(tmp_path / "ckpts", name="m.safetensors")
+    assert run_cli(["convert", tmp_path / "ckpts" / "m.safetensors", "--out", tmp_path / "pipe"], capsys)[0] == 0
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path)
+    code, _, err = run_cli(["convert", src, "--out", out], capsys)
+    assert code == 2 and one_line(err), err
+    assert f"--out {out!r}" in err and "the input" in err and named in err
+    assert snapshot(tmp_path) == before
+
+
+# --------------------------------------------------------------------------- built-in checkpoints
+@pytest.mark.parametrize("name", ["digits", "digits-hybrid"])
+def test_built_in_checkpoints_convert_by_name(tmp_path, capsys, name):
+    code, _, err = run_cli(["convert", name, "--out", tmp_path / "pipe"], capsys)
+    assert code == 0, err
+    assert tree(tmp_path / "pipe") == PIPELINE_FILES
+    assert run_cli(["convert", tmp_path / "pipe", "--out", tmp_path / "back.safetensors"], capsys)[0] == 0
+    model, diffusion, _ = load_checkpoint(name)
+    assert_same_checkpoint(tmp_path / "back.safetensors", model, diffusion)
+
+
+# --------------------------------------------------------------------------- output paths
+@pytest.mark.parametrize("direction", ["export", "import"])
+@pytest.mark.parametrize("case, piece", [
+    ("under a file", "is not a folder"),
+    ("in /proc", "system folder"),
+    ("a 256-byte name", "limited to 255 bytes"),
+    ("a 4096-byte path", "limited to 4095 bytes"),
+])
+def test_an_out_that_cannot_be_written_is_one_line(tmp_path, capsys, direction, case, piece):
+    if direction == "export":
+        src, name = saved_tiny(tmp_path)[0], "pipe"
+    else:
+        src, name = _small_folder(tmp_path), "o.safetensors"
+        DDPMScheduler(**CIFAR10_SCHEDULER).save_pretrained(src)
+    (tmp_path / "a-file").write_text("x")
+    out = {"under a file": str(tmp_path / "a-file" / name), "in /proc": f"/proc/{name}",
+           "a 256-byte name": str(tmp_path / ("n" * (256 - len(name)) + name)),
+           "a 4096-byte path": str(tmp_path / "/".join(["d" * 200] * 21) / name)}[case]
+    assert case != "a 4096-byte path" or len(out.encode()) >= 4096
+    before, paths = snapshot(tmp_path), tree(tmp_path)
+    code, _, err = run_cli(["convert", src, "--out", out], capsys)
+    assert code == 2 and one_line(err) and piece in err, err
+    assert snapshot(tmp_path) == before and tree(tmp_path) == paths
