@@ -409,13 +409,15 @@ def _add_convert(sub) -> None:
     p = sub.add_parser(
         "convert", help="convert diffusers / pytorch_diffusion weights to a fastddpm checkpoint (and back)",
         description="Convert the DDPM U-Net between layouts; the format of SRC is detected from its contents. "
-                    "SRC a diffusers UNet2DModel folder (config.json + diffusion_pytorch_model.safetensors or .bin; "
-                    "scheduler_config.json beside it or in ../scheduler/ gives the diffusion settings) or a "
-                    "pytorch_diffusion model-*.ckpt: writes the fastddpm checkpoint DST.safetensors. SRC a fastddpm "
-                    "checkpoint: writes the diffusers folder DST (config.json, diffusion_pytorch_model.safetensors, "
-                    "scheduler_config.json).")
-    p.add_argument("src", metavar="SRC", help="diffusers folder or weights file, pytorch_diffusion .ckpt, or a "
-                                              "fastddpm .safetensors checkpoint")
+                    "SRC a diffusers folder (a DDPMPipeline folder with model_index.json, unet/ and scheduler/; its "
+                    "unet/ subfolder; or a bare UNet2DModel folder: config.json + diffusion_pytorch_model.safetensors "
+                    "or .bin, scheduler_config.json beside it) or a pytorch_diffusion model-*.ckpt: writes the "
+                    "fastddpm checkpoint DST.safetensors. SRC a fastddpm checkpoint (or digits, digits-hybrid): "
+                    "writes the diffusers DDPMPipeline folder DST (model_index.json, unet/config.json, "
+                    "unet/diffusion_pytorch_model.safetensors, scheduler/scheduler_config.json), which "
+                    "DDPMPipeline.from_pretrained(DST) loads. An input is never overwritten.")
+    p.add_argument("src", metavar="SRC", help="diffusers folder or weights file, pytorch_diffusion .ckpt, a "
+                                              "fastddpm .safetensors checkpoint, or digits / digits-hybrid")
     p.add_argument("--out", required=True, metavar="DST", help="DST.safetensors (import) or a folder (export)")
     p.add_argument("--image-size", type=_positive_int, default=None,
                    help="pytorch_diffusion only: training resolution (default: 32 for 4 levels, 256 for 6)")

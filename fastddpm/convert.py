@@ -1,25 +1,42 @@
 """Converters between fastddpm checkpoints and the other layouts of the DDPM U-Net.
 
-    diffusers          a UNet2DModel folder: config.json + diffusion_pytorch_model.safetensors
-                       (or .bin, read with torch.load(weights_only=True)), as google/ddpm-cifar10-32,
-                       ddpm-ema-church-256, ddpm-celebahq-256 ...; the diffusion settings come from
-                       scheduler_config.json beside it (or in ../scheduler/, as pipelines keep it)
+    diffusers          read: a DDPMPipeline folder (model_index.json, unet/config.json, unet/
+                       diffusion_pytorch_model.safetensors or .bin, scheduler/scheduler_config.json),
+                       its unet/ subfolder alone (the scheduler is then read from ../scheduler/), or a
+                       bare UNet2DModel folder (config.json + weights, scheduler_config.json beside
+                       them), as google/ddpm-cifar10-32, ddpm-ema-church-256 ... are published; a .bin
+                       is read with torch.load(weights_only=True). Without a scheduler config DDPM's
+                       own process is assumed (and said on stderr).
+                       written (exporting a fastddpm checkpoint): the DDPMPipeline folder
+
+                           DIR/model_index.json                       DDPMPipeline: unet + scheduler
+                           DIR/unet/config.json                       UNet2DModel
+                           DIR/unet/diffusion_pytorch_model.safetensors
+                           DIR/scheduler/scheduler_config.json        DDPMScheduler
+
+                       that diffusers.DDPMPipeline.from_pretrained(DIR) loads as it is (and
+                       UNet2DModel / DDPMScheduler.from_pretrained(DIR, subfolder=...)).
     pytorch_diffusion  the PyTorch port of the original DDPM TensorFlow checkpoints
                        (pesser/pytorch_diffusion, `model-790000.ckpt` ...): a bare state dict,
                        read with torch.load(weights_only=True); the architecture is read off
                        the tensor shapes, the image size from `image_size` (guessed for the
                        published models: 32 for 4 levels, 256 for 6)
-    fastddpm           our own checkpoint (fastddpm.checkpoint); converting one exports it to a
-                       diffusers folder that UNet2DModel.from_pretrained and
-                       DDPMScheduler.from_pretrained read
+    fastddpm           our own checkpoint (fastddpm.checkpoint), or a built-in one by name
+                       (`digits`, `digits-hybrid`); converting one exports it to the pipeline above
 
-`convert(src, out)` detects the format of `src` from what it holds (not from its name) and
-converts to fastddpm, or, for a fastddpm checkpoint, to diffusers.
+`convert(request)` detects the format of SRC from what it holds (not from its name) and
+converts to fastddpm, or, for a fastddpm checkpoint, to a diffusers pipeline folder.
+
+Inputs are never destroyed and outputs never half-written: before any work, an output that is
+an input file (same device and inode), the source folder, or a folder holding an input is
+refused, as are output paths that cannot be written (fastddpm.files' checks); the pipeline's
+four files are written under temporary names and renamed together (files.publish_together),
+model_index.json last. SRC must be a regular file or a folder: a FIFO or device is refused
+before it is opened (reading one would block forever).
 
 The U-Net's names in each layout live in unet_layouts.py, the diffusers configs in
 diffusers_config.py; this file reads the files (never unpickling: torch.load(weights_only=True)),
-detects the format and writes the result. SRC must be a regular file or a folder: a FIFO or
-device is refused before it is opened (reading one would block forever).
+detects the format and writes the result.
 """
 from __future__ import annotations
 
@@ -32,12 +49,13 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import FORMAT, load_checkpoint, save_checkpoint
-from .diffusers_config import (ddpm_diffusion, diffusers_config, diffusion_from_scheduler, scheduler_config,
-                               unet_config_from_diffusers)
+from .checkpoint import BUNDLED, FORMAT, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .diffusers_config import (ddpm_diffusion, diffusers_config, diffusion_from_scheduler, pipeline_index,
+                               scheduler_config, unet_config_from_diffusers, unet_of_index)
 from .diffusion import GaussianDiffusion
 from .errors import CheckpointError, FastDDPMError, check_choice
-from .files import publish_together
+from .files import (check_not_an_input, check_output_file, check_output_folder, check_path_names,
+                    publish_together)
 from .unet import UNet, UNetConfig, count_parameters
 from .unet_layouts import diffusers_state_dict, import_weights
 from .validate import unet_config as validated_unet_config
@@ -45,6 +63,8 @@ from .validate import unet_config as validated_unet_config
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 DIFFUSERS_CONFIG = "config.json"
 SCHEDULER_CONFIG = "scheduler_config.json"
+MODEL_INDEX = "model_index.json"  # a pipeline folder's index of its components (subfolders)
+UNET_DIR, SCHEDULER_DIR = "unet", "scheduler"
 
 
 @dataclass
@@ -133,15 +153,58 @@ def _scheduler_config_near(folder: Path) -> Path | None:
 
 
 def _diffusers_folder(folder: Path) -> tuple[Path, Path]:
-    """(config.json, weights file) of a UNet2DModel folder, or of a pipeline folder's unet/."""
-    for f in (folder, folder / "unet"):
+    """(config.json, weights file) of a diffusers folder: a pipeline folder (model_index.json; its unet/,
+    or the files beside model_index.json as the first published ddpm-* pipelines kept them), a
+    pipeline's unet/ subfolder, or a bare UNet2DModel folder."""
+    index = folder / MODEL_INDEX
+    if index.is_file():
+        try:
+            unet_of_index(_read_json(index))
+        except CheckpointError as e:
+            raise CheckpointError(f"{str(index)!r}: {e}") from None
+        candidates = (folder / UNET_DIR, folder)
+    else:
+        candidates = (folder, folder / UNET_DIR)
+    for f in candidates:
         if (f / DIFFUSERS_CONFIG).is_file():
             for name in DIFFUSERS_WEIGHTS:
                 if (f / name).is_file():
                     return f / DIFFUSERS_CONFIG, f / name
             raise CheckpointError(f"{str(f)!r} has a config.json but no {' or '.join(DIFFUSERS_WEIGHTS)}")
     raise CheckpointError(f"{str(folder)!r} is not a diffusers UNet2DModel folder (no config.json in it or in "
-                          f"{str(folder / 'unet')!r})")
+                          f"{str(folder / UNET_DIR)!r})")
+
+
+def resolve_source(src) -> Path:
+    """SRC as an existing path: a file, a folder, or a built-in checkpoint's name ("digits",
+    "digits-hybrid", as --checkpoint takes them). CheckpointError if there is nothing there."""
+    name = str(src)
+    if name in BUNDLED:
+        return resolve_checkpoint(name)
+    p = Path(name)
+    try:
+        exists = p.exists()
+    except OSError as e:  # a name too long, no permission on a folder above it
+        raise CheckpointError(f"cannot read {name[:80]!r} ({e.strerror or e})") from None
+    if not exists:
+        raise CheckpointError(f"{name!r} does not exist")
+    return p
+
+
+def input_paths(src: Path) -> list[Path]:
+    """The existing files and folders converting `src` reads: src itself and, for a diffusers layout, the
+    model_index.json, config.json, weights file and scheduler config it would use (the config and scheduler
+    beside a weights file are listed whatever the file holds: a superset is what a guard needs)."""
+    paths = [src]
+    if src.is_dir():
+        config, weights = _diffusers_folder(src)
+        paths += [src / MODEL_INDEX, config, weights]
+        folder = config.parent
+    else:
+        folder = src.parent
+        paths.append(folder / DIFFUSERS_CONFIG)
+    scheduler = _scheduler_config_near(folder)
+    return [p for p in paths + ([scheduler] if scheduler else []) if p.exists()]
 
 
 def detect_format(src) -> str:
@@ -250,40 +313,58 @@ def from_pytorch_diffusion(path: Path, tensors: dict, image_size: int | None = N
     return model, diffusion, meta
 
 
-def export_diffusers(src, out) -> Path:
-    """Write a fastddpm checkpoint as a diffusers folder: config.json, diffusion_pytorch_model.safetensors
-    and scheduler_config.json (UNet2DModel.from_pretrained / DDPMScheduler.from_pretrained read it)."""
+def pipeline_files(model: UNet, diffusion: GaussianDiffusion, clip: bool = True) -> dict[str, bytes]:
+    """The files of a diffusers DDPMPipeline folder holding `model` and `diffusion`, by path inside the
+    folder: model_index.json, unet/config.json, unet/diffusion_pytorch_model.safetensors and
+    scheduler/scheduler_config.json (clip: the scheduler's clip_sample), serialised in memory."""
     from safetensors.torch import save
 
+    def js(value: dict) -> bytes:
+        return (json.dumps(value, indent=2) + "\n").encode()
+
+    return {f"{UNET_DIR}/{DIFFUSERS_WEIGHTS[0]}": save(diffusers_state_dict(model), metadata={"format": "pt"}),
+            f"{UNET_DIR}/{DIFFUSERS_CONFIG}": js(diffusers_config(model.config)),
+            f"{SCHEDULER_DIR}/{SCHEDULER_CONFIG}": js(scheduler_config(diffusion, clip)),
+            MODEL_INDEX: js(pipeline_index())}
+
+
+def _check_export_out(src, out) -> Path:
+    """Refuse an export destination before any work: a file, a .safetensors name, or a folder that
+    cannot be made or written (fastddpm.files.check_output_folder)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise FastDDPMError(f"--out {str(out)!r} is a file; exporting to diffusers writes a folder")
+        raise FastDDPMError(f"--out {str(out)!r} is a file; exporting to diffusers writes a pipeline folder")
     if out.suffix == ".safetensors":
         raise FastDDPMError(f"{str(src)!r} is already a fastddpm checkpoint; converting it exports a diffusers "
-                            f"folder, so --out should name a folder, not {str(out)!r}")
+                            f"pipeline folder, so --out should name a folder, not {str(out)!r}")
+    return check_output_folder(out, "--out")
+
+
+def export_diffusers(src, out) -> Path:
+    """Write the fastddpm checkpoint `src` as the diffusers DDPMPipeline folder `out` (see the module
+    docstring; DDPMPipeline.from_pretrained(out) loads it). The four files are published together,
+    model_index.json last: a failure (a full disk) leaves `out` as it was. Returns `out` as a Path."""
+    out = _check_export_out(src, out)
     model, diffusion, meta = load_checkpoint(src)
-    weights = diffusers_state_dict(model)
-    unet_cfg = json.dumps(diffusers_config(model.config), indent=2) + "\n"
-    sched_cfg = json.dumps(scheduler_config(diffusion, bool(meta.get("clip_denoised", True))), indent=2) + "\n"
-    out.mkdir(parents=True, exist_ok=True)
-    # serialised in memory (no safetensors .tmpXXXX file), the three files published together
-    publish_together(out, {DIFFUSERS_WEIGHTS[0]: save(weights, metadata={"format": "pt"}),
-                           SCHEDULER_CONFIG: sched_cfg.encode(), DIFFUSERS_CONFIG: unet_cfg.encode()},
-                     last=DIFFUSERS_CONFIG)
+    publish_together(out, pipeline_files(model, diffusion, bool(meta.get("clip_denoised", True))), last=MODEL_INDEX)
     return out
 
 
+def _check_import_out(out) -> None:
+    if Path(out).is_dir():
+        raise FastDDPMError(f"--out {str(out)!r} is a folder; importing writes one DST.safetensors file")
+    check_output_file(out, "--out")
+
+
 def convert(request: ConvertRequest) -> str:
-    """Convert request.src (format detected) and write request.out; returns a one-line summary."""
-    if request.var_type is not None:
-        check_choice("--var-type", request.var_type, ("fixedlarge", "fixedsmall"))
-    if request.image_size is not None and request.image_size < 1:
-        raise FastDDPMError(f"--image-size must be positive, got {request.image_size}")
-    src = Path(request.src)
-    if not src.exists():
-        raise CheckpointError(f"{str(src)!r} does not exist")
-    if Path(request.out).resolve() == src.resolve():
-        raise FastDDPMError(f"--out {request.out!r} is SRC itself; write the conversion somewhere else")
+    """Convert request.src (format detected) and write request.out; returns a one-line summary.
+
+    Bad input raises FastDDPMError (CheckpointError for the source, OutputError for --out), and
+    nothing is written: the options, --out's name and the source are checked first, and an --out
+    that would replace or hold an input is refused before the source is read."""
+    _check_options(request)
+    src = resolve_source(request.src)
+    check_not_an_input(request.out, input_paths(src))
     if src.is_dir():
         config_path, weights_path = _diffusers_folder(src)
         tensors, metadata = read_weights_file(weights_path)
@@ -294,7 +375,9 @@ def convert(request: ConvertRequest) -> str:
         config_path = src.parent / DIFFUSERS_CONFIG
     if fmt == "fastddpm":
         out = export_diffusers(src, request.out)
-        return f"wrote diffusers UNet2DModel folder {out} (config.json, {DIFFUSERS_WEIGHTS[0]}, {SCHEDULER_CONFIG})"
+        return (f"wrote diffusers DDPMPipeline folder {out} ({MODEL_INDEX}, {UNET_DIR}/{DIFFUSERS_CONFIG}, "
+                f"{UNET_DIR}/{DIFFUSERS_WEIGHTS[0]}, {SCHEDULER_DIR}/{SCHEDULER_CONFIG})")
+    _check_import_out(request.out)
     if fmt == "diffusers":
         if not config_path.is_file():
             raise CheckpointError(f"{str(src)!r} holds diffusers weights but there is no config.json beside it")
@@ -303,10 +386,19 @@ def convert(request: ConvertRequest) -> str:
         model, diffusion, meta = from_diffusers(config_path, tensors, request.var_type)
     else:
         model, diffusion, meta = from_pytorch_diffusion(src, tensors, request.image_size, request.var_type)
-    if Path(request.out).is_dir():
-        raise FastDDPMError(f"--out {request.out!r} is a folder; importing writes one DST.safetensors file")
     save_checkpoint(request.out, model, diffusion, converted_from=fmt, source=str(src), **meta)
     T = diffusion.num_timesteps
     return (f"wrote {request.out}: {fmt} U-Net, {count_parameters(model):,} parameters, "
             f"{model.config.image_size}x{model.config.image_size}; T={T}, {diffusion.mean_type} prediction, "
             f"{diffusion.var_type} variance, {'clipped' if meta.get('clip_denoised', True) else 'unclipped'} x0")
+
+
+def _check_options(request: ConvertRequest) -> None:
+    """The flags' values and --out's name (empty, or longer than the kernel takes: check_path_names)."""
+    if request.var_type is not None:
+        check_choice("--var-type", request.var_type, ("fixedlarge", "fixedsmall"))
+    if request.image_size is not None and request.image_size < 1:
+        raise FastDDPMError(f"--image-size must be positive, got {request.image_size}")
+    if not str(request.out).strip():
+        raise FastDDPMError("--out is empty; give DST.safetensors or a folder")
+    check_path_names(request.out, "--out")

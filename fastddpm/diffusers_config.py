@@ -6,10 +6,55 @@
     diffusion_from_scheduler(sched)        scheduler_config.json dict -> (GaussianDiffusion, meta)
     scheduler_config(diffusion)            GaussianDiffusion -> scheduler_config.json dict
     ddpm_diffusion(image_size)             DDPM's own process, when a folder has no scheduler config
+    pipeline_index()                       the model_index.json of a DDPMPipeline folder
+    unet_of_index(index)                   check that a model_index.json's unet is a UNet2DModel
 
 A config is user input: every number is type- and range-checked (a string, a zero, a negative
 or a bool where a count belongs is a CheckpointError naming the key), and the resulting
 UNetConfig goes through fastddpm.validate like a checkpoint's.
+
+A scheduler config is read key by key; nothing is silently ignored that could change the
+process the weights were trained with or how fastddpm samples it. DDPMScheduler's keys in
+diffusers 0.42, and the legacy keys the published ddpm-* configs (diffusers 0.1) carry:
+
+    key                          decision
+    num_train_timesteps          read: T, an integer in [1, 100000]
+    beta_start, beta_end         read: numbers in (0, 1] (they define linear and scaled_linear)
+    beta_schedule                read: linear, scaled_linear, squaredcos_cap_v2 (= fastddpm's cosine);
+                                 sigmoid and laplace refused (not implemented here)
+    trained_betas                read: a list of numbers, used over beta_schedule as diffusers does; its
+                                 length must equal num_train_timesteps (diffusers steps through that many)
+    variance_type                read: fixed_small, fixed_small_log -> fixedsmall; fixed_large ->
+                                 fixedlarge; learned_range; refused: learned (the variance itself, where
+                                 ours is its log) and fixed_large_log (diffusers takes sqrt of a log)
+    prediction_type              read: epsilon -> eps, sample -> x0; v_prediction refused
+    predict_epsilon              read (legacy, before prediction_type): true = epsilon, false = sample;
+                                 refused when it disagrees with prediction_type
+    clip_sample                  read: clip x0 to [-1, 1] while sampling (meta clip_denoised)
+    clip_sample_range            read: must be 1.0 when clip_sample (fastddpm clips to [-1, 1]); a
+                                 positive number, unused, otherwise
+    thresholding                 read: must be false (dynamic thresholding is not fastddpm's clipping)
+    rescale_betas_zero_snr       read: must be false. True rescales sqrt(alphabar) so that alphabar at
+                                 t = T-1 is exactly 0 (its beta exactly 1), whatever the betas were; x0 =
+                                 (x_t - sqrt(1 - alphabar) eps) / sqrt(alphabar) then divides by zero,
+                                 and schedule.check_betas refuses such a process, so it is refused here
+                                 instead of being converted to the un-rescaled betas
+    _class_name                  read: DDPMScheduler (or absent); another scheduler's config has other
+                                 keys and defaults (DDIMScheduler has no variance_type): refused
+    dynamic_thresholding_ratio   ignored: used only with thresholding (which must be false); a number
+                                 in (0, 1]
+    sample_max_value             ignored: used only with thresholding; a positive number
+    timestep_spacing             ignored: inference only (which steps a shortened sampler visits:
+                                 fastddpm's --spacing); linspace, leading or trailing
+    steps_offset                 ignored: inference only (shifts those steps); an integer >= 0
+    _diffusers_version,          ignored: diffusers' bookkeeping (the writing version, the source, the
+    _name_or_path,               keys left at their defaults); strings, a list
+    _use_default_values
+    tensor_format                ignored (legacy, diffusers 0.1-0.3): the array type of outputs, pt or np
+    timestep_values              ignored (legacy, diffusers 0.1): an unused placeholder; must be null
+    any other key                refused, named
+
+An ignored key still holds a value diffusers would write there; anything else is refused too.
 """
 from __future__ import annotations
 
@@ -35,6 +80,37 @@ _VAR_FROM_DIFFUSERS = {"fixed_small": "fixedsmall", "fixed_small_log": "fixedsma
 _VAR_TO_DIFFUSERS = {"fixedsmall": "fixed_small", "fixedlarge": "fixed_large", "learned_range": "learned_range"}
 _MEAN_FROM_DIFFUSERS = {"epsilon": "eps", "sample": "x0"}
 _MEAN_TO_DIFFUSERS = {v: k for k, v in _MEAN_FROM_DIFFUSERS.items()}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# Scheduler keys fastddpm reads (the module docstring's table says how).
+_SCHEDULER_READ = frozenset({"num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                             "variance_type", "prediction_type", "predict_epsilon", "clip_sample",
+                             "clip_sample_range", "thresholding", "rescale_betas_zero_snr", "_class_name"})
+# Scheduler keys that change neither the trained process nor fastddpm's sampling of it:
+# key -> (check of the value, what the value must be, why the key is ignored).
+_SCHEDULER_IGNORED = {
+    "dynamic_thresholding_ratio": (lambda v: _is_real(v) and 0 < v <= 1, "a number in (0, 1]",
+                                   "used only with thresholding, which must be false"),
+    "sample_max_value": (lambda v: _is_real(v) and v > 0, "a positive number",
+                         "used only with thresholding, which must be false"),
+    "timestep_spacing": (lambda v: v in ("linspace", "leading", "trailing"), "linspace, leading or trailing",
+                         "inference only: fastddpm's --spacing chooses the steps"),
+    "steps_offset": (lambda v: _is_int(v) and v >= 0, "an integer >= 0", "inference only"),
+    "_diffusers_version": (lambda v: isinstance(v, str), "a version string", "diffusers' bookkeeping"),
+    "_name_or_path": (lambda v: isinstance(v, str), "a string", "diffusers' bookkeeping"),
+    "_use_default_values": (lambda v: isinstance(v, list) and all(isinstance(k, str) for k in v),
+                            "a list of key names", "diffusers' bookkeeping"),
+    "tensor_format": (lambda v: v in ("pt", "np"), "pt or np", "diffusers 0.1-0.3: the array type of outputs"),
+    "timestep_values": (lambda v: v is None, "null", "diffusers 0.1: an unused placeholder"),
+}
 
 
 def _unsupported(key: str, value, why: str) -> CheckpointError:
@@ -175,51 +251,115 @@ def ddpm_betas(beta_start: float, beta_end: float, T: int) -> torch.Tensor:
 def diffusion_from_scheduler(sched: dict, var_type: str | None = None) -> tuple[GaussianDiffusion, dict]:
     """A diffusers scheduler config (DDPMScheduler's keys and defaults) -> (process, meta).
 
-    Every value is checked (CheckpointError naming the key): T a positive integer, beta_start and
-    beta_end in (0, 1], trained_betas a list of numbers, the resulting betas in (0, 1).
+    Every key is checked as the module docstring's table says (CheckpointError naming the key): T a
+    positive integer, beta_start and beta_end in (0, 1], trained_betas a list of T numbers, the
+    resulting betas in (0, 1); a setting fastddpm cannot honour, and a key it does not know, are
+    refused rather than ignored. var_type, when given, overrides variance_type (--var-type).
+    meta is {"clip_denoised": clip_sample}.
     """
-    def get(key, default):
-        return sched.get(key, default)
-
+    _check_scheduler_keys(sched)
     T = _count(sched, "num_train_timesteps", 1000, 1, MAX_TIMESTEPS)
+    betas = _scheduler_betas(sched, T)
+    mean_type = _scheduler_mean_type(sched)
+    variance = sched.get("variance_type", "fixed_small")
+    if not isinstance(variance, str) or variance not in _VAR_FROM_DIFFUSERS:
+        raise _unsupported("variance_type", variance, f"fastddpm reads {', '.join(_VAR_FROM_DIFFUSERS)}")
+    clip = _scheduler_clip(sched)
+    try:
+        diffusion = GaussianDiffusion(betas, mean_type=mean_type, var_type=var_type or _VAR_FROM_DIFFUSERS[variance])
+    except FastDDPMError as e:
+        raise CheckpointError(f"scheduler config gives an unusable process ({e})") from None
+    if len(betas) != T:  # diffusers would step through T timesteps over a table of len(betas)
+        raise CheckpointError(f"scheduler config trained_betas holds {len(betas)} values but num_train_timesteps "
+                              f"is {T}; they must agree")
+    return diffusion, {"clip_denoised": clip}
+
+
+def _check_scheduler_keys(sched: dict) -> None:
+    """Refuse unknown keys, another scheduler class, and ignored keys holding values diffusers never writes."""
+    unknown = sorted(str(k) for k in sched if k not in _SCHEDULER_READ and k not in _SCHEDULER_IGNORED)
+    if unknown:
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        shown = ", ".join(repr(k[:40]) for k in unknown[:5]) + more
+        raise CheckpointError(f"scheduler config has keys fastddpm does not know ({shown}); it reads DDPMScheduler's "
+                              "keys and refuses others rather than ignore a setting that may change the process")
+    name = sched.get("_class_name", "DDPMScheduler")
+    if name != "DDPMScheduler":
+        raise _unsupported("_class_name", name, "fastddpm reads DDPMScheduler configs; if this one describes a "
+                                                "DDPM process, save DDPMScheduler.from_config(config) first")
+    for key, (ok, expected, why) in _SCHEDULER_IGNORED.items():
+        if key in sched and not ok(sched[key]):
+            raise CheckpointError(f"scheduler config {key}={_short(sched[key])} is not {expected}; fastddpm ignores "
+                                  f"{key} ({why}) but not a value diffusers would not write")
+    zero_snr = sched.get("rescale_betas_zero_snr", False)
+    if not isinstance(zero_snr, bool):
+        raise CheckpointError(f"scheduler config rescale_betas_zero_snr={_short(zero_snr)} must be true or false")
+    if zero_snr:
+        raise _unsupported("rescale_betas_zero_snr", True,
+                           "rescaling to zero terminal SNR (Lin et al. 2023, alg. 1) makes alphabar at t=T-1 "
+                           "exactly 0 (its beta 1), where x0 cannot be recovered from x_t; fastddpm keeps every "
+                           "beta in (0, 1)")
+    if sched.get("thresholding", False) is not False:
+        raise _unsupported("thresholding", sched["thresholding"],
+                           "fastddpm clips x0 to [-1, 1] (clip_sample), it does not threshold")
+
+
+def _scheduler_betas(sched: dict, T: int) -> torch.Tensor:
+    """The float64 betas [K] a scheduler config describes (trained_betas over beta_schedule, as diffusers)."""
     start = _real(sched, "beta_start", 0.0001, 0.0, 1.0, low_open=True)
     end = _real(sched, "beta_end", 0.02, 0.0, 1.0, low_open=True)
-    schedule = get("beta_schedule", "linear")
-    if get("trained_betas", None) is not None:
+    schedule = sched.get("beta_schedule", "linear")
+    if sched.get("trained_betas", None) is not None:
         trained = sched["trained_betas"]
         if not isinstance(trained, list) or not all(isinstance(b, (int, float)) and not isinstance(b, bool)
                                                     for b in trained):
             raise CheckpointError(f"scheduler config trained_betas must be a list of numbers, not {trained!r:.60}")
-        betas = torch.tensor(trained, dtype=torch.float64)
-    elif schedule == "linear":
-        betas = ddpm_betas(start, end, T)
-    elif schedule == "scaled_linear":
-        betas = torch.linspace(start**0.5, end**0.5, T, dtype=torch.float64) ** 2
-    elif schedule == "squaredcos_cap_v2":
-        betas = make_betas("cosine", T)
-    else:
-        raise _unsupported("beta_schedule", schedule, "fastddpm reads linear, scaled_linear, squaredcos_cap_v2 "
-                                                      "or trained_betas")
-    variance = get("variance_type", "fixed_small")
-    if not isinstance(variance, str) or variance not in _VAR_FROM_DIFFUSERS:
-        raise _unsupported("variance_type", variance, f"fastddpm reads {', '.join(_VAR_FROM_DIFFUSERS)}")
-    prediction = get("prediction_type", "epsilon")
+        if not 1 <= len(trained) <= MAX_TIMESTEPS:
+            raise CheckpointError(f"scheduler config trained_betas holds {len(trained)} values; 1 to "
+                                  f"{MAX_TIMESTEPS} are supported")
+        return torch.tensor(trained, dtype=torch.float64)
+    if schedule == "linear":
+        return ddpm_betas(start, end, T)
+    if schedule == "scaled_linear":
+        return torch.linspace(start**0.5, end**0.5, T, dtype=torch.float64) ** 2
+    if schedule == "squaredcos_cap_v2":
+        return make_betas("cosine", T)
+    raise _unsupported("beta_schedule", schedule, "fastddpm reads linear, scaled_linear, squaredcos_cap_v2 "
+                                                  "or trained_betas")
+
+
+def _scheduler_mean_type(sched: dict) -> str:
+    """eps or x0, from prediction_type (or the legacy predict_epsilon; both must agree when both are given)."""
+    prediction = sched.get("prediction_type", "epsilon")
     if not isinstance(prediction, str) or prediction not in _MEAN_FROM_DIFFUSERS:
         raise _unsupported("prediction_type", prediction, "fastddpm reads epsilon and sample")
-    if get("thresholding", False) is not False:
-        raise _unsupported("thresholding", get("thresholding", False),
-                           "fastddpm clips x0 to [-1, 1] (clip_sample), it does not threshold")
-    clip = get("clip_sample", True)
+    if "predict_epsilon" in sched:
+        legacy = sched["predict_epsilon"]
+        if not isinstance(legacy, bool):
+            raise CheckpointError(f"scheduler config predict_epsilon={_short(legacy)} must be true or false")
+        implied = "epsilon" if legacy else "sample"
+        if "prediction_type" in sched and prediction != implied:
+            raise CheckpointError(f"scheduler config predict_epsilon={legacy} and prediction_type={prediction!r} "
+                                  "disagree")
+        prediction = implied
+    return _MEAN_FROM_DIFFUSERS[prediction]
+
+
+def _scheduler_clip(sched: dict) -> bool:
+    """clip_sample; clipping is to [-1, 1] only (clip_sample_range 1), the range is unused without it."""
+    clip = sched.get("clip_sample", True)
     if not isinstance(clip, bool):
         raise CheckpointError(f"scheduler config clip_sample={clip!r} must be true or false")
-    if clip and _real(sched, "clip_sample_range", 1.0, 0.0, math.inf, low_open=True) != 1.0:
+    clip_range = _real(sched, "clip_sample_range", 1.0, 0.0, math.inf, low_open=True)
+    if clip and clip_range != 1.0:
         raise _unsupported("clip_sample_range", sched["clip_sample_range"], "fastddpm clips x0 to [-1, 1]")
-    var = var_type or _VAR_FROM_DIFFUSERS[variance]
-    try:
-        diffusion = GaussianDiffusion(betas, mean_type=_MEAN_FROM_DIFFUSERS[prediction], var_type=var)
-    except FastDDPMError as e:
-        raise CheckpointError(f"scheduler config gives an unusable process ({e})") from None
-    return diffusion, {"clip_denoised": clip}
+    return clip
+
+
+def _short(value) -> str:
+    """repr(value), cut to 60 characters (a config value is user input: it may be huge)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def ddpm_diffusion(image_size: int, var_type: str | None = None) -> tuple[GaussianDiffusion, dict]:
@@ -247,3 +387,23 @@ def scheduler_config(diffusion: GaussianDiffusion, clip: bool = True) -> dict:
     # diffusers uses trained_betas, when given, over the schedule
     cfg.update(beta_schedule="linear", beta_start=start, beta_end=end, trained_betas=None if linear else betas.tolist())
     return cfg
+
+
+# ------------------------------------------------------------------------------------ pipelines
+def pipeline_index() -> dict:
+    """The model_index.json of the DDPMPipeline folder fastddpm writes: the pipeline class and, per
+    component (a subfolder of that name), its [library, class]. DiffusionPipeline.from_pretrained
+    needs `_diffusers_version` (it parses it) and `_class_name`; diffusers itself writes this shape."""
+    return {"_class_name": "DDPMPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+            "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
+
+
+def unet_of_index(index: dict) -> None:
+    """Raise CheckpointError unless a model_index.json (dict) names a diffusers UNet2DModel as its `unet`
+    (the component fastddpm converts; the scheduler's own config names its class)."""
+    entry = index.get("unet")
+    if entry is None:
+        raise CheckpointError("model_index.json names no unet component; fastddpm converts a pipeline's UNet2DModel")
+    if not isinstance(entry, (list, tuple)) or list(entry) != ["diffusers", "UNet2DModel"]:
+        raise CheckpointError(f"model_index.json unet={_short(entry)} is not supported: fastddpm converts a "
+                              "pipeline whose unet is [\"diffusers\", \"UNet2DModel\"]")

@@ -5,7 +5,14 @@ killed run are recognisable and removed by the next run that holds the folder's 
 flushed to disk (fsync), and is then renamed over the target: readers see the old file or the
 new one, never a part. A set of files that belong together (samples.npz, grid.png, stats.json)
 is written entirely under temporary names first and renamed only when every one is complete
-(`publish_together`), so running out of space leaves the previous set as it was.
+(`publish_together`), so running out of space leaves the previous set as it was; the set may
+span subfolders (a diffusers pipeline: model_index.json, unet/..., scheduler/...), and folders it
+had to create are removed again when it is not published.
+
+Output paths are checked before any work (`check_output_file`, `check_output_dir`,
+`check_output_folder`): names the kernel would refuse (a component over 255 bytes, a path over
+4095), system folders, a file where a folder must be; and `check_not_an_input` refuses an output
+that is, or holds, a file the same command reads.
 
 OSError from a write is turned into a typed error at one place (`output_error`): ENOSPC, EDQUOT
 and EFBIG become OutOfSpaceError, anything else (no permission, read-only file system, a file
@@ -26,6 +33,7 @@ NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 # Messages of libraries that wrap an OSError in their own exception (safetensors' SafetensorError).
 _NO_SPACE_TEXT = ("No space left on device", "Disk quota exceeded", "File too large")
 SYSTEM_FOLDERS = ("/proc", "/sys", "/dev")  # never an output location
+NAME_MAX, PATH_MAX = 255, 4096  # Linux: bytes in one file name; bytes in a path, its closing NUL included
 
 
 def is_out_of_space(e: BaseException) -> bool:
@@ -152,33 +160,101 @@ def save_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
 def publish_together(folder, writers: dict, last: str | None = None) -> None:
     """Write a set of files in `folder` that belong together: all or none of them are published.
 
-    writers: {file name: write(tmp_path) callable, or bytes}. Every file is written under a
-    temporary name first (this is where a full disk fails, leaving the folder as it was); then
-    the old `last` file is removed and the new files are renamed into place, `last` at the end,
-    so a complete `last` file (e.g. stats.json) always belongs to the files beside it.
+    writers: {file name: write(tmp_path) callable, or bytes}. A name may lead into subfolders
+    ("unet/config.json"); it may not leave `folder` (no absolute names, no ".."). Every file is
+    written under a temporary name beside its target first (this is where a full disk fails,
+    leaving everything as it was, and removing again the folders this call created); then the
+    old `last` file is removed and the new files are renamed into place, `last` at the end, so a
+    complete `last` file (e.g. stats.json, model_index.json) always belongs to the files beside it.
+    A target that exists as a folder is refused (OutputError) before anything is written.
     """
     folder = Path(folder)
     order = [n for n in writers if n != last] + ([last] if last in writers else [])
+    targets = {name: _target_in(folder, name) for name in order}
+    folders = sorted({t.parent for t in targets.values()}, key=lambda f: len(f.parts))
+    created: list[Path] = []
     temps: dict[str, str] = {}
+    published = False
+    with mapped_write_errors(folder):
+        for target in targets.values():
+            _refuse_folder_target(target)
     try:
+        for f in folders:
+            with mapped_write_errors(f):
+                created += make_dirs(f, "output folder")
         for name in order:
-            w = writers[name]
-            if isinstance(w, (bytes, bytearray, memoryview)):
-                data = bytes(w)
-
-                def w(tmp, data=data):
-                    with open(tmp, "wb") as f:
-                        f.write(data)
-            temps[name] = write_temp(folder / name, w)
+            temps[name] = write_temp(targets[name], _writer(writers[name]))
         with mapped_write_errors(folder):
             if last is not None:
-                (folder / last).unlink(missing_ok=True)
+                targets[last].unlink(missing_ok=True)
             for name in order:
-                _rename(temps.pop(name), folder / name)
+                _rename(temps.pop(name), targets[name])
+        published = True
     finally:
         for tmp in temps.values():
             Path(tmp).unlink(missing_ok=True)
-    _fsync_dir(folder)
+        if not published:
+            remove_empty_dirs(created)
+    for f in {*folders, *(c.parent for c in created)}:  # the renames, and the entries of new folders
+        _fsync_dir(f)
+
+
+def _target_in(folder: Path, name: str) -> Path:
+    """folder / name for a relative name that stays inside folder (a programming error otherwise)."""
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        raise ValueError(f"publish_together: {name!r} is not a file name inside the folder")
+    return folder / rel
+
+
+def _refuse_folder_target(path: Path) -> None:
+    if path.is_dir():
+        raise OutputError(f"cannot write {str(path)!r}: a folder of that name is in the way")
+
+
+def _writer(w):
+    """A write(tmp) callable for a writers entry: bytes are written as they are."""
+    if not isinstance(w, (bytes, bytearray, memoryview)):
+        return w
+    data = bytes(w)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+    return write
+
+
+def make_dirs(path, flag: str = "--out") -> list[Path]:
+    """mkdir -p `path`; returns the folders that did not exist before, outermost first. A file where a
+    folder must be is an OutputError naming it; on a failed mkdir the folders made so far are removed."""
+    path = Path(path)
+    missing = []
+    p = path
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"{flag} {str(path)!r}: {str(p)!r} is not a folder")
+    missing.reverse()
+    for folder in missing:
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as e:
+            remove_empty_dirs(missing[:missing.index(folder)])
+            raise output_error(e, path) from None
+    return missing
+
+
+def remove_empty_dirs(created: list) -> None:
+    """Remove folders made by `make_dirs` (outermost first in `created`), innermost first, stopping at
+    the first one that is not empty (something else was put there meanwhile)."""
+    for folder in reversed(created):
+        try:
+            Path(folder).rmdir()
+        except OSError:
+            break
 
 
 def remove_leftovers(folder, name: str | None = None) -> list[Path]:
@@ -200,6 +276,51 @@ def remove_leftovers(folder, name: str | None = None) -> list[Path]:
     return removed
 
 
+def check_path_names(path, flag: str = "--out") -> None:
+    """Refuse a path the kernel would refuse with ENAMETOOLONG (OutputError), before any call that
+    would raise it: a file or folder name over NAME_MAX (255) bytes, or a path of PATH_MAX (4096)
+    bytes or more (the limit counts the closing NUL)."""
+    raw = os.fsencode(str(path))
+    if len(raw) >= PATH_MAX:
+        raise OutputError(f"{flag} is a path of {len(raw)} bytes ({str(path)[:40]!r}...); paths are limited to "
+                          f"{PATH_MAX - 1} bytes")
+    longest = max(raw.split(b"/"), key=len)
+    if len(longest) > NAME_MAX:
+        name = os.fsdecode(longest)
+        raise OutputError(f"{flag} {str(path)[:60]!r}... holds a name of {len(longest)} bytes ({name[:24]!r}...); "
+                          f"file and folder names are limited to {NAME_MAX} bytes")
+
+
+def check_not_an_input(out, inputs, flag: str = "--out") -> None:
+    """Refuse (OutputError naming both) an output that would destroy an input, before any work: `out`
+    the same file as an input (same device and inode: hard and symbolic links are caught), the same
+    resolved path, or a folder that holds an input at any depth (writing into it could replace it).
+    inputs: the files and folders the command reads."""
+    out_path = Path(out)
+    out_id, out_real = _file_id(out_path), os.path.realpath(out_path)
+    for src in inputs:
+        src_id, src_real = _file_id(Path(src)), os.path.realpath(src)
+        if (out_id is not None and out_id == src_id) or out_real == src_real:
+            raise OutputError(f"{flag} {str(out)!r} is the input {str(src)!r}; write the result somewhere else")
+        if src_real.startswith(out_real.rstrip(os.sep) + os.sep):
+            raise OutputError(f"{flag} {str(out)!r} holds the input {str(src)!r}; write the result somewhere else")
+
+
+def _file_id(p: Path):
+    """(device, inode) of an existing path, else None."""
+    try:
+        st = os.stat(p)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _nearest_existing(p: Path) -> Path:
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
 def _check_not_system(p: Path, flag: str) -> None:
     resolved = str(p.resolve())
     for system in SYSTEM_FOLDERS:
@@ -208,34 +329,50 @@ def _check_not_system(p: Path, flag: str) -> None:
 
 
 def check_output_dir(path, flag: str = "--out") -> Path:
-    """Refuse an output folder that cannot be one, before any work: an empty name, an existing
-    file, a system folder (/proc, /sys, /dev). Creating it and testing writes is RunFolder's job."""
+    """Refuse an output folder that cannot be one, before any work: an empty name, a name too long
+    (check_path_names), an existing file, a system folder (/proc, /sys, /dev). Creating it and
+    testing writes is RunFolder's job."""
     if path is None or not str(path).strip():
         raise OutputError(f"{flag} is empty; give an output folder")
+    check_path_names(path, flag)
     p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise OutputError(f"{flag} {str(p)!r} exists and is not a folder")
-    _check_not_system(p, flag)
+    with mapped_write_errors(p):
+        if p.exists() and not p.is_dir():
+            raise OutputError(f"{flag} {str(p)!r} exists and is not a folder")
+        _check_not_system(p, flag)
+    return p
+
+
+def check_output_folder(path, flag: str = "--out") -> Path:
+    """check_output_dir, and the folder can be made and written: the nearest existing folder above
+    (or at) `path` is a folder, and a probe file can be created there (removed again). Nothing is
+    created; the writer makes the folder (publish_together)."""
+    p = check_output_dir(path, flag)
+    with mapped_write_errors(p):
+        ancestor = _nearest_existing(p)
+        if not ancestor.is_dir():
+            raise OutputError(f"{flag} {str(p)!r}: {str(ancestor)!r} is not a folder")
+    probe_writable(ancestor, p)
     return p
 
 
 def check_output_file(path, flag: str = "--out") -> Path:
-    """Refuse an output file path before any work: an empty name, an existing folder, a system
-    location, or a place where the file cannot be created (tested with a probe file in the
-    nearest existing folder above it, which is removed again)."""
+    """Refuse an output file path before any work: an empty name, a name too long (check_path_names),
+    an existing folder, a system location, or a place where the file cannot be created (tested with
+    a probe file in the nearest existing folder above it, which is removed again)."""
     if path is None or not str(path).strip():
         raise OutputError(f"{flag} is empty; give an output file name")
+    check_path_names(path, flag)
     p = Path(path)
-    if p.is_dir() or str(path).endswith(os.sep):
-        raise OutputError(f"{flag} {str(p)!r} is a folder; give a file name")
-    _check_not_system(p, flag)
-    if p.exists() and not p.is_file():
-        raise OutputError(f"{flag} {str(p)!r} exists and is not a regular file")
-    ancestor = p.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise OutputError(f"{flag} {str(p)!r}: {str(ancestor)!r} is not a folder")
+    with mapped_write_errors(p):
+        if p.is_dir() or str(path).endswith(os.sep):
+            raise OutputError(f"{flag} {str(p)!r} is a folder; give a file name")
+        _check_not_system(p, flag)
+        if p.exists() and not p.is_file():
+            raise OutputError(f"{flag} {str(p)!r} exists and is not a regular file")
+        ancestor = _nearest_existing(p.parent)
+        if not ancestor.is_dir():
+            raise OutputError(f"{flag} {str(p)!r}: {str(ancestor)!r} is not a folder")
     probe_writable(ancestor, p)
     return p
 

@@ -25,8 +25,9 @@ import fcntl
 import os
 from pathlib import Path
 
-from .errors import FolderBusyError, OutputError
-from .files import check_output_dir, output_error, probe_writable, remove_leftovers
+from .errors import FolderBusyError
+from .files import (check_output_dir, make_dirs, output_error, probe_writable, remove_empty_dirs,
+                    remove_leftovers)
 
 LOCK_NAME = ".fastddpm.lock"
 
@@ -55,7 +56,7 @@ class RunFolder:
     def __enter__(self) -> "RunFolder":
         if not self.enabled:
             return self
-        self._created = _make_dirs(self.path, self.flag)
+        self._created = make_dirs(self.path, self.flag)
         try:
             self._lock()
             remove_leftovers(self.path, self.file_name)
@@ -112,11 +113,7 @@ class RunFolder:
             os.close(self._fd)
             self._fd = None
         if failed:
-            for folder in reversed(self._created):  # innermost first; stops at the first non-empty one
-                try:
-                    folder.rmdir()
-                except OSError:
-                    break
+            remove_empty_dirs(self._created)  # innermost first; stops at the first non-empty one
         self._created = []
 
 
@@ -124,31 +121,6 @@ def output_file_lock(path, flag: str = "--out", enabled: bool = True) -> RunFold
     """A RunFolder on the folder of output file `path`, locking only that file's name."""
     p = Path(path)
     return RunFolder(p.parent, flag=flag, enabled=enabled, lock_name=f".{p.name}.fastddpm.lock", file_name=p.name)
-
-
-def _make_dirs(path: Path, flag: str) -> list[Path]:
-    """mkdir -p; returns the folders that did not exist before, outermost first."""
-    missing = []
-    p = path
-    while not p.exists() and p != p.parent:
-        missing.append(p)
-        p = p.parent
-    if p.exists() and not p.is_dir():
-        raise OutputError(f"{flag} {str(path)!r}: {str(p)!r} is not a folder")
-    missing.reverse()
-    for folder in missing:
-        try:
-            folder.mkdir()
-        except FileExistsError:
-            continue
-        except OSError as e:
-            for made in reversed(missing[:missing.index(folder)]):
-                try:
-                    made.rmdir()
-                except OSError:
-                    break
-            raise output_error(e, path) from None
-    return missing
 
 
 def _read_pid(fd: int) -> int | None:

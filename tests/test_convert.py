@@ -8,8 +8,10 @@ Most cases use a reduced width/depth variant of that config (3 levels, 32 channe
 attention at 8x8) so they run in a second; one case runs the full 35.7M-parameter model.
 """
 import json
+import os
 import pickle
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,6 +71,32 @@ def random_inputs(batch: int, size: int, seed: int = 1):
     x = torch.randn(batch, 3, size, size, generator=g)
     t = torch.randint(0, 1000, (batch,), generator=g)
     return x, t
+
+
+# The folder `fastddpm convert CHECKPOINT --out DIR` writes: a DDPMPipeline (relative paths, folders too).
+PIPELINE_FILES = ["model_index.json", "scheduler", "scheduler/scheduler_config.json", "unet", "unet/config.json",
+                  "unet/diffusion_pytorch_model.safetensors"]
+
+
+def tree(folder) -> list[str]:
+    """Every path under `folder`, relative, sorted (temporary files would show up here)."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def snapshot(*paths) -> dict:
+    """{path: bytes} of every file under (or at) `paths`: compare before and after to prove nothing changed."""
+    out = {}
+    for root in map(Path, paths):
+        for p in [root, *root.rglob("*")] if root.is_dir() else [root]:
+            if p.is_file() and not p.is_symlink():
+                out[str(p)] = p.read_bytes()
+    return out
+
+
+def one_line(err: str) -> bool:
+    """stderr is exactly one `fastddpm: error: ...` line, no traceback."""
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    return len(lines) == 1 and lines[0].startswith("fastddpm: error: ") and "Traceback" not in err
 
 
 def run_cli(args, capsys) -> tuple[int, str, str]:
@@ -159,11 +187,10 @@ def test_export_round_trip_through_diffusers(tmp_path, capsys):
     save_checkpoint(tmp_path / "ours.safetensors", model, diffusion)
     code, _, err = run_cli(["convert", tmp_path / "ours.safetensors", "--out", tmp_path / "exported"], capsys)
     assert code == 0, err
-    # exactly the three files, published together: no temporary (safetensors' .tmpXXXX or ours) left
-    assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == [
-        "config.json", "diffusion_pytorch_model.safetensors", "scheduler_config.json"]
-    dmodel = UNet2DModel.from_pretrained(tmp_path / "exported").eval()
-    sched = DDPMScheduler.from_pretrained(tmp_path / "exported")
+    # exactly the pipeline's files, published together: no temporary (safetensors' .tmpXXXX or ours) left
+    assert tree(tmp_path / "exported") == PIPELINE_FILES
+    dmodel = UNet2DModel.from_pretrained(tmp_path / "exported", subfolder="unet").eval()
+    sched = DDPMScheduler.from_pretrained(tmp_path / "exported", subfolder="scheduler")
     assert sched.config.variance_type == "fixed_large" and sched.config.clip_sample
     assert sched.config.beta_schedule == "linear" and sched.config.num_train_timesteps == 1000
     x, t = random_inputs(2, 16, seed=7)
@@ -187,8 +214,8 @@ def test_learned_range_model_round_trips(tmp_path, capsys):
     save_checkpoint(tmp_path / "iddpm.safetensors", model,
                     GaussianDiffusion(make_betas("cosine", 1000), var_type="learned_range"))
     assert run_cli(["convert", tmp_path / "iddpm.safetensors", "--out", tmp_path / "hf"], capsys)[0] == 0
-    dmodel = UNet2DModel.from_pretrained(tmp_path / "hf").eval()
-    assert DDPMScheduler.from_pretrained(tmp_path / "hf").config.variance_type == "learned_range"
+    dmodel = UNet2DModel.from_pretrained(tmp_path / "hf", subfolder="unet").eval()
+    assert DDPMScheduler.from_pretrained(tmp_path / "hf", subfolder="scheduler").config.variance_type == "learned_range"
     x, t = random_inputs(2, 16, seed=8)
     with torch.no_grad():
         theirs = dmodel(x, t).sample
@@ -197,6 +224,121 @@ def test_learned_range_model_round_trips(tmp_path, capsys):
     _, back, _ = load_checkpoint(tmp_path / "back.safetensors")
     assert back.var_type == "learned_range"
     torch.testing.assert_close(back.schedule.betas, make_betas("cosine", 1000), rtol=0, atol=0)
+
+
+def saved_tiny(tmp_path, seed: int = 5, name: str = "ours.safetensors"):
+    """A "tiny" U-Net with random weights and DDPM's CIFAR-10 process, saved as a fastddpm checkpoint."""
+    model = randomized_unet("tiny", seed=seed, norm_eps=1e-6)
+    diffusion = diffusion_from_scheduler(CIFAR10_SCHEDULER)[0]
+    save_checkpoint(tmp_path / name, model, diffusion)
+    return tmp_path / name, model, diffusion
+
+
+def assert_same_checkpoint(path, model, diffusion):
+    """The checkpoint at `path` holds `model`'s weights and `diffusion`'s float64 betas, bit for bit."""
+    back, back_diffusion, _ = load_checkpoint(path)
+    assert back.config == model.config
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    assert torch.equal(back_diffusion.schedule.betas, diffusion.schedule.betas)
+    assert (back_diffusion.mean_type, back_diffusion.var_type) == (diffusion.mean_type, diffusion.var_type)
+
+
+def test_export_is_a_ddpm_pipeline_that_diffusers_loads(tmp_path, capsys):
+    from diffusers import DDPMPipeline
+
+    src, model, diffusion = saved_tiny(tmp_path)
+    out = tmp_path / "pipe"
+    code, stdout, err = run_cli(["convert", src, "--out", out], capsys)
+    assert code == 0, err
+    assert tree(out) == PIPELINE_FILES and "DDPMPipeline" in stdout
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "DDPMPipeline" and isinstance(index["_diffusers_version"], str)
+    assert index["unet"] == ["diffusers", "UNet2DModel"] and index["scheduler"] == ["diffusers", "DDPMScheduler"]
+    pipe = DDPMPipeline.from_pretrained(out)  # the folder as it is: no subfolder or class arguments
+    assert isinstance(pipe.unet, UNet2DModel) and isinstance(pipe.scheduler, DDPMScheduler)
+    x, t = random_inputs(3, 16, seed=9)
+    with torch.no_grad():
+        assert rel_err(pipe.unet.eval()(x, t).sample, model(x, t)) < TOL
+    ours, theirs = diffusion.schedule.betas, pipe.scheduler.betas
+    assert theirs.dtype == torch.float32 and theirs.shape == ours.shape
+    # diffusers builds the linear schedule in float32 (torch.linspace): ours to float32 precision
+    assert ((theirs.double() - ours).abs() / ours).max().item() <= 2**-23
+    images = pipe(batch_size=1, num_inference_steps=2, output_type="np").images  # and it samples
+    assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
+    # ... and back, from the pipeline folder and from its unet/ (the scheduler found in ../scheduler/)
+    for i, back_from in enumerate((out, out / "unet")):
+        code, _, err = run_cli(["convert", back_from, "--out", tmp_path / f"back{i}.safetensors"], capsys)
+        assert code == 0, err
+        assert_same_checkpoint(tmp_path / f"back{i}.safetensors", model, diffusion)
+
+
+def test_model_index_picks_the_pipeline_over_stale_bare_files(tmp_path, capsys):
+    """A folder that held a bare UNet2DModel export and now holds a pipeline reads as the pipeline."""
+    folder = _small_folder(tmp_path)  # a bare UNet2DModel folder of another network
+    DDPMScheduler(**{**CIFAR10_SCHEDULER, "variance_type": "fixed_small"}).save_pretrained(folder)
+    src, model, diffusion = saved_tiny(tmp_path)
+    assert run_cli(["convert", src, "--out", folder], capsys)[0] == 0
+    assert (folder / "config.json").exists() and (folder / "model_index.json").exists()
+    code, _, err = run_cli(["convert", folder, "--out", tmp_path / "back.safetensors"], capsys)
+    assert code == 0, err
+    assert_same_checkpoint(tmp_path / "back.safetensors", model, diffusion)
+
+
+def test_first_hub_pipelines_keep_their_files_beside_model_index(tmp_path, capsys):
+    """The ddpm-* pipelines as first published: model_index.json, config.json, the weights and
+    scheduler_config.json side by side, no unet/ subfolder."""
+    dmodel = diffusers_unet(SMALL_CONFIG, seed=4)
+    folder = tmp_path / "ddpm-hub"
+    dmodel.save_pretrained(folder)
+    DDPMScheduler(**CIFAR10_SCHEDULER).save_pretrained(folder)
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "DDPMPipeline", "_diffusers_version": "0.1.1", "scheduler": ["diffusers", "DDPMScheduler"],
+        "unet": ["diffusers", "UNet2DModel"]}))
+    ours, theirs, _, diffusion, _ = converted_outputs(tmp_path, dmodel, folder, capsys, 16)
+    assert rel_err(ours, theirs) < TOL and diffusion.var_type == "fixedlarge"
+
+
+def test_a_pipeline_of_another_unet_is_refused(tmp_path, capsys):
+    src, _, _ = saved_tiny(tmp_path)
+    assert run_cli(["convert", src, "--out", tmp_path / "pipe"], capsys)[0] == 0
+    index = tmp_path / "pipe" / "model_index.json"
+    index.write_text(json.dumps({**json.loads(index.read_text()), "unet": ["diffusers", "UNet2DConditionModel"]}))
+    code, _, err = run_cli(["convert", tmp_path / "pipe", "--out", tmp_path / "o.safetensors"], capsys)
+    assert code == 2 and one_line(err) and "model_index.json" in err and "UNet2DConditionModel" in err
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def fail_flush_of(monkeypatch, name: str) -> None:
+    """From now on, flushing the temporary file of any output named `name` fails with ENOSPC."""
+    import errno
+
+    from fastddpm import files
+
+    real = files._fsync_path
+
+    def fsync(path):
+        if os.path.basename(path).startswith(f"{files.TMP_PREFIX}{name}."):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real(path)
+    monkeypatch.setattr(files, "_fsync_path", fsync)
+
+
+@pytest.mark.parametrize("failing", ["diffusion_pytorch_model.safetensors", "config.json", "scheduler_config.json",
+                                     "model_index.json"])
+def test_a_pipeline_is_published_all_or_nothing(tmp_path, capsys, monkeypatch, failing):
+    src, _, _ = saved_tiny(tmp_path)
+    # a pipeline already there (another model) stays exactly as it was
+    other, _, _ = saved_tiny(tmp_path, seed=8, name="other.safetensors")
+    assert run_cli(["convert", other, "--out", tmp_path / "old"], capsys)[0] == 0
+    before = snapshot(tmp_path / "old")
+    fail_flush_of(monkeypatch, failing)
+    code, _, err = run_cli(["convert", src, "--out", tmp_path / "old"], capsys)
+    assert code == 2 and one_line(err) and "out of space" in err
+    assert snapshot(tmp_path / "old") == before and tree(tmp_path / "old") == PIPELINE_FILES
+    # a new one is not created at all: neither the folder nor the missing folder above it
+    code, _, err = run_cli(["convert", src, "--out", tmp_path / "new" / "pipe"], capsys)
+    assert code == 2 and one_line(err) and not (tmp_path / "new").exists()
 
 
 def test_export_refuses_a_safetensors_destination(tmp_path, capsys):
@@ -486,3 +628,172 @@ def test_fifo_and_devices_are_refused_without_blocking(tmp_path, capsys):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+# ------------------------------------------------------------------------- the scheduler's keys
+@pytest.mark.parametrize("change, message", [
+    ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr=True is not supported: .*zero terminal SNR"),
+    ({"rescale_betas_zero_snr": "no"}, "rescale_betas_zero_snr='no' must be true or false"),
+    ({"thresholding": True}, "thresholding=True is not supported"),
+    ({"prediction_type": "v_prediction"}, "prediction_type='v_prediction' is not supported"),
+    ({"beta_schedule": "sigmoid"}, "beta_schedule='sigmoid' is not supported"),
+    ({"variance_type": "fixed_large_log"}, "variance_type='fixed_large_log' is not supported"),
+    ({"_class_name": "DDIMScheduler"}, "_class_name='DDIMScheduler' is not supported: .*DDPMScheduler"),
+    ({"set_alpha_to_one": False}, r"keys fastddpm does not know \('set_alpha_to_one'\)"),
+    ({"timestep_spacing": "middle"}, "timestep_spacing='middle' is not linspace, leading or trailing"),
+    ({"steps_offset": -1}, "steps_offset=-1 is not an integer >= 0"),
+    ({"dynamic_thresholding_ratio": 2.0}, r"dynamic_thresholding_ratio=2.0 is not a number in \(0, 1\]"),
+    ({"timestep_values": [1, 2]}, r"timestep_values=\[1, 2\] is not null"),
+    ({"tensor_format": "jax"}, "tensor_format='jax' is not pt or np"),
+    ({"predict_epsilon": False, "prediction_type": "epsilon"}, "predict_epsilon=False and prediction_type='epsilon' "
+                                                               "disagree"),
+    ({"trained_betas": [0.01] * 10}, "trained_betas holds 10 values but num_train_timesteps is 1000"),
+    ({"clip_sample": False, "clip_sample_range": -1}, "clip_sample_range=-1"),
+])
+def test_scheduler_settings_fastddpm_cannot_honour_are_named(change, message):
+    from fastddpm.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match=message):
+        diffusion_from_scheduler({**CIFAR10_SCHEDULER, **change})
+
+
+@pytest.mark.parametrize("extra", [
+    {"timestep_spacing": "trailing", "steps_offset": 1},  # inference only
+    {"thresholding": False, "dynamic_thresholding_ratio": 0.9, "sample_max_value": 3.0},  # unused without it
+    {"rescale_betas_zero_snr": False, "clip_sample_range": 1.0},
+    {"_class_name": "DDPMScheduler", "_diffusers_version": "0.1.1", "_name_or_path": "google/ddpm-cifar10-32",
+     "_use_default_values": ["steps_offset"]},  # diffusers' bookkeeping
+    {"tensor_format": "pt", "timestep_values": None, "trained_betas": None},  # diffusers 0.1's configs
+    {"predict_epsilon": True},  # before prediction_type
+], ids=["inference", "thresholding-off", "defaults", "bookkeeping", "diffusers-0.1", "predict_epsilon"])
+def test_scheduler_keys_that_do_not_change_the_process_are_accepted(extra):
+    base, _ = diffusion_from_scheduler(CIFAR10_SCHEDULER)
+    diffusion, meta = diffusion_from_scheduler({**CIFAR10_SCHEDULER, **extra})
+    assert torch.equal(diffusion.schedule.betas, base.schedule.betas) and meta == {"clip_denoised": True}
+    assert (diffusion.mean_type, diffusion.var_type) == ("eps", "fixedlarge")
+
+
+def test_every_key_diffusers_writes_for_a_ddpm_scheduler_is_known():
+    """DDPMScheduler's whole config (every __init__ key of the installed diffusers) reads, and the
+    legacy predict_epsilon=false means x0 prediction as it did."""
+    diffusion, meta = diffusion_from_scheduler(dict(DDPMScheduler(**CIFAR10_SCHEDULER).config))
+    assert diffusion.var_type == "fixedlarge" and meta["clip_denoised"]
+    assert diffusion_from_scheduler({**CIFAR10_SCHEDULER, "predict_epsilon": False})[0].mean_type == "x0"
+
+
+def test_zero_terminal_snr_is_refused_because_its_alphabar_ends_at_zero(tmp_path, capsys):
+    """diffusers' rescale_zero_terminal_snr always ends at beta = 1 (alphabar_{T-1} = 0 exactly), a
+    process fastddpm refuses: converting the un-rescaled betas instead (what happened before) gave
+    betas off by up to 0.98. So the whole conversion is refused, in one line."""
+    from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
+
+    from fastddpm.diffusion import GaussianDiffusion
+    from fastddpm.errors import FastDDPMError
+
+    for betas in (make_betas("linear", 1000), make_betas("cosine", 100)):
+        rescaled = rescale_zero_terminal_snr(betas.clone())
+        assert rescaled[-1].item() == 1.0
+        with pytest.raises(FastDDPMError, match=r"beta\[.*\] = 1.0"):
+            GaussianDiffusion(rescaled)
+    folder = _small_folder(tmp_path)
+    (folder / "scheduler_config.json").write_text(json.dumps({**CIFAR10_SCHEDULER, "rescale_betas_zero_snr": True}))
+    before = snapshot(folder)
+    code, _, err = run_cli(["convert", folder, "--out", tmp_path / "o.safetensors"], capsys)
+    assert code == 2 and one_line(err) and "rescale_betas_zero_snr" in err and "scheduler_config.json" in err
+    assert snapshot(folder) == before and not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("change, piece", [
+    ({"set_alpha_to_one": False}, "set_alpha_to_one"),
+    ({"_class_name": "DDIMScheduler"}, "DDIMScheduler"),
+    ({"thresholding": True}, "thresholding"),
+    ({"prediction_type": "v_prediction"}, "v_prediction"),
+])
+def test_refused_scheduler_settings_exit_2_and_change_nothing(tmp_path, capsys, change, piece):
+    folder = _small_folder(tmp_path)
+    (folder / "scheduler_config.json").write_text(json.dumps({**CIFAR10_SCHEDULER, **change}))
+    before = snapshot(folder)
+    code, _, err = run_cli(["convert", folder, "--out", tmp_path / "o.safetensors"], capsys)
+    assert code == 2 and one_line(err) and piece in err
+    assert snapshot(folder) == before and not (tmp_path / "o.safetensors").exists()
+
+
+# --------------------------------------------------------------------------- inputs never destroyed
+@pytest.mark.parametrize("case", ["the weights", "its config", "a hard link", "a symbolic link", "the folder",
+                                  "a folder above"])
+def test_an_import_never_writes_over_an_input(tmp_path, capsys, case):
+    folder = _small_folder(tmp_path)
+    DDPMScheduler(**CIFAR10_SCHEDULER).save_pretrained(folder)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    named = weights
+    if case == "a hard link":
+        os.link(weights, tmp_path / "link.safetensors")
+        out = tmp_path / "link.safetensors"
+    elif case == "a symbolic link":
+        (tmp_path / "sym.safetensors").symlink_to(weights)
+        out = tmp_path / "sym.safetensors"
+    else:
+        out = {"the weights": weights, "its config": folder / "config.json", "the folder": folder,
+               "a folder above": tmp_path}[case]
+        named = {"its config": folder / "config.json", "the folder": folder, "a folder above": folder}.get(case, weights)
+    before = snapshot(tmp_path)
+    code, _, err = run_cli(["convert", folder, "--out", out], capsys)
+    assert code == 2 and one_line(err), err
+    assert f"--out {str(out)!r}" in err and repr(str(named)) in err and "the input" in err
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("src, out, named", [
+    ("ckpts/m.safetensors", "ckpts/m.safetensors", "ckpts/m.safetensors"),  # the checkpoint itself
+    ("ckpts/m.safetensors", "ckpts", "ckpts/m.safetensors"),  # the folder it is in
+    ("ckpts/m.safetensors", ".", "ckpts"),  # a folder above it
+    ("pipe", "pipe/unet", "pipe/unet/config.json"),  # a pipeline's subfolder
+    ("pipe", "pipe/unet/diffusion_pytorch_model.safetensors", "pipe/unet/diffusion_pytorch_model.safetensors"),
+    ("pipe/unet", "pipe/scheduler/scheduler_config.json", "pipe/scheduler/scheduler_config.json"),
+])
+def test_no_conversion_writes_over_or_around_its_source(tmp_path, capsys, monkeypatch, src, out, named):
+    (tmp_path / "ckpts").mkdir()
+    saved_tiny(tmp_path / "ckpts", name="m.safetensors")
+    assert run_cli(["convert", tmp_path / "ckpts" / "m.safetensors", "--out", tmp_path / "pipe"], capsys)[0] == 0
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path)
+    code, _, err = run_cli(["convert", src, "--out", out], capsys)
+    assert code == 2 and one_line(err), err
+    assert f"--out {out!r}" in err and "the input" in err and named in err
+    assert snapshot(tmp_path) == before
+
+
+# --------------------------------------------------------------------------- built-in checkpoints
+@pytest.mark.parametrize("name", ["digits", "digits-hybrid"])
+def test_built_in_checkpoints_convert_by_name(tmp_path, capsys, name):
+    code, _, err = run_cli(["convert", name, "--out", tmp_path / "pipe"], capsys)
+    assert code == 0, err
+    assert tree(tmp_path / "pipe") == PIPELINE_FILES
+    assert run_cli(["convert", tmp_path / "pipe", "--out", tmp_path / "back.safetensors"], capsys)[0] == 0
+    model, diffusion, _ = load_checkpoint(name)
+    assert_same_checkpoint(tmp_path / "back.safetensors", model, diffusion)
+
+
+# --------------------------------------------------------------------------- output paths
+@pytest.mark.parametrize("direction", ["export", "import"])
+@pytest.mark.parametrize("case, piece", [
+    ("under a file", "is not a folder"),
+    ("in /proc", "system folder"),
+    ("a 256-byte name", "limited to 255 bytes"),
+    ("a 4096-byte path", "limited to 4095 bytes"),
+])
+def test_an_out_that_cannot_be_written_is_one_line(tmp_path, capsys, direction, case, piece):
+    if direction == "export":
+        src, name = saved_tiny(tmp_path)[0], "pipe"
+    else:
+        src, name = _small_folder(tmp_path), "o.safetensors"
+        DDPMScheduler(**CIFAR10_SCHEDULER).save_pretrained(src)
+    (tmp_path / "a-file").write_text("x")
+    out = {"under a file": str(tmp_path / "a-file" / name), "in /proc": f"/proc/{name}",
+           "a 256-byte name": str(tmp_path / ("n" * (256 - len(name)) + name)),
+           "a 4096-byte path": str(tmp_path / "/".join(["d" * 200] * 21) / name)}[case]
+    assert case != "a 4096-byte path" or len(out.encode()) >= 4096
+    before, paths = snapshot(tmp_path), tree(tmp_path)
+    code, _, err = run_cli(["convert", src, "--out", out], capsys)
+    assert code == 2 and one_line(err) and piece in err, err
+    assert snapshot(tmp_path) == before and tree(tmp_path) == paths

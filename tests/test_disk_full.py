@@ -229,6 +229,27 @@ def test_publish_together_is_all_or_nothing(tmp_path, full_on):
     assert _snapshot(tmp_path) == {"a.bin": b"old a", "b.bin": b"old b", "stats.json": b"old"}
 
 
+def test_publish_together_spans_subfolders_all_or_nothing(tmp_path, full_on):
+    """A set in subfolders (a diffusers pipeline's layout): an existing set stays as it was, and a new
+    one leaves no folder behind, not even the ones above it that the call had to create."""
+    def pipeline(tag: bytes) -> dict:
+        return {"unet/w.bin": b"w" + tag, "unet/config.json": b"c" + tag, "scheduler/s.json": b"s" + tag,
+                "model_index.json": b"i" + tag}
+
+    files.publish_together(tmp_path / "old", pipeline(b"1"), last="model_index.json")
+    before = {str(p.relative_to(tmp_path)): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    full_on("s.json")
+    with pytest.raises(OutOfSpaceError):
+        files.publish_together(tmp_path / "old", pipeline(b"2"), last="model_index.json")
+    with pytest.raises(OutOfSpaceError):
+        files.publish_together(tmp_path / "new" / "pipe", pipeline(b"2"), last="model_index.json")
+    assert {str(p.relative_to(tmp_path)): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
+    _no_temporaries(tmp_path)
+    with pytest.raises(ValueError):
+        files.publish_together(tmp_path, {"../escape.bin": b"x"})
+
+
 def test_convert_out_of_space_is_one_line(tmp_path, full_on, capsys):
     src = tmp_path / "m.safetensors"
     save_checkpoint(src, randomized_unet("tiny"), GaussianDiffusion(make_betas("linear", 25)))
