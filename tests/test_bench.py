@@ -30,7 +30,8 @@ def test_bench_cli_writes_the_table_as_json(tmp_path, capsys):
 
     assert report["schema"] == SCHEMA and report["complete"] is True
     assert report["request"] == {"device": "cpu", "model": "tiny", "steps": 2, "batch": 2, "backends": ["reference"],
-                                 "repeat": 1, "peer_warmup_steps": 2, "seed": 0}
+                                 "repeat": 1, "peer_warmup_steps": 2, "seed": 0, "sampler": "ancestral",
+                                 "spacing": "iddpm"}
     for key in ("device", "device_name", "torch", "python", "date", "commit", "cudnn_allow_tf32", "load_average"):
         assert key in report["machine"]
     assert report["machine"]["device"] == "cpu"
@@ -238,3 +239,26 @@ def test_ceilings_time_cuda_by_events_and_cpu_by_the_host_clock(monkeypatch):
     assert ceilings.clock_name(torch.device("cuda")) == "cuda-events"
     assert ceilings.clock_name(torch.device("cpu")) == "host"
     assert ceilings.fastest_seconds(lambda: time.sleep(0.02), torch.device("cpu"), repeat=2, warmup=0) >= 0.02
+
+
+def test_bench_rows_walk_the_requested_sampler(monkeypatch):
+    """--sampler dpm++2m --spacing trailing: every fastddpm row's warm-up and timed runs call sample/warm_up
+    with that sampler on the trailing process, and the report says so."""
+    import fastddpm.bench as bench
+
+    seen = []
+
+    def spy(fn):
+        def wrapped(model, process, shape, **kw):
+            seen.append((fn.__name__, kw.get("sampler"), process.timesteps.tolist()))
+            return fn(model, process, shape, **kw)
+        return wrapped
+
+    monkeypatch.setattr(bench, "sample", spy(bench.sample))
+    monkeypatch.setattr(bench, "warm_up", spy(bench.warm_up))
+    report = bench.run_bench(bench.BenchRequest(device="cpu", model="tiny", steps=3, batch=2, backends=("reference",),
+                                                repeat=1, progress=False, sampler="dpm++2m", spacing="trailing"))
+    assert report["request"]["sampler"] == "dpm++2m" and report["request"]["spacing"] == "trailing"
+    assert report["rows"][0]["status"] == "ok" and report["request"]["steps"] == 3
+    assert {name for name, *_ in seen} == {"sample", "warm_up"}
+    assert all(sampler == "dpm++2m" and ts == [332, 666, 999] for _, sampler, ts in seen), seen
