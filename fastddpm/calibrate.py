@@ -82,17 +82,19 @@ def _calibrate(request: CalibrateRequest) -> dict:
     if n < 2:
         raise DataError("calibration needs at least 2 images; raise --limit")
     batches = [data.batch(range(lo, min(lo + request.batch, n)), device=device) for lo in range(0, n, request.batch)]
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with eval_mode(model), torch.no_grad():
         result = estimate_gamma(model, diffusion, batches, seed=request.seed, progress=request.progress)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     record = {"gamma_stderr": result["stderr"].tolist(), "images": n, "data": data.name, "seed": request.seed,
               "model_calls": result["model_calls"], "batch": request.batch, "seconds": seconds,
+              "cpu_seconds": cpu_seconds, "threads": torch.get_num_threads(),
               "source": str(request.checkpoint)}
     kept = {k: v for k, v in meta.items() if k != ANALYTIC_KEY}
     save_checkpoint(request.out, model, diffusion.with_gamma(result["gamma"]), **kept, **{ANALYTIC_KEY: record})
     worst = float(result["stderr"].max())
     print(f"calibrated {request.checkpoint} on {n} images of {data.name}: {result['model_calls']} model calls "
-          f"(T={diffusion.num_timesteps} x {math.ceil(n / request.batch)} batches), {seconds:.1f} s; "
+          f"(T={diffusion.num_timesteps} x {math.ceil(n / request.batch)} batches), {seconds:.1f} s "
+          f"({cpu_seconds:.1f} s of CPU); "
           f"{gamma_summary(result['gamma'])}, largest standard error {worst:.2e}; wrote {request.out}")
     return {**record, "gamma": result["gamma"].tolist()}
