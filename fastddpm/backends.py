@@ -161,7 +161,8 @@ BACKENDS: dict[str, Backend] = {
 def get_backend(name: str) -> Backend:
     """The registered backend `name`; FastDDPMError naming the valid ones otherwise."""
     if name not in BACKENDS:
-        raise FastDDPMError(f"unknown backend {name!r}; choose one of {', '.join(map(repr, BACKENDS))}")
+        raise FastDDPMError(f"unknown backend {name!r}; choose one of {', '.join(map(repr, BACKENDS))} "
+                            "(or 'auto' where a backend is chosen: sample, fastddpm sample)")
     return BACKENDS[name]
 
 

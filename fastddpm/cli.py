@@ -72,7 +72,12 @@ def _add_sample(sub) -> None:
                         "learned one, or analytic (Analytic-DPM; needs `fastddpm calibrate`); ancestral, and "
                         "analytic for ddim")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="model precision")
-    p.add_argument("--backend", default="reference", choices=["reference", "triton", "graph", "compile", "onnx"])
+    p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "graph", "compile", "onnx"],
+                   help="auto (default): the fastest backend this machine runs that agrees with the reference on "
+                        "the first steps; or one by name")
+    p.add_argument("--verify", default=None, choices=["on", "off"],
+                   help="check the backend against the reference on the first steps before the run (default: on "
+                        "for auto, off for a backend named explicitly)")
     p.add_argument("--onnx", default=None, metavar="FILE.onnx", help="the exported model, with --backend onnx")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", default="samples", metavar="DIR", help="output folder (default ./samples)")
@@ -85,7 +90,7 @@ def cmd_sample(args) -> int:
 
     request = SampleRequest(model=args.model, checkpoint=args.checkpoint, steps=args.steps, batch=args.batch,
                             seed=args.seed, sampler=args.sampler, eta=args.eta, spacing=args.spacing,
-                            variance=args.variance, dtype=args.dtype,
+                            variance=args.variance, dtype=args.dtype, verify=args.verify,
                             backend=args.backend, onnx=args.onnx, device=args.device, out=args.out,
                             progress=not args.no_progress)
     run_sample(request)

@@ -152,6 +152,17 @@ class GaussianDiffusion:
         betas = respaced_betas(self.schedule.alphas_cumprod, kept)
         return self._like(betas, kept, self.var_type)
 
+    def prefix(self, n: int) -> "GaussianDiffusion":
+        """The process made of the first n steps this one walks (its n noisiest), the last of
+        them jumping to x_0: what `backend="auto"` runs to check a backend (fastddpm.auto).
+        Its steps keep their alphabar and original timesteps; n >= num_steps gives an equal process."""
+        K = self.num_steps
+        n = max(1, min(int(n), K))
+        kept = list(range(K - n, K))
+        return GaussianDiffusion(respaced_betas(self.schedule.alphas_cumprod, kept), self.mean_type, self.var_type,
+                                 self.loss_type, timesteps=self.timesteps[K - n:], num_timesteps=self.num_timesteps,
+                                 learn_sigma=self.learn_sigma, gamma=self.gamma, trained_var_type=self.trained_var_type)
+
     def with_gamma(self, gamma) -> "GaussianDiffusion":
         """The same process carrying the Analytic-DPM calibration table gamma (float64 [T], per
         original timestep; `fastddpm.analytic.estimate_gamma`)."""

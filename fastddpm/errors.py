@@ -45,3 +45,8 @@ class FolderBusyError(OutputError):
 
 class OutOfMemoryError(FastDDPMError):
     """The work did not fit in memory (host or GPU); the message names the flag to lower."""
+
+
+class FastDDPMWarning(UserWarning):
+    """Something the user should know that does not stop the run: a fast backend that failed its
+    verification and was replaced by the next candidate (fastddpm.auto)."""

@@ -12,6 +12,7 @@ a folder this run created is removed again if the run fails.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import json
@@ -54,7 +55,8 @@ class SampleRequest:
     spacing: str = "iddpm"  # which timesteps: iddpm, or diffusers' linspace / leading / trailing
     variance: str | None = None  # None: the model's own; fixedlarge, fixedsmall, learned or analytic
     dtype: str = "fp32"
-    backend: str = "reference"
+    backend: str = "auto"  # "auto": the fastest that runs here and passes verification (fastddpm.auto)
+    verify: str | None = None  # "on" / "off"; None: on for auto, off for a backend named explicitly
     onnx: str | None = None
     device: str = "auto"
     out: str = "samples"
@@ -122,7 +124,10 @@ def validate(request: SampleRequest) -> None:
             usable = VARIANCES_OF[request.sampler]
             raise FastDDPMError(f"--variance {request.variance} does not apply to the {request.sampler} sampler "
                                 + (f"(it takes only {', '.join(usable)})" if usable else "(it has no reverse variance)"))
-    get_backend(request.backend)
+    if request.backend != "auto":
+        get_backend(request.backend)
+    if request.verify is not None:
+        check_choice("--verify", request.verify, ("on", "off"))
     if request.batch < 1:
         raise FastDDPMError(f"--batch must be a positive integer, got {request.batch}")
     check_seed(request.seed, "--seed")
@@ -130,6 +135,8 @@ def validate(request: SampleRequest) -> None:
         raise FastDDPMError(f"--eta must be in [0, 1], got {request.eta}")
     if request.eta != 0.0 and request.sampler != "ddim":
         raise FastDDPMError(f"--eta is DDIM's noise scale; the {request.sampler} sampler has none")
+    if request.onnx is not None and request.backend != "onnx":
+        raise FastDDPMError(f"--onnx FILE.onnx is sampled by --backend onnx, not {request.backend}")
     if request.backend == "onnx" and request.onnx is None:
         raise FastDDPMError("--backend onnx needs --onnx FILE.onnx (make one with `fastddpm export`)")
     if request.checkpoint is None and ("cifar10" if request.model is None else request.model) not in PRESETS:
@@ -138,11 +145,14 @@ def validate(request: SampleRequest) -> None:
 
 def run_sample(request: SampleRequest) -> dict:
     """Run one sampling job and write its outputs; returns the stats written to stats.json."""
+    if request.onnx is not None and request.backend == "auto":  # an .onnx file is run by ONNX Runtime
+        request = dataclasses.replace(request, backend="onnx")
     validate(request)
     folder = RunFolder(request.out, "--out")  # checks the path now; locks in _run
     dist = Distributed(request.device)  # one process, or this rank of a torchrun job
     try:
-        get_backend(request.backend).check(dist.device)
+        if request.backend != "auto":
+            get_backend(request.backend).check(dist.device)
         with lock_on_main(folder, dist):  # only rank 0 writes, so only rank 0 locks
             return _run(request, dist, folder.path)
     finally:
@@ -167,17 +177,18 @@ def _run(request: SampleRequest, dist: Distributed, out) -> dict:
         print(f"fastddpm: no checkpoint given: {source} (seed {request.seed}); a throughput run, "
               "the images are not meaningful", file=sys.stderr)
 
+    choice = _choose_backend(request, model, process, shape, first, clip_denoised, device, dist)
     warmup_seconds = 0.0
-    if count and (request.backend != "reference" or device.type == "cuda"):
+    if count and (choice.backend != "reference" or device.type == "cuda"):
         # Compilation, graph capture, autotuning: timed apart from the steady state below.
-        warmup_seconds = dist.max(warm_up(model, process, shape, backend=request.backend,
-                                          sampler=request.sampler, eta=request.eta, clip_denoised=clip_denoised))
+        warmup_seconds = dist.max(warm_up(model, process, shape, sampler=request.sampler, eta=request.eta,
+                                          clip_denoised=clip_denoised, **choice.sample_kwargs()))
     synchronize(device)
     start = time.perf_counter()
     if count:
         x = sample(model, process, shape, seed=request.seed, sampler=request.sampler, eta=request.eta,
-                   backend=request.backend, progress=request.progress and dist.is_main, sample_offset=first,
-                   clip_denoised=clip_denoised)
+                   progress=request.progress and dist.is_main, sample_offset=first,
+                   clip_denoised=clip_denoised, **choice.sample_kwargs())
     else:
         x = torch.zeros(shape, device=device)
     synchronize(device)
@@ -193,6 +204,9 @@ def _run(request: SampleRequest, dist: Distributed, out) -> dict:
     stats = {
         "request": asdict(request),
         "source": source,
+        "backend": choice.label,
+        "verified": choice.verified,
+        "fallbacks": choice.fallbacks,
         "steps": steps,
         "model_calls": steps,
         "sampler": request.sampler,
@@ -213,7 +227,7 @@ def _run(request: SampleRequest, dist: Distributed, out) -> dict:
     publish_together(out, {"samples.npz": functools.partial(_write_npz, images=images),
                            "grid.png": _png_bytes(images),
                            "stats.json": (json.dumps(stats, indent=2) + "\n").encode()}, last="stats.json")
-    print(f"{request.batch} samples, {steps} steps, {request.backend} backend, {request.dtype} on {device.type}"
+    print(f"{request.batch} samples, {steps} steps, {choice.label} backend, {request.dtype} on {device.type}"
           f"{f' x {dist.world_size} processes' if dist.world_size > 1 else ''}: "
           f"{seconds:.2f} s, {stats['images_per_s']:.2f} images/s, {stats['ms_per_step']:.1f} ms/step, "
           f"{stats['achieved_tflops']:.3f} TFLOP/s achieved"
@@ -222,6 +236,30 @@ def _run(request: SampleRequest, dist: Distributed, out) -> dict:
           + (f" (warm-up {warmup_seconds:.2f} s apart)" if warmup_seconds else ""))
     print(f"wrote {out / 'samples.npz'}, {out / 'grid.png'} and {out / 'stats.json'}")
     return stats
+
+
+def _choose_backend(request: SampleRequest, model, process, shape, first: int, clip_denoised: bool, device,
+                    dist: Distributed):
+    """The backend this run uses (fastddpm.auto.Choice): for --backend auto the fastest that runs here
+    and agrees with the reference on the first steps; a named backend as it is, or checked against
+    the reference first with --verify on. A rejected candidate is one warning line on stderr."""
+    from .auto import CANDIDATES, Choice, choose
+    from .options import SampleOptions
+
+    verify = request.verify == "on" or (request.verify is None and request.backend == "auto")
+    if request.backend != "auto" and not verify:
+        return Choice(backend=request.backend)
+    candidates = CANDIDATES.get(device.type, ()) if request.backend == "auto" else [(request.backend, None)]
+    options = SampleOptions(seed=request.seed, sample_offset=first, sampler=request.sampler, eta=request.eta,
+                            clip_denoised=clip_denoised)
+
+    def warn(line: str) -> None:
+        if dist.is_main:
+            sys.stderr.write(f"fastddpm: warning: {line}\n")
+            sys.stderr.flush()
+
+    return choose(model, process, shape if shape[0] else (1, *shape[1:]), options, device=device,
+                  verify_choice=verify, candidates=candidates, warn=warn)
 
 
 def _write_npz(tmp, images) -> None:

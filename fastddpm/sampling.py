@@ -159,7 +159,9 @@ def sample(model, diffusion: GaussianDiffusion, shape, seed: int = 0, sampler: s
                is sample number sample_offset + b of this seed, whatever the batch or backend.
     sampler    "ancestral" (DDPM Algorithm 2), "ddim" (eta = 0: deterministic), "dpm++2m" or
                "dpm++2m-sde" (DPM-Solver++(2M), fastddpm/solvers.py).
-    backend    "reference", "triton", "graph", "compile" or "onnx" (see fastddpm.backends).
+    backend    "reference", "triton", "graph", "compile" or "onnx" (see fastddpm.backends), or
+               "auto": the fastest that runs here AND agrees with the reference on the first steps
+               (fastddpm.auto; a rejected candidate is a FastDDPMWarning naming why).
     clip_denoised  clip the predicted x0 to [-1, 1] (images); turn off for unbounded data.
     device, dtype  override where and in what dtype the state lives (default from the model).
     steps_per_graph, graph_capture  the `graph` backend's settings (fastddpm.options.SampleOptions).
@@ -175,6 +177,14 @@ def sample(model, diffusion: GaussianDiffusion, shape, seed: int = 0, sampler: s
                         steps_per_graph=steps_per_graph, graph_capture=graph_capture)
     shape = _validate(shape, opts)
     check_model_shape(model, shape)
+    if backend == "auto":
+        from .auto import choose
+
+        m_device = model_device_dtype(model)[0] if device is None else torch.device(device)
+        picked = choose(model, diffusion, shape, opts, device=m_device, dtype=dtype)
+        return sample(model, diffusion, shape, options=opts.with_(graph_capture=picked.graph_capture or
+                                                                  opts.graph_capture),
+                      backend=picked.backend, device=device, dtype=dtype, x_T=x_T)
     be, device, m_dtype, state_dtype = _plan(model, backend, device, dtype)
     start = None if x_T is None else _start_noise(x_T, shape, state_dtype, device)
     with eval_mode(model):
