@@ -38,6 +38,21 @@ def _seed(text: str) -> int:
     return value
 
 
+def _threads(text: str):
+    """A --threads value: "auto" (None) or 1..1024 (fastddpm.threads)."""
+    from .threads import parse_threads
+
+    try:
+        return parse_threads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_threads(p) -> None:
+    p.add_argument("--threads", type=_threads, default=None, metavar="N|auto",
+                   help="CPU threads for torch (default auto: the cores the load average leaves idle)")
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -82,6 +97,7 @@ def _add_sample(sub) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", default="samples", metavar="DIR", help="output folder (default ./samples)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_threads(p)
     p.set_defaults(func=cmd_sample, memory_flags="--batch")
 
 
@@ -112,6 +128,7 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--seed", type=_seed, default=0, help="seeds the x_t draws, 0 .. 2^32-1 (default 0)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_threads(p)
     p.set_defaults(func=cmd_calibrate, memory_flags="--batch")
 
 
@@ -162,6 +179,7 @@ def _add_train(sub) -> None:
                    help="random left-right flip (auto: on, except for digits)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_threads(p)
     p.set_defaults(func=cmd_train, memory_flags="--batch or --diffusion-steps")
 
 
@@ -219,6 +237,7 @@ def _add_eval_fid(metrics) -> None:
                    help="images per KID subset, capped at the smaller set (default 1000)")
     p.add_argument("--is-splits", type=_positive_int, default=10, help="Inception Score splits (default 10)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_threads(p)
     p.set_defaults(func=cmd_eval_fid, memory_flags="--batch")
 
 
@@ -254,6 +273,7 @@ def _add_eval_bpd(metrics) -> None:
                    help="the bound of the K-step respaced process (evenly spaced, t = 0 and T-1 kept; default: T)")
     p.add_argument("--variance", default=None, choices=["fixedlarge", "fixedsmall", "learned", "analytic"],
                    help="reverse variance of the bound (default: the checkpoint's; analytic needs `fastddpm calibrate`)")
+    _add_threads(p)
     p.set_defaults(func=cmd_eval_bpd, memory_flags="--batch")
 
 
@@ -298,6 +318,7 @@ def _add_eval_rate_distortion(metrics) -> None:
                    help="result file (default rate_distortion.json)")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="also draw DDPM Fig. 5 (needs fastddpm[plots])")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_threads(p)
     p.set_defaults(func=cmd_eval_rate_distortion, memory_flags="--batch")
 
 
@@ -334,6 +355,7 @@ def _add_eval_digits_fid(metrics) -> None:
     p.add_argument("samples", metavar="SAMPLES", nargs="+",
                    help="8x8 grey images: .npz files, image folders or `fastddpm sample` output folders (pooled)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
+    _add_threads(p)
     p.set_defaults(func=cmd_eval_digits_fid)
 
 
@@ -394,6 +416,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--spacing", default="iddpm", choices=["iddpm", "linspace", "leading", "trailing"],
                    help="which timesteps --steps keeps (as fastddpm sample; default iddpm)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the table as JSON to FILE")
+    _add_threads(p)
     p.set_defaults(func=cmd_bench, memory_flags="--batch")
 
 
@@ -476,6 +499,10 @@ def main(argv=None) -> int:
     with warnings.catch_warnings(record=True) as held:  # the filters in force stay as they are
         try:
             args = build_parser().parse_args(argv)
+            if "threads" in vars(args):
+                from .threads import set_threads
+
+                set_threads(args.threads)
             status = args.func(args)
         except FastDDPMError as e:
             _error_line(_one_line(e))

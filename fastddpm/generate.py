@@ -222,6 +222,7 @@ def _run(request: SampleRequest, dist: Distributed, out) -> dict:
         "peak": peak,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "processes": dist.world_size,
+        "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
     publish_together(out, {"samples.npz": functools.partial(_write_npz, images=images),
