@@ -102,6 +102,7 @@ def _add_sample(sub) -> None:
 
 
 def cmd_sample(args) -> int:
+    """`fastddpm sample`: draw samples and write samples.npz, grid.png, stats.json (fastddpm.generate)."""
     from .generate import SampleRequest, run_sample
 
     request = SampleRequest(model=args.model, checkpoint=args.checkpoint, steps=args.steps, batch=args.batch,
@@ -184,6 +185,7 @@ def _add_train(sub) -> None:
 
 
 def cmd_train(args) -> int:
+    """`fastddpm train`: train or resume a model into --out (fastddpm.train)."""
     from .train import TrainConfig, train
 
     cfg = TrainConfig(data=args.data, out=args.out, model=args.model, steps=args.steps, batch=args.batch,
@@ -242,6 +244,7 @@ def _add_eval_fid(metrics) -> None:
 
 
 def cmd_eval_fid(args) -> int:
+    """`fastddpm eval fid`: FID / Inception Score / KID of sample sets (fastddpm.evaluate)."""
     from .evaluate import FIDRequest, evaluate_fid, format_result
 
     request = FIDRequest(samples=args.samples, ref=args.ref, inception_weights=args.inception_weights,
@@ -285,6 +288,7 @@ def _terms_request(args, out):
 
 
 def cmd_eval_bpd(args) -> int:
+    """`fastddpm eval bpd`: test-set bits/dim, the K-step bound, or the per-timestep terms (fastddpm.bpd, vlb_terms)."""
     from .bpd import BpdRequest, evaluate_bpd
 
     if args.per_timestep or args.plot is not None:
@@ -323,6 +327,7 @@ def _add_eval_rate_distortion(metrics) -> None:
 
 
 def cmd_eval_rate_distortion(args) -> int:
+    """`fastddpm eval rate-distortion`: DDPM's rate and distortion per timestep (fastddpm.vlb_terms)."""
     from .vlb_terms import evaluate_rate_distortion
 
     evaluate_rate_distortion(_terms_request(args, args.out))
@@ -340,6 +345,7 @@ def _add_eval_curves(metrics) -> None:
 
 
 def cmd_eval_curves(args) -> int:
+    """`fastddpm eval curves`: training curves and their noise from runs' log.jsonl (fastddpm.train_curves)."""
     from .train_curves import CurvesRequest, evaluate_curves
 
     evaluate_curves(CurvesRequest(runs=args.runs, out=args.out, plot=args.plot))
@@ -360,6 +366,7 @@ def _add_eval_digits_fid(metrics) -> None:
 
 
 def cmd_eval_digits_fid(args) -> int:
+    """`fastddpm eval digits-fid`: the digits Frechet distance beside the real-data floor (fastddpm.digits_fid)."""
     from .digits_fid import evaluate_digits_fid
 
     evaluate_digits_fid(args.samples, args.json)
@@ -383,6 +390,7 @@ def _add_export(sub) -> None:
 
 
 def cmd_export(args) -> int:
+    """`fastddpm export`: one self-describing ONNX file of a checkpoint (fastddpm.export.onnx_export)."""
     from .export.onnx_export import export_checkpoint
     from .files import check_output_file
 
@@ -421,6 +429,7 @@ def _add_bench(sub) -> None:
 
 
 def cmd_bench(args) -> int:
+    """`fastddpm bench`: every backend and diffusers side by side on one device (fastddpm.bench)."""
     from .bench import BenchRequest, format_table, run_bench
 
     request = BenchRequest(device=args.device, model=args.model, steps=args.steps, batch=args.batch,
@@ -456,6 +465,7 @@ def _add_convert(sub) -> None:
 
 
 def cmd_convert(args) -> int:
+    """`fastddpm convert`: diffusers / pytorch_diffusion weights to a checkpoint, or back (fastddpm.convert)."""
     from .convert import ConvertRequest, convert
 
     if not args.out.strip():
