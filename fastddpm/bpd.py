@@ -19,9 +19,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .checkpoint import load_checkpoint
-from .data import load_dataset
+from .checkpoint import checkpoint_file
+from .data import data_input_files, load_dataset
 from .errors import DataError
-from .files import atomic_write_bytes, check_output_file
+from .files import atomic_write_bytes, check_output_file, refuse_overwriting_inputs
 from .noise import check_seed
 from .run_folder import output_file_lock
 
@@ -57,6 +58,7 @@ def evaluate_bpd(request: BpdRequest) -> dict:
     if request.out is None:
         return _evaluate(request)
     check_output_file(request.out, "--out")
+    refuse_overwriting_inputs([(request.out, "--out")], evaluation_inputs(request.checkpoint, request.data))
     with output_file_lock(request.out, "--out"):
         return _evaluate(request)
 
@@ -80,6 +82,12 @@ def process_for(diffusion, steps: int | None, variance: str | None):
         if steps < T:
             diffusion = diffusion.respace(str(steps))
     return diffusion
+
+
+def evaluation_inputs(checkpoint, data) -> list[tuple]:
+    """(path, flag) of every file an evaluation of `checkpoint` on `data` reads: the outputs must not
+    be one of them (fastddpm.files.refuse_overwriting_inputs)."""
+    return [(checkpoint_file(checkpoint), "--checkpoint")] + [(p, "--data") for p in data_input_files(data)]
 
 
 def _evaluate(request: BpdRequest) -> dict:

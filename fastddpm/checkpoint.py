@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from .diffusion import GaussianDiffusion
 from .errors import CheckpointError, FastDDPMError
 from .files import save_safetensors
+from .paths import check_path_length
 from .unet import UNet
 from .validate import ANALYTIC_KEY, analytic_gamma, betas_tensor, check_weights, config_object, diffusion_settings
 from .validate import unet_config as validate_unet_config
@@ -40,6 +41,12 @@ def bundled_path(name: str) -> Path:
     return Path(__file__).parent / "assets" / BUNDLED[name]
 
 
+def checkpoint_file(path):
+    """The file a `--checkpoint` value names: the bundled file for a bundled name, else `path` itself
+    (which need not exist; for refusing an output that would overwrite it)."""
+    return bundled_path(str(path)) if str(path) in BUNDLED else path
+
+
 def resolve_checkpoint(path) -> Path:
     """A path, or the name of a bundled checkpoint ("digits", "digits-hybrid"), as an existing file's Path."""
     if str(path) in BUNDLED:
@@ -48,6 +55,7 @@ def resolve_checkpoint(path) -> Path:
             raise CheckpointError(f"the bundled {path!r} checkpoint is not installed ({p} is missing)")
         return p
     p = Path(path)
+    check_path_length(p, "--checkpoint", CheckpointError)
     if not p.exists():
         raise CheckpointError(f"checkpoint {str(p)!r} does not exist")
     if not p.is_file():

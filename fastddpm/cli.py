@@ -5,15 +5,17 @@ any kind prints one line on stderr, `fastddpm: error: ...`, and exits 2, with no
 a FastDDPMError from the library, a bad flag, a full disk (ENOSPC, EDQUOT, EFBIG: the library
 publishes nothing then) and work that does not fit in memory (the line names the flag to
 lower). Warnings from libraries (torch, Pillow) are held back while a command runs and shown
-after it succeeds, so they never precede the error line.
+after it succeeds, so they never precede the error line. SIGINT and SIGTERM stop a command with
+one line and exit 130 / 143 (a training run first writes a checkpoint of its last whole step).
 """
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import warnings
 
-from .errors import FastDDPMError
+from .errors import FastDDPMError, Interrupted
 
 SEED_MAX = 0xFFFFFFFF  # fastddpm.noise.SEED_MAX (not imported: that would import torch for --help)
 
@@ -146,56 +148,74 @@ def cmd_calibrate(args) -> int:
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model (Algorithm 1 of DDPM); writes DIR/last.safetensors",
                        description="Train a DDPM. Multi-GPU / multi-node: launch with torchrun "
-                                   "(torchrun --nproc_per_node N -m fastddpm train ...); --batch is per process.")
-    p.add_argument("--data", required=True, help="digits | cifar10:DIR | images:DIR | npz:FILE")
-    p.add_argument("--model", required=True, help="U-Net preset: tiny or cifar10 (resolution follows the data)")
+                                   "(torchrun --nproc_per_node N -m fastddpm train ...); --batch is per process. "
+                                   "--resume continues DIR/last.safetensors with the settings it was started with: "
+                                   "a flag left out keeps the run's value, a flag that changes what a step computes "
+                                   "(--lr, --batch, --seed, --ema, ...) is refused if it differs, and a change of "
+                                   "--steps and the other intervals is taken and noted in the log.")
+    # Every setting defaults to None ("not given"), so that a resume can tell a flag left out (it
+    # takes the saved run's value) from one given (fastddpm.train_config); TrainConfig holds the
+    # defaults the help texts state.
+    p.add_argument("--data", default=None, help="digits | cifar10:DIR | images:DIR | npz:FILE (required, except "
+                                                "with --resume)")
+    p.add_argument("--model", default=None, help="U-Net preset: tiny or cifar10, resolution follows the data "
+                                                 "(required, except with --resume)")
     p.add_argument("--out", required=True, metavar="DIR", help="run folder: last.safetensors, ckpt-STEP.safetensors, "
                                                                 "log.jsonl, samples/")
-    p.add_argument("--steps", type=_positive_int, default=10_000, help="total steps to reach (default 10000)")
-    p.add_argument("--batch", type=_positive_int, default=128, help="batch per process (default 128)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+    p.add_argument("--steps", type=_positive_int, default=None, help="total steps to reach (default 10000)")
+    p.add_argument("--batch", type=_positive_int, default=None, help="batch per process (default 128)")
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"],
                    help="autocast precision with float32 master weights (default fp32)")
-    p.add_argument("--compile", action="store_true", help="put the training step through torch.compile")
-    p.add_argument("--save-every", type=_positive_int, default=5_000, help="checkpoint interval (default 5000)")
-    p.add_argument("--seed", type=_seed, default=0,
+    p.add_argument("--compile", action="store_true", default=None, help="put the training step through torch.compile")
+    p.add_argument("--save-every", type=_positive_int, default=None, help="checkpoint interval (default 5000)")
+    p.add_argument("--seed", type=_seed, default=None,
                    help="seeds the weights, data order, timesteps and noise; 0 .. 2^32-1 (default 0)")
     p.add_argument("--resume", action="store_true", help="continue DIR/last.safetensors up to --steps")
-    p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (default 2e-4)")
-    p.add_argument("--warmup", type=int, default=5_000, help="linear learning-rate warm-up steps (default 5000)")
-    p.add_argument("--ema", type=float, default=0.9999, help="EMA rate of the saved weights (default 0.9999)")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip, 0 for none (default 1.0)")
-    p.add_argument("--loss", default="simple", choices=["simple", "kl", "hybrid"],
-                   help="simple: eps MSE with fixed variance; kl / hybrid: learned variance (IDDPM)")
-    p.add_argument("--timestep-sampler", default="uniform", choices=["uniform", "loss-second-moment"])
-    p.add_argument("--schedule", default="linear", choices=["linear", "cosine"])
-    p.add_argument("--diffusion-steps", type=_positive_int, default=1000, help="T (default 1000)")
-    p.add_argument("--keep", type=int, default=3, help="how many ckpt-STEP files to keep (default 3)")
-    p.add_argument("--log-every", type=_positive_int, default=100, help="JSONL log interval (default 100)")
-    p.add_argument("--sample-every", type=int, default=0, metavar="K", help="EMA sample grid every K steps (0: never)")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 2e-4)")
+    p.add_argument("--warmup", type=int, default=None, help="linear learning-rate warm-up steps (default 5000)")
+    p.add_argument("--ema", type=float, default=None, help="EMA rate of the saved weights (default 0.9999)")
+    p.add_argument("--grad-clip", type=float, default=None, help="gradient-norm clip, 0 for none (default 1.0)")
+    p.add_argument("--loss", default=None, choices=["simple", "kl", "hybrid"],
+                   help="simple (default): eps MSE with fixed variance; kl / hybrid: learned variance (IDDPM)")
+    p.add_argument("--timestep-sampler", default=None, choices=["uniform", "loss-second-moment"],
+                   help="default uniform")
+    p.add_argument("--schedule", default=None, choices=["linear", "cosine"], help="default linear")
+    p.add_argument("--diffusion-steps", type=_positive_int, default=None, help="T (default 1000)")
+    p.add_argument("--keep", type=int, default=None, help="how many ckpt-STEP files to keep (default 3)")
+    p.add_argument("--log-every", type=_positive_int, default=None, help="JSONL log interval (default 100)")
+    p.add_argument("--sample-every", type=int, default=None, metavar="K",
+                   help="EMA sample grid every K steps (default 0: never)")
     p.add_argument("--sample-steps", type=_positive_int, default=None,
                    help="sampling steps of those grids, at most T (default: 100, or T if smaller)")
-    p.add_argument("--max-bad-steps", type=_positive_int, default=50,
+    p.add_argument("--max-bad-steps", type=_positive_int, default=None,
                    help="stop after this many non-finite steps in a row (default 50)")
-    p.add_argument("--flip", default="auto", choices=["auto", "on", "off"],
-                   help="random left-right flip (auto: on, except for digits)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--flip", default=None, choices=["auto", "on", "off"],
+                   help="random left-right flip (default auto: on, except for digits)")
+    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"], help="default auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_threads(p)
     p.set_defaults(func=cmd_train, memory_flags="--batch or --diffusion-steps")
+
+
+# the TrainConfig settings `fastddpm train` takes as flags (all but out, resume and progress)
+_TRAIN_SETTINGS = ("data", "model", "steps", "batch", "precision", "compile", "save_every", "seed", "lr", "warmup",
+                   "ema", "grad_clip", "loss", "timestep_sampler", "schedule", "diffusion_steps", "keep", "log_every",
+                   "sample_every", "sample_steps", "max_bad_steps", "flip", "device")
 
 
 def cmd_train(args) -> int:
     """`fastddpm train`: train or resume a model into --out (fastddpm.train)."""
     from .train import TrainConfig, train
 
-    cfg = TrainConfig(data=args.data, out=args.out, model=args.model, steps=args.steps, batch=args.batch,
-                      precision=args.precision, compile=args.compile, save_every=args.save_every, seed=args.seed,
-                      resume=args.resume, lr=args.lr, warmup=args.warmup, ema=args.ema, grad_clip=args.grad_clip,
-                      loss=args.loss, timestep_sampler=args.timestep_sampler, schedule=args.schedule,
-                      diffusion_steps=args.diffusion_steps, keep=args.keep, log_every=args.log_every,
-                      sample_every=args.sample_every, sample_steps=args.sample_steps, max_bad_steps=args.max_bad_steps,
-                      flip={"auto": None, "on": True, "off": False}[args.flip], device=args.device,
-                      progress=not args.no_progress)
+    given = {name: getattr(args, name) for name in _TRAIN_SETTINGS if getattr(args, name) is not None}
+    if "flip" in given:
+        given["flip"] = {"auto": None, "on": True, "off": False}[given["flip"]]
+    missing = [f"--{name}" for name in ("data", "model") if name not in given]
+    if missing and not args.resume:
+        raise FastDDPMError(f"train: the following arguments are required: {', '.join(missing)}")
+    stand_in = {} if "data" in given else {"data": "digits"}  # replaced by the saved run's (train_config)
+    cfg = TrainConfig(out=args.out, resume=args.resume, progress=not args.no_progress, **stand_in, **given,
+                      given=frozenset(given))
     train(cfg)
     return 0
 
@@ -362,7 +382,7 @@ def _add_eval_digits_fid(metrics) -> None:
                    help="8x8 grey images: .npz files, image folders or `fastddpm sample` output folders (pooled)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
     _add_threads(p)
-    p.set_defaults(func=cmd_eval_digits_fid)
+    p.set_defaults(func=cmd_eval_digits_fid, memory_flags="the number of sample images")
 
 
 def cmd_eval_digits_fid(args) -> int:
@@ -391,12 +411,15 @@ def _add_export(sub) -> None:
 
 def cmd_export(args) -> int:
     """`fastddpm export`: one self-describing ONNX file of a checkpoint (fastddpm.export.onnx_export)."""
+    from .checkpoint import checkpoint_file
     from .export.onnx_export import export_checkpoint
-    from .files import check_output_file
+    from .files import check_output_file, refuse_overwriting_inputs
+    from .run_folder import output_file_lock
 
     check_output_file(args.out, "--out")  # before the export, which takes a while
-
-    info = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, step_graph=args.step_graph)
+    refuse_overwriting_inputs([(args.out, "--out")], [(checkpoint_file(args.checkpoint), "--checkpoint")])
+    with output_file_lock(args.out, "--out"):  # one export per file; a sweep spares its temporary
+        info = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, step_graph=args.step_graph)
     print(f"wrote {args.out}: {info['graph']} graph, {info['dtype']}, opset {info['opset']}, "
           f"GroupNorm as {info['group_norm']}, T={info['diffusion']['num_timesteps']}")
     return 0
@@ -504,7 +527,48 @@ def _error_line(message: str) -> None:
 
 
 def main(argv=None) -> int:
-    """Run one command; returns the exit status (0 done, 2 bad input, 130 interrupted)."""
+    """Run one command; returns the exit status: 0 done, 2 bad input, 130 / 143 stopped by SIGINT /
+    SIGTERM (one line on stderr; a training run writes a checkpoint first).
+
+    The signal handling is installed before anything heavy is imported (this module imports only
+    the standard library and fastddpm.errors, and the package imports nothing on its own), so a
+    Ctrl-C while torch loads is one line too, not a traceback."""
+    restore = _install_signal_handlers()
+    try:
+        return _main(argv)
+    except KeyboardInterrupt as e:  # Ctrl-C, or Interrupted from a handler (SIGTERM) or a run
+        signum = getattr(e, "signum", None) or signal.SIGINT
+        sys.stderr.write(f"fastddpm: {_one_line(getattr(e, 'message', '') or 'interrupted')}\n")
+        sys.stderr.flush()
+        return 128 + int(signum)
+    finally:
+        restore()
+
+
+def _install_signal_handlers():
+    """SIGINT and SIGTERM raise Interrupted (a KeyboardInterrupt) in the main thread; returns the
+    function that puts the previous handlers back. A signal that was ignored (nohup, a background
+    job) or that has another handler is left alone."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def stop(signum, frame):
+        raise Interrupted(signum, f"interrupted by {signal.Signals(signum).name}")
+
+    previous = {}
+    for signum, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+        if signal.getsignal(signum) is default:
+            previous[signum] = signal.signal(signum, stop)
+
+    def restore():
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return restore
+
+
+def _main(argv) -> int:
     args = None
     with warnings.catch_warnings(record=True) as held:  # the filters in force stay as they are
         try:
@@ -517,19 +581,21 @@ def main(argv=None) -> int:
         except FastDDPMError as e:
             _error_line(_one_line(e))
             return 2
-        except KeyboardInterrupt:
-            print("fastddpm: interrupted", file=sys.stderr)
-            return 130
         except Exception as e:
+            import errno
+
             from .files import is_out_of_space, output_error
 
             if is_out_of_space(e):  # a write that did not go through fastddpm.files
                 _error_line(_one_line(output_error(e, getattr(e, 'filename', None) or '?')))
                 return 2
+            if isinstance(e, OSError) and e.errno in (errno.ENAMETOOLONG, errno.ELOOP):  # a path missed by the checks
+                _error_line(_one_line(f"{e.filename!r}: {e.strerror}" if e.filename else str(e)))
+                return 2
             if _is_out_of_memory(e):
-                flags = getattr(args, "memory_flags", "--batch")
+                flags = getattr(args, "memory_flags", None)
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                _error_line(f"out of memory ({_one_line(first)[:200]}); lower {flags}")
+                _error_line(f"out of memory ({_one_line(first)[:200]})" + (f"; lower {flags}" if flags else ""))
                 return 2
             _show(held)  # a bug, not bad input: the traceback follows, with everything that led to it
             raise

@@ -54,8 +54,9 @@ from .diffusers_config import (ddpm_diffusion, diffusers_config, diffusion_from_
                                scheduler_config, unet_config_from_diffusers, unet_of_index)
 from .diffusion import GaussianDiffusion
 from .errors import CheckpointError, FastDDPMError, check_choice
-from .files import (check_not_an_input, check_output_file, check_output_folder, check_path_names,
-                    publish_together)
+from .errors import OutputError
+from .files import check_not_an_input, check_output_file, check_output_folder, publish_together
+from .paths import check_path_length
 from .unet import UNet, UNetConfig, count_parameters
 from .unet_layouts import diffusers_state_dict, import_weights
 from .validate import unet_config as validated_unet_config
@@ -394,11 +395,11 @@ def convert(request: ConvertRequest) -> str:
 
 
 def _check_options(request: ConvertRequest) -> None:
-    """The flags' values and --out's name (empty, or longer than the kernel takes: check_path_names)."""
+    """The flags' values and --out's name (empty, or longer than the kernel takes: paths.check_path_length)."""
     if request.var_type is not None:
         check_choice("--var-type", request.var_type, ("fixedlarge", "fixedsmall"))
     if request.image_size is not None and request.image_size < 1:
         raise FastDDPMError(f"--image-size must be positive, got {request.image_size}")
     if not str(request.out).strip():
         raise FastDDPMError("--out is empty; give DST.safetensors or a folder")
-    check_path_names(request.out, "--out")
+    check_path_length(request.out, "--out", OutputError)

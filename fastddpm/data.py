@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
-import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -37,6 +36,8 @@ import numpy as np
 import torch
 
 from .errors import DataError
+from .memory import check_data_fits
+from .paths import check_path_length
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SPLITS = ("train", "test")
@@ -142,7 +143,31 @@ def parse_data_spec(spec: str) -> tuple[str, str | None]:
     kind, sep, path = str(spec).partition(":")
     if not sep or kind not in ("cifar10", "images", "npz") or not path:
         raise DataError(f"unknown data set {spec!r}; use digits, cifar10:DIR, images:DIR or npz:FILE")
+    check_path_length(path, "--data", DataError)
     return kind, path
+
+
+def data_input_files(spec: str) -> list[Path]:
+    """The files the data set `spec` is read from: the .npz file, the images under an image folder,
+    the batches of a CIFAR-10 folder; none for digits or a spec that names nothing readable. (What
+    an output must not overwrite: fastddpm.files.refuse_overwriting_inputs.)"""
+    try:
+        kind, path = parse_data_spec(spec)
+    except DataError:
+        return []
+    if kind == "digits":
+        return []
+    p = Path(path)
+    try:
+        if kind == "npz":
+            return [p]
+        if kind == "images":
+            return sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES) if p.is_dir() else []
+        folders = (p, p / "cifar-10-batches-bin", p / "cifar-10-batches-py")
+        return [f / n for f in folders for base in CIFAR_TRAIN + CIFAR_TEST for n in (base, base + ".bin")
+                if (f / n).exists()]
+    except OSError:
+        return []
 
 
 def load_dataset(spec: str, image_size: int | None = None, split: str = "train") -> ImageSet:
@@ -312,8 +337,10 @@ def load_image_folder(path: str, image_size: int) -> ImageSet:
 
     C is 1 when every image is greyscale, else 3. All images must share one size: a folder of
     mixed sizes is refused (it is usually a mistake, and cropping would frame them differently).
+    16-bit greyscale images are scaled to 8 bits (value / 257, rounded); decompression bombs and
+    unreadable files are refused (fastddpm.images.open_image).
     """
-    from PIL import Image
+    from .images import GREY_MODES, open_image, to_8bit
 
     root = _require_dir(path, "image folder")
     try:
@@ -324,27 +351,17 @@ def load_image_folder(path: str, image_size: int) -> ImageSet:
         raise DataError(f"image folder {str(root)!r} holds no PNG or JPEG images")
     opened, first_size = [], None
     for f in files:
-        try:
-            with warnings.catch_warnings():
-                # Pillow only warns between MAX_IMAGE_PIXELS and twice that: a bomb either way
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(f) as im:
-                    im.load()
-                    img = im.copy()
-        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-            raise DataError(f"image {str(f)!r} is a decompression bomb ({_first_line(e)})") from None
-        # Pillow's decoders raise many types for a broken file (OSError, SyntaxError, struct.error, ...)
-        except Exception as e:  # noqa: BLE001
-            raise DataError(f"cannot read image {str(f)!r} ({type(e).__name__}: {_first_line(e)})") from None
+        img = open_image(f)
         if first_size is None:
             first_size = (img.size, f)
         elif img.size != first_size[0]:
             (w0, h0), f0 = first_size
             raise DataError(f"images of mixed sizes in {str(root)!r}: {f0.name} is {w0}x{h0} but {f.name} is "
                             f"{img.size[0]}x{img.size[1]}; make them one size first")
-        opened.append(img)
-    grey = all(im.mode in ("1", "L", "LA", "I", "I;16", "F") for im in opened)
-    out = np.stack([_resize_crop(im.convert("L" if grey else "RGB"), image_size) for im in opened])
+        opened.append((img, f))
+    grey = all(im.mode in GREY_MODES for im, _ in opened)
+    out = np.stack([_resize_crop(to_8bit(im, "L" if grey else "RGB", f"image {str(f)!r}"), image_size)
+                    for im, f in opened])
     if grey:
         out = out[..., None]
     return ImageSet(out, f"image folder {str(root)!r}")
@@ -411,7 +428,13 @@ def _read_npz_images(p: Path, source: str) -> np.ndarray:
             readers = {(1, 0): npy.read_array_header_1_0, (2, 0): npy.read_array_header_2_0}
             if version not in readers:
                 raise DataError(f"{source}: {key} is .npy format version {version}; fastddpm reads 1.0 and 2.0")
-            shape, fortran, dtype = readers[version](f)
+            try:
+                shape, fortran, dtype = readers[version](f)
+            # numpy's header parser raises what its tokenizer and literal_eval raise (TokenError,
+            # SyntaxError, ValueError, ...) for a damaged header: all mean "not an array header"
+            except Exception as e:  # noqa: BLE001
+                raise DataError(f"{source}: {key} has a damaged .npy header ({type(e).__name__}: "
+                                f"{_first_line(e)})") from None
             if dtype != np.uint8 or len(shape) != 4 or shape[3] not in (1, 3):
                 raise DataError(f"{source}: expected uint8 images [N, H, W, C] with C = 1 or 3 under {key}, got "
                                 f"{dtype} {list(shape)}")
@@ -421,6 +444,7 @@ def _read_npz_images(p: Path, source: str) -> np.ndarray:
             if nbytes != info.file_size - f.tell():
                 raise DataError(f"{source}: {key} declares {list(shape)} ({nbytes} bytes) but its member holds "
                                 f"{info.file_size - f.tell()} bytes of data")
+            check_data_fits(nbytes, f"the images of {source}")  # a small file may inflate to gigabytes
             out = np.empty(nbytes, dtype=np.uint8)
             view, got = memoryview(out), 0
             while got < nbytes:

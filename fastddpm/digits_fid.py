@@ -169,13 +169,25 @@ def load_grey_digits(paths) -> np.ndarray:
 
 def evaluate_digits_fid(paths, json_out: str | None = None) -> dict:
     """`fastddpm eval digits-fid`: the digits FID of the images at `paths`, beside the noise floor at
-    the same n; written to json_out when given (checked before any work)."""
+    the same n; written to json_out when given (checked before any work: not a sample file, and
+    locked while the evaluation runs)."""
+    from .evaluate import image_source_files
+    from .files import check_output_file, refuse_overwriting_inputs
+    from .run_folder import output_file_lock
+
+    if json_out is None:
+        return _digits_fid(paths, None)
+    check_output_file(json_out, "--json")
+    refuse_overwriting_inputs([(json_out, "--json")], [(f, "SAMPLES") for f in image_source_files(paths)])
+    with output_file_lock(json_out, "--json"):
+        return _digits_fid(paths, json_out)
+
+
+def _digits_fid(paths, json_out) -> dict:
     import json
 
-    from .files import atomic_write_bytes, check_output_file
+    from .files import atomic_write_bytes
 
-    if json_out is not None:
-        check_output_file(json_out, "--json")
     images = load_grey_digits(paths)
     if len(images) < 2:
         raise DataError(f"digits FID needs at least 2 images, got {len(images)}")

@@ -24,13 +24,45 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
+def _env_int(name: str, default: int, minimum: int) -> int:
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise FastDDPMError(f"the environment variable {name}={text!r} is not an integer (torchrun sets it; "
+                            f"unset it to run one process)") from None
+    if value < minimum:
+        raise FastDDPMError(f"the environment variable {name}={text!r} must be at least {minimum}")
+    return value
+
+
+def job_from_environment() -> tuple[int, int, int]:
+    """(world size, rank, local rank) from torchrun's WORLD_SIZE, RANK and LOCAL_RANK, checked: integers,
+    0 <= rank < world size, and for a job of several processes the rendezvous address torchrun sets
+    (MASTER_ADDR, MASTER_PORT). Anything else is a FastDDPMError naming the variable: a rank outside
+    the job would write nothing and exit 0."""
+    world_size = _env_int("WORLD_SIZE", 1, 1)
+    rank = _env_int("RANK", 0, 0)
+    local_rank = _env_int("LOCAL_RANK", 0, 0)
+    if rank >= world_size:
+        raise FastDDPMError(f"RANK={rank} is outside a job of WORLD_SIZE={world_size} processes (ranks 0 .. "
+                            f"{world_size - 1}); launch with torchrun, or unset RANK and WORLD_SIZE")
+    if world_size > 1:
+        missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v, "").strip()]
+        if missing:
+            raise FastDDPMError(f"WORLD_SIZE={world_size} asks for a job of several processes, but {' and '.join(missing)} "
+                                "is not set; launch with torchrun (it sets them), or unset WORLD_SIZE")
+        _env_int("MASTER_PORT", 0, 1)
+    return world_size, rank, local_rank
+
+
 class Distributed:
     """This process's place in a torchrun job (a job of one without torchrun)."""
 
     def __init__(self, device: str = "auto"):
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.world_size, self.rank, self.local_rank = job_from_environment()
         self.device = resolve_device(device, self.local_rank)
         self.enabled = self.world_size > 1
         if self.enabled:

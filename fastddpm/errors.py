@@ -50,3 +50,23 @@ class OutOfMemoryError(FastDDPMError):
 class FastDDPMWarning(UserWarning):
     """Something the user should know that does not stop the run: a fast backend that failed its
     verification and was replaced by the next candidate (fastddpm.auto)."""
+
+
+class UnsafeOutputError(OutputError):
+    """A name a run would write in its output folder is a symbolic link, a hard link to another
+    file, a FIFO, a device or a file of another user: fastddpm refuses to write through it."""
+
+
+class SameFileError(OutputError):
+    """An output names the same file as an input: writing it would destroy the input."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by a signal (SIGINT or SIGTERM). `signum` is the signal; the command line
+    exits 128 + signum (130, 143) with one line. A KeyboardInterrupt, so code that cleans up on
+    Ctrl-C cleans up on SIGTERM too."""
+
+    def __init__(self, signum: int, message: str = ""):
+        super().__init__(message)
+        self.signum = signum
+        self.message = message

@@ -41,7 +41,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import DataError, FastDDPMError
-from .files import atomic_write, atomic_write_bytes, check_output_file
+from .files import atomic_write, atomic_write_bytes, check_output_file, open_output, refuse_overwriting_inputs
+from .paths import check_path_length
 from .run_folder import output_file_lock
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -77,6 +78,7 @@ class _ImageSource:
     recursively, sorted by path), or a folder holding samples.npz (a `fastddpm sample` output)."""
 
     def __init__(self, path):
+        check_path_length(path, "an image source", DataError)
         self.path = p = Path(path)
         self.array: np.ndarray | None = None
         self.files: list[Path] = []
@@ -102,13 +104,10 @@ class _ImageSource:
             yield np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
 
     def _read(self, f: Path) -> np.ndarray:
-        from PIL import Image, UnidentifiedImageError
+        """uint8 [H, W, 3]; 16-bit images scaled to 8 bits, bombs and broken files refused (DataError)."""
+        from .images import open_image, to_8bit
 
-        try:
-            with Image.open(f) as img:
-                arr = np.asarray(img.convert("RGB"))
-        except (OSError, UnidentifiedImageError) as e:
-            raise DataError(f"cannot read image {str(f)!r} ({e})") from None
+        arr = np.asarray(to_8bit(open_image(f), "RGB", f"image {str(f)!r}"))
         self.size = self.size or arr.shape
         if arr.shape != self.size:
             raise DataError(f"images in {str(self.path)!r} differ in size: {str(f)!r} is {arr.shape[1]}x{arr.shape[0]}, "
@@ -134,14 +133,35 @@ class ImageSet:
             yield from source.batches(batch)
 
 
+def image_source_files(paths) -> list[Path]:
+    """Every file image sources `paths` (as ImageSet takes them) may be read from: an .npz itself, a
+    folder's image files and its samples.npz. For refusing an output that would overwrite one."""
+    found = []
+    for p in [paths] if isinstance(paths, (str, Path)) else list(paths):
+        p = Path(p)
+        try:
+            if p.is_dir():
+                found += [f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES]
+                found.append(p / "samples.npz")
+                continue
+        except OSError:
+            pass
+        found.append(p)
+    return found
+
+
 def _load_npz(path: Path) -> dict:
     if not path.is_file():
         raise DataError(f"{str(path)!r} does not exist" if not path.exists() else f"{str(path)!r} is not a file")
     try:
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError) as e:
-        raise DataError(f"cannot read {str(path)!r} as .npz ({e})") from None
+    except MemoryError:
+        raise
+    # np.load raises what zipfile, zlib and its header parser raise for a damaged file (OSError,
+    # ValueError, BadZipFile, tokenize.TokenError, SyntaxError, ...): all mean "not a readable .npz"
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"cannot read {str(path)!r} as .npz ({type(e).__name__}: {e})") from None
 
 
 def _images_from_npz(path: Path) -> np.ndarray:
@@ -179,7 +199,7 @@ def load_statistics(path) -> dict | None:
 def save_statistics(path, stats: dict) -> None:
     """Write {'mu', 'sigma'} as an .npz (the layout `load_statistics` and TTUR's files use), atomically."""
     def write(tmp):
-        with open(tmp, "wb") as f:
+        with open_output(tmp) as f:
             np.savez(f, mu=stats["mu"], sigma=stats["sigma"])
     atomic_write(path, write)
 
@@ -401,6 +421,10 @@ def evaluate_fid(request: FIDRequest) -> dict:
         check_output_file(path, flag)
     if len(outputs) == 2 and Path(request.json).resolve() == Path(request.save_ref_stats).resolve():
         raise FastDDPMError("--json and --save-ref-stats name the same file")
+    inputs = [(f, "SAMPLES") for f in image_source_files(request.samples)]
+    if request.ref is not None:
+        inputs += [(f, "--ref") for f in image_source_files(request.ref)]
+    refuse_overwriting_inputs(outputs, inputs + [(request.inception_weights, "--inception-weights")])
     with contextlib.ExitStack() as held:
         for path, flag in outputs:
             held.enter_context(output_file_lock(path, flag))

@@ -1,18 +1,29 @@
-"""Writing files so that nothing is ever half-written, and a full disk is one clear error.
+"""Writing files so that nothing is ever half-written, nothing outside the output is touched, no
+input is destroyed, and a full disk is one clear error.
 
-Every output goes to a temporary name of ours beside its target (TMP_PREFIX, so leftovers of a
-killed run are recognisable and removed by the next run that holds the folder's lock), is
-flushed to disk (fsync), and is then renamed over the target: readers see the old file or the
-new one, never a part. A set of files that belong together (samples.npz, grid.png, stats.json)
-is written entirely under temporary names first and renamed only when every one is complete
-(`publish_together`), so running out of space leaves the previous set as it was; the set may
+Every output goes to a temporary name of ours beside its target (TMP_PREFIX), created with
+O_CREAT | O_EXCL | O_NOFOLLOW (so nothing planted at that name is opened), is flushed to disk
+(fsync), and is then renamed over the target: readers see the old file or the new one, never a
+part, and a link planted at the target's name is replaced, never followed. A set of files that
+belong together (samples.npz, grid.png, stats.json) is written entirely under temporary names
+first and renamed only when every one is complete (`publish_together`); every destination is
+checked before the first rename, and the files a rename replaces are kept (as hard links) until
+the last rename succeeded, so a failure part-way puts back exactly what was there. The set may
 span subfolders (a diffusers pipeline: model_index.json, unet/..., scheduler/...), and folders it
 had to create are removed again when it is not published.
 
-Output paths are checked before any work (`check_output_file`, `check_output_dir`,
-`check_output_folder`): names the kernel would refuse (a component over 255 bytes, a path over
-4095), system folders, a file where a folder must be; and `check_not_an_input` refuses an output
-that is, or holds, a file the same command reads.
+A writer holds an exclusive flock on its temporary file for the file's whole life. The sweep
+that removes a killed run's leftovers (`remove_leftovers`, when a run takes a folder) skips every
+temporary whose flock is held, so it never deletes a live writer's file, whichever command that
+writer runs (convert and export do not lock the folder); the kernel drops the flock of a killed
+writer, whose temporaries are then removed.
+
+Files written in place (a lock file, the training log) are opened through fastddpm.safe_open:
+never through a symbolic link, a hard link, a FIFO or another user's file.
+
+`refuse_overwriting_inputs` refuses, before any work, an output that is the same file as an
+input (`export --checkpoint C --out C`); `check_not_an_input` also an output folder that holds
+one (convert).
 
 OSError from a write is turned into a typed error at one place (`output_error`): ENOSPC, EDQUOT
 and EFBIG become OutOfSpaceError, anything else (no permission, read-only file system, a file
@@ -22,18 +33,22 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
+import secrets
+import stat
 import tempfile
 from pathlib import Path
 
-from .errors import FastDDPMError, OutOfSpaceError, OutputError
+from .errors import FastDDPMError, OutOfSpaceError, OutputError, SameFileError
+from .paths import NEVER_WRITTEN, SYSTEM_FOLDERS, check_not_system, check_output_dir, check_output_file  # noqa: F401
+from .paths import stat_checked
+from .safe_open import describe, open_write, refusal, same_entry
 
 TMP_PREFIX = ".fastddpm-tmp."  # every temporary file we create starts with this
 NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 # Messages of libraries that wrap an OSError in their own exception (safetensors' SafetensorError).
 _NO_SPACE_TEXT = ("No space left on device", "Disk quota exceeded", "File too large")
-SYSTEM_FOLDERS = ("/proc", "/sys", "/dev")  # never an output location
-NAME_MAX, PATH_MAX = 255, 4096  # Linux: bytes in one file name; bytes in a path, its closing NUL included
 
 
 def is_out_of_space(e: BaseException) -> bool:
@@ -69,6 +84,13 @@ def mapped_write_errors(path):
         raise
 
 
+def open_output(path, binary: bool = True, append: bool = False):
+    """A file object writing `path` that never follows a link or writes into a hard-linked, special
+    or foreign file (fastddpm.safe_open.open_write). The way a `write(tmp)` callback of
+    `atomic_write` / `publish_together` opens its temporary, and a log is appended to."""
+    return open_write(path, binary=binary, append=append)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -77,7 +99,7 @@ def _umask() -> int:
 
 def _fsync_path(path) -> None:
     """Flush a written file's data to disk, so the rename never publishes an empty or short file."""
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
@@ -103,50 +125,143 @@ def _rename(tmp, path) -> None:
     os.replace(tmp, path)
 
 
-def write_temp(path, write) -> str:
-    """Call write(tmp) for a new temporary file beside `path`, flush it; returns the temporary name.
+class _Temp:
+    """A temporary file of ours: its name and the descriptor that holds its flock until it is
+    published or discarded."""
 
-    The caller renames it with `_rename` (or removes it). On any error the temporary file is gone.
+    def __init__(self, path: str, fd: int | None):
+        self.path, self.fd = path, fd
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def discard(self) -> None:
+        """Remove the file (if it is still ours at its name) and release it."""
+        try:
+            if self.fd is None or same_entry(self.fd, self.path) or not os.path.lexists(self.path):
+                Path(self.path).unlink(missing_ok=True)
+        except OSError:
+            pass
+        self.close()
+
+
+def _new_temp(path: Path) -> _Temp:
+    """Create an empty temporary file of ours beside `path` and flock it (module docstring).
+
+    A sweep may remove the file between its creation and the flock; then it is made again."""
+    for _ in range(10):
+        fd, name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # no flock on this file system (some network ones): unprotected, as before
+            return _Temp(name, fd)
+        except BaseException:
+            os.close(fd)
+            Path(name).unlink(missing_ok=True)
+            raise
+        if same_entry(fd, name):
+            return _Temp(name, fd)
+        os.close(fd)
+    raise OutputError(f"cannot write {str(path)!r}: another process keeps removing its temporary files")
+
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def write_temp(path, write) -> _Temp:
+    """A new, complete and flushed temporary file beside `path`, still flocked.
+
+    write: a callable write(tmp_path), which should open the file with `open_output`, or bytes.
+    The caller renames it with `_rename(temp.path, path)` and closes it (or discards it). On any
+    error the temporary file is gone.
     """
     path = Path(path)
     with mapped_write_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
-        os.close(fd)
+        temp = _new_temp(path)
     try:
         with mapped_write_errors(path):
-            write(tmp)
-            _fsync_path(tmp)
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
+            if isinstance(write, (bytes, bytearray, memoryview)):
+                _write_all(temp.fd, write)
+            else:
+                write(temp.path)
+            _fsync_path(temp.path)
+            os.fchmod(temp.fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        temp.discard()
         raise
-    return tmp
+    return temp
+
+
+def _check_destination(path: Path) -> None:
+    """Refuse, before any rename, a destination a rename cannot replace (a folder)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise output_error(e, path) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise OutputError(f"cannot write {str(path)!r}: a folder is in the way; nothing was published")
 
 
 def atomic_write(path, write) -> None:
     """Call write(tmp_path) for a temporary file beside `path`, flush it, then rename it over `path`.
 
-    The rename is atomic on POSIX: readers see the old file or the new one, never a part. An
-    OSError becomes OutputError / OutOfSpaceError (see `output_error`), and no temporary is left.
+    `write` may also be bytes. The rename is atomic on POSIX: readers see the old file or the new
+    one, never a part, and a link at `path` is replaced, not followed. An OSError becomes
+    OutputError / OutOfSpaceError (see `output_error`), and no temporary is left.
     """
     path = Path(path)
-    tmp = write_temp(path, write)
+    temp = write_temp(path, write)
     try:
         with mapped_write_errors(path):
-            _rename(tmp, path)
+            _check_destination(path)
+            _rename(temp.path, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        temp.discard()
         raise
+    temp.close()
     _fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path, data: bytes) -> None:
     """Write `data` to `path` through a temporary name (see `atomic_write`)."""
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(data)
-    atomic_write(path, write)
+    atomic_write(path, bytes(data) if not isinstance(data, (bytes, bytearray, memoryview)) else data)
+
+
+def atomic_link(src, dst) -> None:
+    """Make `dst` another name of our file `src`: a hard link made under a temporary name and renamed
+    into place (atomic); where the file system has no hard links, an atomic copy."""
+    src, dst = Path(src), Path(dst)
+    for _ in range(10):
+        tmp = dst.parent / f"{TMP_PREFIX}{dst.name}.{secrets.token_hex(4)}"
+        try:
+            os.link(src, tmp, follow_symlinks=False)
+        except FileExistsError:
+            continue
+        except OSError:
+            break  # no hard links here (EPERM, EXDEV, ...): copy
+        try:
+            with mapped_write_errors(dst):
+                _check_destination(dst)
+                _rename(tmp, dst)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(dst.parent)
+        return
+
+    def copy(tmp):
+        with open(src, "rb") as f, open_output(tmp) as g:
+            while chunk := f.read(1 << 24):
+                g.write(chunk)
+    atomic_write(dst, copy)
 
 
 def save_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
@@ -157,76 +272,118 @@ def save_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
     atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 
+def _keep_aside(path: Path, move: bool) -> Path | None:
+    """Keep the file at `path` under a temporary name of ours until a publish is complete: a hard link
+    to it (the file stays at `path`), or, with `move` or where hard links fail, the file itself
+    renamed. None if nothing is at `path`."""
+    if not os.path.lexists(path):
+        return None
+    backup = path.parent / f"{TMP_PREFIX}{path.name}.old-{secrets.token_hex(4)}"
+    if not move:
+        try:
+            os.link(path, backup, follow_symlinks=False)
+            return backup
+        except OSError:
+            pass
+    os.rename(path, backup)
+    return backup
+
+
+def _put_back(folder: Path, renamed: list, backups: dict) -> None:
+    """Undo a publish that failed part-way: every name already renamed gets its previous file back
+    (or is removed if it had none), a file moved aside returns, and the hard links kept of files
+    still in place are dropped. Best effort: it runs after an error."""
+    for name in reversed(renamed):
+        backup = backups.pop(name, None)
+        try:
+            if backup is not None:
+                os.replace(backup, folder / name)
+            else:
+                (folder / name).unlink(missing_ok=True)
+        except OSError:
+            pass
+    for name, backup in backups.items():
+        if backup is None:
+            continue
+        try:
+            if os.path.lexists(folder / name):
+                backup.unlink()  # a hard link of the file that is still in place
+            else:
+                os.replace(backup, folder / name)  # moved aside (the old `last` file)
+        except OSError:
+            pass
+
+
 def publish_together(folder, writers: dict, last: str | None = None) -> None:
     """Write a set of files in `folder` that belong together: all or none of them are published.
 
     writers: {file name: write(tmp_path) callable, or bytes}. A name may lead into subfolders
-    ("unet/config.json"); it may not leave `folder` (no absolute names, no ".."). Every file is
-    written under a temporary name beside its target first (this is where a full disk fails,
-    leaving everything as it was, and removing again the folders this call created); then the
-    old `last` file is removed and the new files are renamed into place, `last` at the end, so a
-    complete `last` file (e.g. stats.json, model_index.json) always belongs to the files beside it.
-    A target that exists as a folder is refused (OutputError) before anything is written.
+    ("unet/config.json"); it may not leave `folder` (no absolute names, no ".."). Folders the set
+    needs are made first and removed again if it is not published. Every file is written under a
+    temporary name first (this is where a full disk fails, leaving the folder as it was); every
+    destination is checked (a folder in the way is refused before any rename); then the old
+    `last` file is moved aside and the new files are renamed into place, `last` at the end, so a
+    complete `last` file (e.g. stats.json, model_index.json) always belongs to the files beside
+    it. The files the renames replace are kept aside until every rename succeeded; if one fails,
+    each name gets back exactly what it held.
     """
     folder = Path(folder)
     order = [n for n in writers if n != last] + ([last] if last in writers else [])
     targets = {name: _target_in(folder, name) for name in order}
     folders = sorted({t.parent for t in targets.values()}, key=lambda f: len(f.parts))
     created: list[Path] = []
-    temps: dict[str, str] = {}
+    temps: dict[str, _Temp] = {}
+    backups: dict[str, Path | None] = {}
+    renamed: list[str] = []
     published = False
-    with mapped_write_errors(folder):
-        for target in targets.values():
-            _refuse_folder_target(target)
     try:
+        with mapped_write_errors(folder):
+            for name in order:
+                _check_destination(targets[name])
         for f in folders:
             with mapped_write_errors(f):
                 created += make_dirs(f, "output folder")
         for name in order:
-            temps[name] = write_temp(targets[name], _writer(writers[name]))
+            temps[name] = write_temp(targets[name], writers[name])
         with mapped_write_errors(folder):
-            if last is not None:
-                targets[last].unlink(missing_ok=True)
             for name in order:
-                _rename(temps.pop(name), targets[name])
+                _check_destination(targets[name])
+            if last in writers:
+                backups[last] = _keep_aside(targets[last], move=True)  # no stats.json while the set is mixed
+            for name in order:
+                if name not in backups:
+                    backups[name] = _keep_aside(targets[name], move=False)
+                _rename(temps[name].path, targets[name])
+                renamed.append(name)
+                temps.pop(name).close()
         published = True
+    except BaseException:
+        _put_back(folder, renamed, backups)
+        raise
     finally:
-        for tmp in temps.values():
-            Path(tmp).unlink(missing_ok=True)
+        for temp in temps.values():
+            temp.discard()
         if not published:
             remove_empty_dirs(created)
+    for backup in backups.values():
+        if backup is not None:
+            with contextlib.suppress(OSError):
+                backup.unlink()
     for f in {*folders, *(c.parent for c in created)}:  # the renames, and the entries of new folders
         _fsync_dir(f)
 
 
 def _target_in(folder: Path, name: str) -> Path:
-    """folder / name for a relative name that stays inside folder (a programming error otherwise)."""
-    rel = Path(name)
-    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
-        raise ValueError(f"publish_together: {name!r} is not a file name inside the folder")
-    return folder / rel
-
-
-def _refuse_folder_target(path: Path) -> None:
-    if path.is_dir():
-        raise OutputError(f"cannot write {str(path)!r}: a folder of that name is in the way")
-
-
-def _writer(w):
-    """A write(tmp) callable for a writers entry: bytes are written as they are."""
-    if not isinstance(w, (bytes, bytearray, memoryview)):
-        return w
-    data = bytes(w)
-
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(data)
-    return write
+    """folder / name for a name of a published set; one that would leave the folder is a bug (ValueError)."""
+    parts = Path(name).parts
+    if not parts or Path(name).is_absolute() or ".." in parts:
+        raise ValueError(f"publish_together: {name!r} does not name a file inside the folder")
+    return folder.joinpath(*parts)
 
 
 def make_dirs(path, flag: str = "--out") -> list[Path]:
-    """mkdir -p `path`; returns the folders that did not exist before, outermost first. A file where a
-    folder must be is an OutputError naming it; on a failed mkdir the folders made so far are removed."""
+    """mkdir -p `path`; returns the folders that did not exist before, outermost first. A file where
+    a folder must be is an OutputError; a failure part-way removes what this call made."""
     path = Path(path)
     missing = []
     p = path
@@ -236,20 +393,22 @@ def make_dirs(path, flag: str = "--out") -> list[Path]:
     if p.exists() and not p.is_dir():
         raise OutputError(f"{flag} {str(path)!r}: {str(p)!r} is not a folder")
     missing.reverse()
+    made: list[Path] = []
     for folder in missing:
         try:
             folder.mkdir()
         except FileExistsError:
             continue
         except OSError as e:
-            remove_empty_dirs(missing[:missing.index(folder)])
+            remove_empty_dirs(made)
             raise output_error(e, path) from None
-    return missing
+        made.append(folder)
+    return made
 
 
 def remove_empty_dirs(created: list) -> None:
-    """Remove folders made by `make_dirs` (outermost first in `created`), innermost first, stopping at
-    the first one that is not empty (something else was put there meanwhile)."""
+    """Remove folders a call made (outermost first in `created`), innermost first, stopping at the
+    first that is not empty (someone else put something there)."""
     for folder in reversed(created):
         try:
             Path(folder).rmdir()
@@ -257,10 +416,31 @@ def remove_empty_dirs(created: list) -> None:
             break
 
 
+def _remove_if_abandoned(p: Path) -> bool:
+    """Remove temporary file `p` unless a live writer holds its flock; only regular files."""
+    try:
+        if not stat.S_ISREG(os.lstat(p).st_mode):
+            return False
+        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if not same_entry(fd, p):
+            return False
+        os.unlink(p)
+        return True
+    except OSError:  # BlockingIOError: a live writer holds it; others: leave it alone
+        return False
+    finally:
+        os.close(fd)
+
+
 def remove_leftovers(folder, name: str | None = None) -> list[Path]:
     """Delete temporary files of ours left in `folder` by a killed run (only those for output file
-    `name`, if given); call it only while holding the lock that covers them (another live run's
-    temporaries look the same). Returns what was removed."""
+    `name`, if given). A temporary whose writer is alive (its flock is held) is never touched, nor
+    the temporaries of an output file under its own lock (fastddpm.run_folder.output_file_lock).
+    Returns what was removed."""
     removed = []
     folder = Path(folder)
     # TMP_PREFIX: this version; ".NAME.safetensors.XXXX.tmp": the temporaries of earlier versions
@@ -270,77 +450,56 @@ def remove_leftovers(folder, name: str | None = None) -> list[Path]:
             target = p.name[len(TMP_PREFIX):].rsplit(".", 1)[0]
             if name is None and (folder / f".{target}.fastddpm.lock").exists():
                 continue  # an output file under its own lock (fastddpm.run_folder.output_file_lock)
-            if p.is_file():
-                p.unlink(missing_ok=True)
+            if _remove_if_abandoned(p):
                 removed.append(p)
     return removed
 
 
-def check_path_names(path, flag: str = "--out") -> None:
-    """Refuse a path the kernel would refuse with ENAMETOOLONG (OutputError), before any call that
-    would raise it: a file or folder name over NAME_MAX (255) bytes, or a path of PATH_MAX (4096)
-    bytes or more (the limit counts the closing NUL)."""
-    raw = os.fsencode(str(path))
-    if len(raw) >= PATH_MAX:
-        raise OutputError(f"{flag} is a path of {len(raw)} bytes ({str(path)[:40]!r}...); paths are limited to "
-                          f"{PATH_MAX - 1} bytes")
-    longest = max(raw.split(b"/"), key=len)
-    if len(longest) > NAME_MAX:
-        name = os.fsdecode(longest)
-        raise OutputError(f"{flag} {str(path)[:60]!r}... holds a name of {len(longest)} bytes ({name[:24]!r}...); "
-                          f"file and folder names are limited to {NAME_MAX} bytes")
+def _identity(path) -> tuple[tuple[int, int] | None, str]:
+    """((device, inode) of the file at `path`, links followed, or None), and its resolved path."""
+    try:
+        st = os.stat(path)
+        key = (st.st_dev, st.st_ino)
+    except (OSError, ValueError):
+        key = None
+    try:
+        resolved = os.path.realpath(path)
+    except (OSError, ValueError):
+        resolved = os.path.abspath(path)
+    return key, resolved
+
+
+def refuse_overwriting_inputs(outputs, inputs) -> None:
+    """Refuse, before any work, an output that is the same file as an input.
+
+    outputs, inputs: iterables of (path, flag) pairs; `flag` names the option in the message
+    ("--out", "--checkpoint"); a None path is skipped. Two paths are the same file when both exist
+    and have the same device and inode (links followed: a symbolic or hard link to the input
+    counts), or when they resolve to the same path. Raises SameFileError naming both.
+    """
+    seen = [(p, flag, *_identity(p)) for p, flag in inputs if p is not None and str(p).strip()]
+    for out, out_flag in outputs:
+        if out is None or not str(out).strip():
+            continue
+        key, resolved = _identity(out)
+        for inp, in_flag, in_key, in_resolved in seen:
+            if (key is not None and key == in_key) or resolved == in_resolved:
+                raise SameFileError(f"{out_flag} {str(out)!r} is the same file as {in_flag} {str(inp)!r}; writing it "
+                                    f"would destroy the input: choose another {out_flag}")
 
 
 def check_not_an_input(out, inputs, flag: str = "--out") -> None:
-    """Refuse (OutputError naming both) an output that would destroy an input, before any work: `out`
-    the same file as an input (same device and inode: hard and symbolic links are caught), the same
+    """Refuse (SameFileError naming both) an output that would destroy an input, before any work:
+    `out` the same file as an input (device and inode: hard and symbolic links are caught), the same
     resolved path, or a folder that holds an input at any depth (writing into it could replace it).
     inputs: the files and folders the command reads."""
-    out_path = Path(out)
-    out_id, out_real = _file_id(out_path), os.path.realpath(out_path)
+    out_key, out_real = _identity(out)
     for src in inputs:
-        src_id, src_real = _file_id(Path(src)), os.path.realpath(src)
-        if (out_id is not None and out_id == src_id) or out_real == src_real:
-            raise OutputError(f"{flag} {str(out)!r} is the input {str(src)!r}; write the result somewhere else")
-        if src_real.startswith(out_real.rstrip(os.sep) + os.sep):
-            raise OutputError(f"{flag} {str(out)!r} holds the input {str(src)!r}; write the result somewhere else")
-
-
-def _file_id(p: Path):
-    """(device, inode) of an existing path, else None."""
-    try:
-        st = os.stat(p)
-    except (OSError, ValueError):
-        return None
-    return st.st_dev, st.st_ino
-
-
-def _nearest_existing(p: Path) -> Path:
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
-
-
-def _check_not_system(p: Path, flag: str) -> None:
-    resolved = str(p.resolve())
-    for system in SYSTEM_FOLDERS:
-        if resolved == system or resolved.startswith(system + "/"):
-            raise OutputError(f"{flag} {str(p)!r} is inside {system}, a system folder; choose another location")
-
-
-def check_output_dir(path, flag: str = "--out") -> Path:
-    """Refuse an output folder that cannot be one, before any work: an empty name, a name too long
-    (check_path_names), an existing file, a system folder (/proc, /sys, /dev). Creating it and
-    testing writes is RunFolder's job."""
-    if path is None or not str(path).strip():
-        raise OutputError(f"{flag} is empty; give an output folder")
-    check_path_names(path, flag)
-    p = Path(path)
-    with mapped_write_errors(p):
-        if p.exists() and not p.is_dir():
-            raise OutputError(f"{flag} {str(p)!r} exists and is not a folder")
-        _check_not_system(p, flag)
-    return p
+        key, real = _identity(src)
+        if (out_key is not None and out_key == key) or out_real == real:
+            raise SameFileError(f"{flag} {str(out)!r} is the input {str(src)!r}; write the result somewhere else")
+        if real.startswith(out_real.rstrip(os.sep) + os.sep):
+            raise SameFileError(f"{flag} {str(out)!r} holds the input {str(src)!r}; write the result somewhere else")
 
 
 def check_output_folder(path, flag: str = "--out") -> Path:
@@ -349,28 +508,9 @@ def check_output_folder(path, flag: str = "--out") -> Path:
     created; the writer makes the folder (publish_together)."""
     p = check_output_dir(path, flag)
     with mapped_write_errors(p):
-        ancestor = _nearest_existing(p)
-        if not ancestor.is_dir():
-            raise OutputError(f"{flag} {str(p)!r}: {str(ancestor)!r} is not a folder")
-    probe_writable(ancestor, p)
-    return p
-
-
-def check_output_file(path, flag: str = "--out") -> Path:
-    """Refuse an output file path before any work: an empty name, a name too long (check_path_names),
-    an existing folder, a system location, or a place where the file cannot be created (tested with
-    a probe file in the nearest existing folder above it, which is removed again)."""
-    if path is None or not str(path).strip():
-        raise OutputError(f"{flag} is empty; give an output file name")
-    check_path_names(path, flag)
-    p = Path(path)
-    with mapped_write_errors(p):
-        if p.is_dir() or str(path).endswith(os.sep):
-            raise OutputError(f"{flag} {str(p)!r} is a folder; give a file name")
-        _check_not_system(p, flag)
-        if p.exists() and not p.is_file():
-            raise OutputError(f"{flag} {str(p)!r} exists and is not a regular file")
-        ancestor = _nearest_existing(p.parent)
+        ancestor = p
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
         if not ancestor.is_dir():
             raise OutputError(f"{flag} {str(p)!r}: {str(ancestor)!r} is not a folder")
     probe_writable(ancestor, p)
@@ -389,8 +529,13 @@ def probe_writable(folder, named=None) -> None:
 
 
 def ensure_writable_dir(path) -> Path:
-    """Create folder `path` if needed and prove it writable now, before any long work starts."""
-    p = check_output_dir(path, "output folder")
+    """Create folder `path`, where an output file goes, if needed and prove it writable now, before any
+    long work starts (refused: a file, a link loop, a system folder; fastddpm.paths)."""
+    p = Path(path)
+    st = stat_checked(p, "output folder")
+    if st is not None and not stat.S_ISDIR(st.st_mode):
+        raise OutputError(f"output folder {str(p)!r} exists and is not a folder")
+    check_not_system(p, "output folder", folder=True, home_ok=True)
     try:
         p.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=TMP_PREFIX + "probe.", dir=p)
@@ -399,3 +544,10 @@ def ensure_writable_dir(path) -> Path:
     except OSError as e:
         raise OutputError(f"cannot write to output folder {str(p)!r} ({e.strerror or e})") from None
     return p
+
+
+__all__ = ["TMP_PREFIX", "atomic_link", "atomic_write", "atomic_write_bytes", "check_output_dir", "check_output_file",
+           "describe", "ensure_writable_dir", "is_out_of_space", "mapped_write_errors", "open_output", "output_error",
+           "check_not_an_input", "check_output_folder", "make_dirs", "probe_writable", "publish_together",
+           "remove_empty_dirs", "refusal", "refuse_overwriting_inputs", "remove_leftovers",
+           "save_safetensors", "write_temp"]

@@ -24,21 +24,22 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .ceilings import measure_peak_tflops, synchronize
-from .checkpoint import load_checkpoint
+from .checkpoint import checkpoint_file, load_checkpoint
 from .diffusion import GaussianDiffusion
 from .distributed import Distributed, resolve_device  # noqa: F401  (re-exported for bench)
 from .backends import get_backend
 from .errors import FastDDPMError, check_choice
-from .files import publish_together
+from .files import open_output, publish_together, refuse_overwriting_inputs
 from .images import grid, to_uint8
 from .memory import check_sampling_fits
 from .noise import check_seed
-from .run_folder import RunFolder, lock_on_main
+from .run_folder import LOCK_NAME, RunFolder, lock_on_main
 from .sampling import SAMPLERS, sample, warm_up
 from .schedule import SPACINGS, make_betas, sampling_timesteps
 from .unet import PRESETS, UNet, forward_gflops  # noqa: F401  (forward_gflops re-exported)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+OUTPUTS = ("samples.npz", "grid.png", "stats.json")  # what a run writes into --out
 
 
 @dataclass
@@ -149,6 +150,8 @@ def run_sample(request: SampleRequest) -> dict:
         request = dataclasses.replace(request, backend="onnx")
     validate(request)
     folder = RunFolder(request.out, "--out")  # checks the path now; locks in _run
+    refuse_overwriting_inputs([(folder.path / name, "--out") for name in OUTPUTS + (LOCK_NAME,)],
+                              [(checkpoint_file(request.checkpoint), "--checkpoint"), (request.onnx, "--onnx")])
     dist = Distributed(request.device)  # one process, or this rank of a torchrun job
     try:
         if request.backend != "auto":
@@ -267,7 +270,7 @@ def _write_npz(tmp, images) -> None:
     """uint8 NHWC images under key arr_0 (the layout FID tools read) into file `tmp`."""
     import numpy as np
 
-    with open(tmp, "wb") as f:
+    with open_output(tmp) as f:
         np.savez(f, arr_0=images)
 
 

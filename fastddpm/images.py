@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from .files import atomic_write, atomic_write_bytes
+from .files import atomic_write, atomic_write_bytes, open_output
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -24,7 +24,7 @@ def from_uint8(images: np.ndarray) -> torch.Tensor:
 def save_npz(path, images: np.ndarray) -> None:
     """Write uint8 NHWC images under key `arr_0` (the layout FID tools read), atomically."""
     def write(tmp):
-        with open(tmp, "wb") as f:
+        with open_output(tmp) as f:
             np.savez(f, arr_0=images)
     atomic_write(path, write)
 
@@ -58,3 +58,59 @@ def save_grid(path, images: np.ndarray) -> None:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
+
+
+# Pillow modes of 16-bit greyscale images ("I;16*"; a 16-bit PNG may also open as the 32-bit "I").
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+GREY_MODES = ("1", "L", "LA") + SIXTEEN_BIT_MODES
+
+
+def open_image(path):
+    """The image file at `path`, loaded (a Pillow image). A decompression bomb (a header claiming,
+    say, 30000 x 30000 pixels: Pillow's DecompressionBombError, or its warning between its limit
+    and twice that) or an unreadable file is a DataError naming the file."""
+    import warnings
+
+    from PIL import Image
+
+    from .errors import DataError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                return im.copy()
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise DataError(f"image {str(path)!r} is a decompression bomb ({_first_line(e)})") from None
+    # Pillow's decoders raise many types for a broken file (OSError, SyntaxError, struct.error, ...)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"cannot read image {str(path)!r} ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def to_8bit(img, mode: str, source: str):
+    """Pillow image `img` as an 8-bit image of `mode` ("L" or "RGB").
+
+    16-bit greyscale is scaled by value / 257, rounded (0 -> 0, 65535 -> 255): Pillow's own
+    convert("L") clips it, turning every value above 255 white. A 32-bit "I" image with values
+    outside 0..65535 and a floating-point image are refused (DataError), as nothing says how to
+    map them to 0..255.
+    """
+    from PIL import Image
+
+    from .errors import DataError
+
+    if img.mode in SIXTEEN_BIT_MODES:
+        a = np.asarray(img).astype(np.int64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise DataError(f"{source} holds values outside 0..65535 (Pillow mode {img.mode}); fastddpm reads 8- and "
+                            "16-bit images")
+        img = Image.fromarray(((a + 128) // 257).astype(np.uint8), "L")
+    elif img.mode not in ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"):
+        raise DataError(f"{source} is a Pillow {img.mode} image; fastddpm reads 8- and 16-bit images")
+    return img.convert(mode)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__

@@ -88,3 +88,12 @@ def check_training_fits(config, batch: int, device: torch.device, half_precision
     is required (and half again under bf16 / fp16 autocast)."""
     needed = batch * training_bytes_per_image(config) // (4 if half_precision else 2)
     require(needed, device, f"the activations of a batch of {batch}", "--batch")
+
+
+def check_data_fits(nbytes: int, what: str) -> None:
+    """Refuse a data set whose `nbytes` of images (`what`, e.g. "the images of 'x.npz'") cannot fit in
+    the host's free memory: a 4 MB .npz of zeros inflates to 4 GiB."""
+    free = available_memory(torch.device("cpu"))
+    if free is not None and nbytes > free:
+        raise OutOfMemoryError(f"out of memory: {what} take {nbytes / 2**30:.1f} GiB once decompressed, "
+                               f"{free / 2**30:.1f} GiB is free; use a smaller data set")

@@ -14,6 +14,9 @@ and is still empty, it is removed too, so a failed command leaves no empty --out
 JSON): the lock file sits beside the output, so two evaluations of other files in one folder
 do not block each other.
 
+The lock file is opened without following links (fastddpm.safe_open): a symbolic link, a hard
+link, a FIFO or a device planted at its name is refused with one line, never written through.
+
 Removing a lock file while others may be waiting on it is safe because every acquirer checks,
 after flock succeeds, that the file it locked is still the one at the path (same inode), and
 retries otherwise. Processes forked (without exec) while the lock is held inherit it: they must
@@ -23,11 +26,13 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 from pathlib import Path
 
-from .errors import FolderBusyError
+from .errors import FolderBusyError, UnsafeOutputError
 from .files import (check_output_dir, make_dirs, output_error, probe_writable, remove_empty_dirs,
                     remove_leftovers)
+from .safe_open import open_fd, same_entry
 
 LOCK_NAME = ".fastddpm.lock"
 
@@ -72,32 +77,60 @@ class RunFolder:
 
     def _lock(self) -> None:
         for _ in range(10):  # each retry means another run removed the file between open and flock
-            try:
-                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-            except OSError as e:
-                raise output_error(e, self.lock_path) from None
+            fd = self._open_lock_file()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = _read_pid(fd)
                 os.close(fd)
-                raise FolderBusyError(
-                    f"{str(self.path)!r} is in use by another fastddpm run{f' (pid {holder})' if holder else ''}; "
-                    f"wait for it to finish or choose another {self.flag}") from None
+                raise self._busy() from None
             except OSError as e:
                 os.close(fd)
                 raise output_error(e, self.lock_path) from None
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.lock_path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                os.ftruncate(fd, 0)
-                os.write(fd, f"{os.getpid()}\n".encode())
+            if same_entry(fd, self.lock_path):
+                try:
+                    os.ftruncate(fd, 0)
+                    os.write(fd, f"{os.getpid()}\n".encode())
+                except OSError as e:
+                    os.close(fd)
+                    raise output_error(e, self.lock_path) from None
                 self._fd = fd
                 return
             os.close(fd)
         raise FolderBusyError(f"could not lock {str(self.path)!r}: other runs keep replacing {self.lock_name}")
+
+    def _open_lock_file(self) -> int:
+        """The lock file, opened without following a link (fastddpm.safe_open): a link, a hard link, a
+        FIFO or a device planted at its name is refused, never written through. Another user's
+        lock file is refused too, unless its run is alive (then the folder is busy)."""
+        try:
+            return open_fd(self.lock_path, os.O_RDWR | os.O_CREAT)
+        except UnsafeOutputError:
+            if self._held_by_another_user():
+                raise self._busy() from None
+            raise
+
+    def _held_by_another_user(self) -> bool:
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return False
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+
+    def _busy(self) -> FolderBusyError:
+        holder = _read_pid(self.lock_path)
+        return FolderBusyError(
+            f"{str(self.path)!r} is in use by another fastddpm run{f' (pid {holder})' if holder else ''}; "
+            f"wait for it to finish or choose another {self.flag}")
 
     def __del__(self):
         if getattr(self, "_fd", None) is not None:  # never released (a Trainer dropped unrun): free the lock
@@ -107,7 +140,8 @@ class RunFolder:
     def _release(self, failed: bool) -> None:
         if self._fd is not None:
             try:
-                self.lock_path.unlink(missing_ok=True)  # while still holding it (see the module docstring)
+                if same_entry(self._fd, self.lock_path):  # ours: remove it while still holding it (module docstring)
+                    self.lock_path.unlink()
             except OSError:
                 pass
             os.close(self._fd)
@@ -123,12 +157,21 @@ def output_file_lock(path, flag: str = "--out", enabled: bool = True) -> RunFold
     return RunFolder(p.parent, flag=flag, enabled=enabled, lock_name=f".{p.name}.fastddpm.lock", file_name=p.name)
 
 
-def _read_pid(fd: int) -> int | None:
+def _read_pid(path) -> int | None:
+    """The pid written in a lock file (read without following a link), or None."""
     try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
         text = os.pread(fd, 32, 0).decode().strip()
         return int(text) if text else None
     except (OSError, ValueError, UnicodeDecodeError):
         return None
+    finally:
+        os.close(fd)
 
 
 class lock_on_main:

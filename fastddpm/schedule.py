@@ -58,7 +58,10 @@ def check_betas(betas) -> torch.Tensor:
 
     Every beta must be finite and in (0, 1): beta_t = 1 makes alphabar_t = 0, so x_0 = x_t /
     sqrt(alphabar_t) (eps prediction) divides by zero and the sampler returns NaN. For the same
-    reason alphabar_t must not underflow to 0 (thousands of large betas).
+    reason alphabar_t must not underflow to 0 (thousands of large betas). And every step must add
+    noise that float64 can represent: 1 - alphabar_t > 0 and sqrt(1 / alphabar_t - 1) finite and
+    > 0 (betas of 1e-300 leave 1 - beta = 1 exactly, alphabar = 1, and every sampler then
+    returns all-zero images); a respaced process whose beta comes out 0 is refused by the same rule.
     """
     try:
         b = torch.as_tensor(betas, dtype=torch.float64)
@@ -76,6 +79,13 @@ def check_betas(betas) -> torch.Tensor:
         first = int(torch.nonzero(alphabar <= 0)[0])
         raise FastDDPMError(f"the beta schedule drives alphabar to 0 at t={first} (float64 underflow); "
                             "x_0 cannot be recovered from x_t there")
+    ratio = torch.sqrt(1.0 / alphabar - 1.0)  # sigma_t / sqrt(alphabar_t) of x_t = sqrt(ab) x_0 + sqrt(1 - ab) eps
+    bad = ~((1.0 - alphabar > 0) & torch.isfinite(ratio) & (ratio > 0))
+    if bad.any():
+        first = int(torch.nonzero(bad)[0])
+        raise FastDDPMError(f"the beta schedule adds no noise float64 can represent at t={first} (beta[{first}] = "
+                            f"{b[first].item():.3g}; 1 - alphabar = {(1.0 - alphabar[first]).item():.3g}): the "
+                            "betas are too small, and sampling would return x_0 = x_t")
     return b
 
 

@@ -35,98 +35,35 @@ NaN never reaches the weights, hence never a checkpoint.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import signal
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from . import train_state
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import ImageSet, SeededLoader, _mix, load_dataset, parse_data_spec
+from .data import ImageSet, SeededLoader, _mix, data_input_files, load_dataset, parse_data_spec
 from .diffusion import GaussianDiffusion
 from .distributed import Distributed
-from .errors import FastDDPMError, OutOfSpaceError, check_choice
-from .files import atomic_write, mapped_write_errors
+from .errors import FastDDPMError, Interrupted, OutOfSpaceError, OutputError, UnsafeOutputError
+from .files import refuse_overwriting_inputs
 from .memory import check_schedule_fits, check_training_fits
-from .noise import SEED_MAX, check_seed, noise
-from .run_folder import RunFolder, lock_on_main
-from .schedule import SCHEDULES, make_betas
+from .noise import noise
+from .run_folder import LOCK_NAME, RunFolder, lock_on_main
+from .safe_open import describe
+from .schedule import make_betas
+from .train_config import LOSSES, TIMESTEP_SAMPLERS, TrainConfig, resume_config  # noqa: F401  (public here)
+from .train_log import LOG_NAME, Window, append_log, trim_log
 from .train_state import LAST, checkpoint_paths, read_training_state  # noqa: F401  (public here as before)
 from .unet import PRESETS, UNet
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-LOSSES = ("simple", "kl", "hybrid")
-TIMESTEP_SAMPLERS = ("uniform", "loss-second-moment")
 
 
 class TrainingDiverged(FastDDPMError):
     """Too many steps in a row had a non-finite loss or gradient."""
-
-
-@dataclass
-class TrainConfig:
-    """Everything `fastddpm train` takes (see `fastddpm train --help`)."""
-
-    data: str  # digits | cifar10:DIR | images:DIR | npz:FILE
-    out: str  # output folder: last.safetensors, ckpt-STEP.safetensors, log.jsonl, samples/
-    model: str = "tiny"  # U-Net preset; image size and channels follow the data
-    steps: int = 10_000  # total optimizer steps to reach (a resumed run continues up to it)
-    batch: int = 128  # per process; the global batch is batch * world size
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast, float32 master weights)
-    compile: bool = False  # torch.compile the forward + loss
-    save_every: int = 5_000
-    seed: int = 0
-    resume: bool = False
-    lr: float = 2e-4
-    warmup: int = 5_000  # linear learning-rate warm-up steps
-    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
-    ema: float = 0.9999  # EMA rate of the weights that are saved and sampled (with warm-up, see ema_rate_at)
-    loss: str = "simple"  # simple (eps MSE, fixed variance) | kl | hybrid (learned variance)
-    timestep_sampler: str = "uniform"  # or loss-second-moment (IDDPM importance sampling)
-    schedule: str = "linear"
-    diffusion_steps: int = 1000  # T
-    keep: int = 3  # how many ckpt-STEP files to keep
-    log_every: int = 100
-    sample_every: int = 0  # write an EMA sample grid every K steps (0: never)
-    sample_steps: int | None = None  # respaced steps for those grids, <= T (None: min(100, T))
-    max_bad_steps: int = 50  # non-finite steps in a row before training stops
-    flip: bool | None = None  # random left-right flip; None: the data set's default
-    device: str = "auto"
-    progress: bool = True
-
-    def __post_init__(self):
-        check_choice("precision", self.precision, tuple(PRECISIONS))
-        check_choice("loss", self.loss, LOSSES)
-        check_choice("timestep sampler", self.timestep_sampler, TIMESTEP_SAMPLERS)
-        check_choice("schedule", self.schedule, SCHEDULES)
-        check_choice("device", self.device, ("auto", "cpu", "cuda"))
-        if self.model not in PRESETS:
-            raise FastDDPMError(f"unknown model preset {self.model!r}; choose one of {', '.join(map(repr, PRESETS))}")
-        parse_data_spec(self.data)
-        if self.sample_steps is None:
-            self.sample_steps = min(100, int(self.diffusion_steps))
-        check_seed(self.seed, "--seed")
-        for name in ("steps", "batch", "save_every", "diffusion_steps", "log_every", "sample_steps", "max_bad_steps"):
-            if int(getattr(self, name)) < 1:
-                raise FastDDPMError(f"{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
-        for name in ("warmup", "keep", "sample_every"):
-            if int(getattr(self, name)) < 0:
-                raise FastDDPMError(f"{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise FastDDPMError(f"the learning rate must be positive, got {self.lr}")
-        if not 0.0 <= self.ema < 1.0:
-            raise FastDDPMError(f"the EMA rate must be in [0, 1), got {self.ema}")
-        if not self.grad_clip >= 0:
-            raise FastDDPMError(f"grad-clip must be 0 (off) or positive, got {self.grad_clip}")
-        if self.diffusion_steps > SEED_MAX - 1:  # the noise's step key is 32 bits; SEED_MAX marks x_T
-            raise FastDDPMError(f"--diffusion-steps must be below {SEED_MAX}, got {self.diffusion_steps}")
-        if self.sample_steps > self.diffusion_steps:
-            raise FastDDPMError(f"--sample-steps must be between 1 and T = --diffusion-steps = {self.diffusion_steps}, "
-                                f"got {self.sample_steps}")
 
 
 # ------------------------------------------------------------------------ timestep samplers
@@ -231,8 +168,14 @@ class Trainer:
         self.out = self.folder.path
         self.last = self.out / LAST
         self._lock = None
+        self.resume_notes, self._resume_conflicts = [], None
+        self._refuse_overwriting_inputs()
         self._hold_folder()
         try:
+            if cfg.resume:
+                self._continue_saved_config()
+                self._refuse_overwriting_inputs()  # --data may have come from the checkpoint
+            self._check_written_names()
             self._build()
         except BaseException:
             self._release_folder(failed=True)
@@ -261,6 +204,8 @@ class Trainer:
         self.seconds_before = 0.0  # training time of earlier runs (resume)
         if cfg.resume:
             self._load(self.last)
+            if self._resume_conflicts is not None:  # checked after the checkpoint itself (model, schedule)
+                raise self._resume_conflicts
 
         net = self.model
         if self.dist.enabled:
@@ -270,7 +215,7 @@ class Trainer:
                                           else None)
         self.net = net
         self.loss_fn = torch.compile(self._losses) if cfg.compile else self._losses
-        self._stop_signal = None
+        self._stop_signal, self._saved_at = None, None
 
     # ------------------------------------------------------------------ the run folder
     def _hold_folder(self, check: bool = True) -> None:
@@ -299,6 +244,47 @@ class Trainer:
             lock, self._lock = self._lock, None
             lock.__exit__(FastDDPMError if failed else None, None, None)
 
+    def _continue_saved_config(self) -> None:
+        """--resume: settings not given take the saved run's values; a given one that contradicts the
+        run is refused (after the checkpoint's own checks), a legitimate change is noted
+        (fastddpm.train_config)."""
+        saved = train_state.saved_train_config(self.last)
+        missing = [] if saved is not None or self.cfg.given is None else \
+            [f"--{n}" for n in ("data", "model") if n not in self.cfg.given]
+        if missing:
+            raise FastDDPMError(f"{str(self.last)!r} does not record its training configuration; give "
+                                f"{' and '.join(missing)} (and the other settings the run was started with)")
+        plan = resume_config(self.cfg, saved, str(self.last))
+        self.cfg, self.resume_notes = plan.config, plan.notes
+        self._resume_conflicts = plan.conflict_error(str(self.last))
+
+    def _refuse_overwriting_inputs(self) -> None:
+        """The data files must not be among the files this run writes (fastddpm.files)."""
+        names = [self.out / LAST, self.out / LOG_NAME, self.out / LOCK_NAME]
+        if self.out.is_dir():
+            names += [p for p in self.out.iterdir() if train_state.CKPT_RE.match(p.name)]
+            if (self.out / "samples").is_dir() and not (self.out / "samples").is_symlink():
+                names += list((self.out / "samples").iterdir())
+        refuse_overwriting_inputs([(p, "--out") for p in names],
+                                  [(p, "--data") for p in data_input_files(self.cfg.data)])
+
+    def _check_written_names(self) -> None:
+        """Refuse, before any work, a run folder whose samples/ (where grids go) is a link or a file:
+        every name a run writes is inside its folder, never elsewhere. (log.jsonl, the lock file
+        and the checkpoints are opened or replaced without following links.)"""
+        if not self.dist.is_main or not self.cfg.sample_every:
+            return
+        grids = self.out / "samples"
+        try:
+            found = describe(grids.lstat())
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise OutputError(f"cannot use {str(grids)!r} ({e.strerror or e})") from None
+        if found != "a folder":
+            raise UnsafeOutputError(f"refusing to write sample grids into {str(grids)!r}: it is {found}, not a "
+                                    "folder of this run; remove it or choose another --out")
+
     def _load(self, path: Path) -> None:
         """Restore everything a step depends on from a trainer checkpoint (exact resume; checked first)."""
         train_state.restore(self, path)
@@ -309,7 +295,7 @@ class Trainer:
                 "world_size": self.dist.world_size, "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
                 "skipped_steps": self.skipped_total, "images_seen": self.step * self.loader.global_batch,
                 "train_seconds": self.seconds_before + (time.perf_counter() - self._t0 if hasattr(self, "_t0") else 0.0),
-                "data": self.cfg.data, "train_config": asdict(self.cfg), "torch": torch.__version__}
+                "data": self.cfg.data, "train_config": self.cfg.to_dict(), "torch": torch.__version__}
         return train_state.save(self, meta)
 
     # ------------------------------------------------------------------ one step
@@ -383,13 +369,25 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def _install_signal_handlers(self):
-        """SIGINT / SIGTERM ask for a checkpoint at the next step boundary, then stop (exit 130)."""
+        """SIGINT / SIGTERM ask the run to stop: at the end of the current training step (or at the
+        next step of a sample grid being drawn, which is abandoned) a checkpoint of that consistent
+        state is written and the run raises Interrupted (exit 130 / 143 on the command line). A
+        second signal stops at once, without a checkpoint."""
         if not (hasattr(signal, "SIGTERM") and _in_main_thread()):
             return {}
 
         def ask(signum, frame):
+            if self._stop_signal is not None:
+                raise Interrupted(signum, f"interrupted by {signal.Signals(signum).name} again at step {self.step}: "
+                                          f"stopped without a checkpoint; {_last_saved(self.last, self._saved_at)}")
             self._stop_signal = signum
         return {s: signal.signal(s, ask) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _interrupted(self) -> Interrupted:
+        name = signal.Signals(self._stop_signal).name if self._stop_signal else "a signal"
+        return Interrupted(self._stop_signal or signal.SIGINT,
+                           f"interrupted by {name} at step {self.step}; {_last_saved(self.last, self._saved_at)}; "
+                           "continue with --resume")
 
     def run(self) -> dict:
         """Train up to cfg.steps; returns a summary dict. Rank 0 writes checkpoints, log and grids.
@@ -412,9 +410,13 @@ class Trainer:
             if main:
                 print(f"{str(self.last)!r} is already at step {self.step} >= --steps {cfg.steps}; nothing to do")
             return {"step": self.step, "skipped_steps": self.skipped_total}
-        log_path = self.out / "log.jsonl"
+        log_path = self.out / LOG_NAME
         if main:
-            _trim_log(log_path, self.step)
+            trim_log(log_path, self.step)
+            for note in self.resume_notes:
+                print(f"fastddpm: note: {note}", flush=True)
+            if self.resume_notes:
+                append_log(log_path, {"step": self.step, "event": "resume", "changed": self.resume_notes})
             print(f"training {cfg.model} ({sum(p.numel() for p in self.params):,} parameters, "
                   f"{self.model.config.image_size}x{self.model.config.image_size}x{self.model.config.in_channels}) "
                   f"on {self.data.name} ({len(self.data)} images), global batch {self.loader.global_batch} "
@@ -424,9 +426,10 @@ class Trainer:
 
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and main), unit="step",
                    dynamic_ncols=True)
+        self._stop_signal, self._saved_at = None, (self.step if self.cfg.resume else None)
         previous = self._install_signal_handlers()
-        window = _Window()
-        in_a_row, saved_at = 0, (self.step if self.cfg.resume else None)
+        window = Window()
+        in_a_row = 0
         self._t0 = time.perf_counter()
         try:
             while self.step < cfg.steps:
@@ -441,22 +444,22 @@ class Trainer:
                     if in_a_row >= cfg.max_bad_steps:
                         raise TrainingDiverged(
                             f"training stopped at step {self.step}: {in_a_row} steps in a row had a non-finite loss or "
-                            f"gradient ({_last_saved(self.last, saved_at)}); lower --lr, or train in fp32 or bf16 "
-                            "instead of fp16")
+                            f"gradient ({_last_saved(self.last, self._saved_at)}); lower --lr, or train in fp32 or "
+                            "bf16 instead of fp16")
                 bar.update(1)
                 if main and (self.step % 10 == 0 or self.step == cfg.steps):
                     bar.set_postfix(loss=f"{window.last_loss:.4f}", img_s=f"{window.rate():.0f}", refresh=False)
-                if main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
-                    _append_log(log_path, window.record(self.step, self.skipped_total))
-                    window = _Window()
-                if main and cfg.sample_every and self.step % cfg.sample_every == 0:
-                    self.write_sample_grid()
+                if main and (self.step % cfg.log_every == 0 or self.step == cfg.steps or s["stop"]):
+                    append_log(log_path, window.record(self.step, self.skipped_total))
+                    window = Window()
+                if main and cfg.sample_every and self.step % cfg.sample_every == 0 and not s["stop"]:
+                    self._sample_grid_unless_stopped()
                 if s["stop"] or self.step % cfg.save_every == 0 or self.step == cfg.steps:
                     if main:
-                        self._save_or_explain(saved_at)
-                    saved_at = self.step
+                        self._save_or_explain(self._saved_at)
+                    self._saved_at = self.step
                 if s["stop"]:
-                    raise KeyboardInterrupt
+                    raise self._interrupted()
         finally:
             bar.close()
             for sig, handler in previous.items():
@@ -467,6 +470,18 @@ class Trainer:
                   f"in all; {seconds:.1f} s this run)")
         return {"step": self.step, "skipped_steps": self.skipped_total, "seconds": seconds}
 
+    def _sample_grid_unless_stopped(self) -> None:
+        """write_sample_grid(), abandoned at the next sampling step once a signal asked the run to stop
+        (then the next training step carries the stop to every rank, saves and ends the run)."""
+        def check(_):
+            if self._stop_signal is not None:
+                raise _GridAbandoned
+
+        try:
+            self.write_sample_grid(callback=check)
+        except _GridAbandoned:
+            pass
+
     def _save_or_explain(self, saved_at: int | None) -> None:
         """save(), and on a full disk say which checkpoint is still the last good one."""
         try:
@@ -475,15 +490,17 @@ class Trainer:
             raise OutOfSpaceError(f"{e}; {_last_saved(self.last, saved_at)}") from None
 
     @torch.no_grad()
-    def write_sample_grid(self, n: int = 64) -> Path:
-        """A PNG grid of n EMA samples (respaced to cfg.sample_steps) in DIR/samples/step-STEP.png."""
+    def write_sample_grid(self, n: int = 64, callback=None) -> Path:
+        """A PNG grid of n EMA samples (respaced to cfg.sample_steps) in DIR/samples/step-STEP.png;
+        `callback` is the sampler's per-step callback (fastddpm.sampling.sample)."""
         from .images import save_grid, to_uint8
         from .sampling import sample
 
         c = self.ema.config
         T = self.diffusion.num_timesteps
         process = self.diffusion if self.cfg.sample_steps >= T else self.diffusion.respace(str(self.cfg.sample_steps))
-        x = sample(self.ema, process, (n, c.in_channels, c.image_size, c.image_size), seed=self.cfg.seed)
+        x = sample(self.ema, process, (n, c.in_channels, c.image_size, c.image_size), seed=self.cfg.seed,
+                   callback=callback)
         path = self.out / "samples" / f"step-{self.step:07d}.png"
         save_grid(path, to_uint8(x))
         return path
@@ -494,64 +511,8 @@ class Trainer:
         self.dist.close()
 
 
-class _Window:
-    """Running sums over one logging interval (rank-summed values from train_step)."""
-
-    def __init__(self):
-        self.start = time.perf_counter()
-        self.n = self.images = self.skipped = 0
-        self.loss = self.mse = self.vb = self.grad_norm = 0.0
-        self.q_sum, self.q_cnt = [0.0] * 4, [0.0] * 4
-        self.last_loss, self.lr = float("nan"), 0.0
-
-    def add(self, s: dict, global_batch: int) -> None:
-        self.images += global_batch
-        self.lr = s["lr"]
-        if not s["finite"]:
-            return
-        self.n += 1
-        self.loss += s["loss"]
-        self.mse += s["mse"]
-        self.vb += s["vb"]
-        self.grad_norm += s["grad_norm"]
-        self.last_loss = s["loss"]
-        for i in range(4):
-            self.q_sum[i] += s["q_sum"][i]
-            self.q_cnt[i] += s["q_cnt"][i]
-
-    def rate(self) -> float:
-        return self.images / max(time.perf_counter() - self.start, 1e-9)
-
-    def record(self, step: int, skipped_total: int) -> dict:
-        n = max(self.n, 1)
-        rec = {"step": step, "loss": self.loss / n, "mse": self.mse / n, "vb": self.vb / n,
-               "loss_by_quarter": [s / c if c else None for s, c in zip(self.q_sum, self.q_cnt)],
-               "grad_norm": self.grad_norm / n, "lr": self.lr, "images_per_s": self.rate(),
-               "skipped": self.skipped, "skipped_total": skipped_total, "time": time.time()}
-        if self.n == 0:
-            rec.update(loss=None, mse=None, vb=None, grad_norm=None)
-        return rec
-
-
-def _append_log(path: Path, record: dict) -> None:
-    with mapped_write_errors(path), open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _trim_log(path: Path, step: int) -> None:
-    """Drop log lines past `step` (written after the checkpoint a resumed run starts from)."""
-    if not path.is_file():
-        return
-    lines = path.read_text(encoding="utf-8").splitlines()
-    kept = []
-    for line in lines:
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
-        except (json.JSONDecodeError, AttributeError):
-            continue  # a line cut short by a kill
-    if len(kept) != len(lines):
-        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in kept), encoding="utf-8"))
+class _GridAbandoned(Exception):
+    """Raised from the sampler's callback to abandon a sample grid when the run is asked to stop."""
 
 
 def _last_saved(last: Path, step: int | None) -> str:

@@ -19,17 +19,33 @@ from pathlib import Path
 
 from .errors import DataError, FastDDPMError
 from .files import atomic_write_bytes
+from .paths import check_path_length
+
+
+def _log_path(run) -> Path:
+    p = Path(run)
+    try:
+        return p / "log.jsonl" if p.is_dir() else p
+    except OSError:  # a name too long: read_log says so
+        return p
 
 
 def read_log(run) -> list[dict]:
-    """The records of RUN/log.jsonl (or of a .jsonl file given directly) that carry a finite loss."""
-    p = Path(run)
-    log = p / "log.jsonl" if p.is_dir() else p
+    """The records of RUN/log.jsonl (or of a .jsonl file given directly) that carry a finite loss.
+
+    A line that is not UTF-8 text or not a JSON record is a DataError naming it (one line, exit 2)."""
+    log = _log_path(run)
+    check_path_length(log, "RUN", DataError)
     if not log.is_file():
         raise DataError(f"no training log at {str(log)!r} (expected a run folder holding log.jsonl)")
     records = []
-    with open(log, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(log, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{str(log)!r} line {number} is not UTF-8 text (byte 0x{raw[e.start]:02x} at "
+                                f"column {e.start + 1}); remove or repair that line") from None
             if not line.strip():
                 continue
             try:
@@ -69,8 +85,12 @@ class CurvesRequest:
 
 
 def evaluate_curves(request: CurvesRequest) -> dict:
-    """Read every run's log and write {name: {"noise": loss_noise(...), "records": [...]}} to request.out."""
-    from .files import check_output_file
+    """Read every run's log and write {name: {"noise": loss_noise(...), "records": [...]}} to request.out.
+
+    The outputs are checked first (not one of the logs read) and request.out is locked while the
+    command runs (fastddpm.run_folder.output_file_lock)."""
+    from .files import check_output_file, refuse_overwriting_inputs
+    from .run_folder import output_file_lock
 
     if request.out is not None:
         check_output_file(request.out, "--out")
@@ -79,12 +99,22 @@ def evaluate_curves(request: CurvesRequest) -> dict:
         from .plots import require_matplotlib
 
         require_matplotlib()
+    refuse_overwriting_inputs([(request.out, "--out"), (request.plot, "--plot")],
+                              [(_log_path(run), "RUN") for run in request.runs])
+    if request.out is None:
+        return _evaluate_curves(request)
+    with output_file_lock(request.out, "--out"):
+        return _evaluate_curves(request)
+
+
+def _evaluate_curves(request: CurvesRequest) -> dict:
     runs = {}
     for run in request.runs:
+        records = read_log(run)
         name = Path(run).name if Path(run).is_dir() else Path(run).parent.name or str(run)
         if name in runs:
             raise FastDDPMError(f"two runs are named {name!r}; give each its own folder")
-        runs[name] = read_log(run)
+        runs[name] = records
     result = {name: {"noise": loss_noise(recs), "records": [
         {k: r.get(k) for k in ("step", "loss", "mse", "vb", "loss_by_quarter")} for r in recs]}
         for name, recs in runs.items()}

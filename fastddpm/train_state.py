@@ -18,7 +18,7 @@ instead of failing (or silently training on garbage) at the first step.
 """
 from __future__ import annotations
 
-import os
+import json
 import re
 from pathlib import Path
 
@@ -26,7 +26,7 @@ import torch
 
 from .checkpoint import load_state_dict_checked, read_checkpoint, save_checkpoint
 from .errors import CheckpointError, FastDDPMError
-from .files import atomic_write
+from .files import atomic_link
 
 LAST = "last.safetensors"
 CKPT_RE = re.compile(r"^ckpt-(\d+)\.safetensors$")
@@ -39,7 +39,7 @@ def checkpoint_paths(out) -> list[tuple[int, Path]]:
     found = []
     for p in Path(out).iterdir():
         m = CKPT_RE.match(p.name)
-        if m:
+        if m and not p.is_dir():  # (a folder of that name is not one of ours: never pruned)
             found.append((int(m.group(1)), p))
     return sorted(found)
 
@@ -56,17 +56,25 @@ def read_training_state(path) -> tuple[dict, dict]:
     return tensors, config
 
 
+def saved_train_config(path) -> dict | None:
+    """meta["train_config"] of the trainer checkpoint at `path`, read from its header alone; None when
+    it records none (an older checkpoint). A header that cannot be read is a CheckpointError."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            config = json.loads((f.metadata() or {}).get("config", "{}"))
+    except Exception as e:  # noqa: BLE001 (safetensors and json raise several types for a damaged header)
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{str(path)!r} is not a readable trainer checkpoint ({first})") from None
+    meta = config.get("meta") if isinstance(config, dict) else None
+    saved = meta.get("train_config") if isinstance(meta, dict) else None
+    return saved if isinstance(saved, dict) else None
+
+
 def link_or_copy(src: Path, dst: Path) -> None:
     """Make dst the same file as src: a hard link renamed into place (atomic), else a copy."""
-    def write(tmp):
-        os.unlink(tmp)
-        try:
-            os.link(src, tmp)
-        except OSError:
-            import shutil
-
-            shutil.copyfile(src, tmp)
-    atomic_write(dst, write)
+    atomic_link(src, dst)
 
 
 def non_finite(tensors: dict) -> list[str]:
@@ -231,10 +239,9 @@ def restore(trainer, path: Path) -> None:
         trainer.loader.load_state_dict(meta["data_position"])
     except (KeyError, TypeError, ValueError, FastDDPMError) as e:
         raise CheckpointError(f"{src!r} has a data position that does not fit this data ({e})") from None
-    if meta.get("data") not in (None, trainer.cfg.data) and trainer.dist.is_main:
-        print(f"fastddpm: note: {src!r} was trained on --data {meta['data']}; continuing on {trainer.cfg.data}",
-              file=_stderr())
-    if meta.get("global_batch") != trainer.loader.global_batch and trainer.dist.is_main:
+    # (a changed per-process --batch is refused by the resume's config check; this is another world size)
+    if meta.get("global_batch") != trainer.loader.global_batch and meta.get("world_size") != trainer.dist.world_size \
+            and trainer.dist.is_main:
         print(f"fastddpm: note: resuming with a global batch of {trainer.loader.global_batch} (was "
               f"{meta.get('global_batch')}); the data order continues, but the run is not the one an "
               "uninterrupted run would have been", file=_stderr())

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import FastDDPMError
-from .files import atomic_write_bytes, check_output_file
+from .files import atomic_write_bytes, check_output_file, refuse_overwriting_inputs
 from .noise import check_seed
 from .run_folder import output_file_lock
 
@@ -145,8 +145,12 @@ def _checked_bpd(request: TermsRequest, default_out: str) -> tuple[dict, str]:
 
 def _locked(request: TermsRequest, default_out: str, body):
     """body(request) with its output file checked first and locked while it runs (as eval bpd)."""
+    from .bpd import evaluation_inputs
+
     out = request.out if request.out is not None else default_out
     check_output_file(out, "--out")
+    refuse_overwriting_inputs([(out, "--out"), (request.plot, "--plot")],
+                              evaluation_inputs(request.checkpoint, request.data))
     with output_file_lock(out, "--out"):
         return body(request)
 
