@@ -347,11 +347,12 @@ def test_planted_symlinks_are_not_followed(calibrated, tmp_path, monkeypatch):
     victim.write_bytes(b"precious")
     out = tmp_path / "out"
     out.mkdir()
-    names = iter(["planted"])
+    names = iter(["planted", "free", "planted"])  # the probe's first name, its second, samples.npz's first
     monkeypatch.setattr(ort_sample._FS, "token", staticmethod(lambda: next(names, os.urandom(6).hex())))
-    (out / f"{ort_sample.TMP_PREFIX}probe.planted").symlink_to(victim)
-    (out / "samples.npz").symlink_to(victim)
+    planted = [f"{ort_sample.TMP_PREFIX}probe.planted", f"{ort_sample.TMP_PREFIX}samples.npz.planted"]
+    for name in planted + ["samples.npz"]:
+        (out / name).symlink_to(victim)
     assert ort_run(["--onnx", calibrated["eps"]], out) == 0
     assert victim.read_bytes() == b"precious"
     assert not (out / "samples.npz").is_symlink() and np.load(out / "samples.npz")["arr_0"].shape == (1, 8, 8, 3)
-    assert sorted(p.name for p in out.iterdir()) == [f"{ort_sample.TMP_PREFIX}probe.planted", *OUTPUTS]
+    assert sorted(p.name for p in out.iterdir()) == sorted(planted + list(OUTPUTS))
