@@ -7,10 +7,14 @@ The file holds the eps-model (or the whole step, see step_graph.py) with a dynam
 dimension, float32 inputs and outputs (an fp16 export casts at its edges), and under the ONNX
 metadata key "fastddpm" a JSON description that makes it enough to sample on its own:
 
-    {"format": "fastddpm-onnx", "version": "1", "graph": "eps" | "step", "dtype": "fp32" | "fp16",
+    {"format": "fastddpm-onnx", "version": "2", "graph": "eps" | "step", "dtype": "fp32" | "fp16",
      "group_norm": "instancenorm" | "groupnorm21", "opset": 17 | 21, "clip_denoised": true,
      "unet": UNetConfig.to_dict(), "diffusion": GaussianDiffusion.config(),
-     "betas": [T float64 values, exact as JSON numbers], "gflop_per_image_forward": ..., "meta": {...}}
+     "betas": [T float64 values, exact as JSON numbers], "gflop_per_image_forward": ..., "meta": {...},
+     "gamma": [T values]  (only for a calibrated model: Analytic-DPM's Gamma_t, for --variance analytic)}
+
+Version 2 changed the step graph (prev_x0 input, 14 coefficients; step_graph.py); the eps graph is
+as in version 1, and ort_sample.py still reads version-1 eps graphs.
 
 Exporter: the TorchScript exporter (`torch.onnx.export(..., dynamo=False)`). The dynamo
 exporter, torch's default since 2.9, needs the onnxscript package, which fastddpm does not
@@ -39,6 +43,7 @@ from fastddpm.diffusion import GaussianDiffusion
 from fastddpm.errors import FastDDPMError, check_choice
 from fastddpm.files import atomic_write_bytes, ensure_writable_dir
 from fastddpm.unet import UNet
+from fastddpm.validate import ANALYTIC_KEY
 
 from . import ort_sample
 from .group_norm_onnx import DOMAIN, FORMS, lower_group_norm, onnx_group_norm_silu
@@ -70,11 +75,14 @@ def describe(model: UNet, diffusion: GaussianDiffusion, *, graph: str, dtype: st
     """The JSON-able description stored in the file's metadata (module docstring)."""
     from fastddpm.unet import forward_gflops
 
-    return {"format": ort_sample.FORMAT, "version": ort_sample.FORMAT_VERSION, "graph": graph, "dtype": dtype,
-            "group_norm": group_norm, "opset": opset, "clip_denoised": clip_denoised,
-            "unet": model.config.to_dict(), "diffusion": diffusion.config(),
-            "betas": [float(b) for b in diffusion.schedule.betas.tolist()],
-            "gflop_per_image_forward": forward_gflops(model.config), "meta": meta or {}}
+    description = {"format": ort_sample.FORMAT, "version": ort_sample.FORMAT_VERSION, "graph": graph, "dtype": dtype,
+                   "group_norm": group_norm, "opset": opset, "clip_denoised": clip_denoised,
+                   "unet": model.config.to_dict(), "diffusion": diffusion.config(),
+                   "betas": [float(b) for b in diffusion.schedule.betas.tolist()],
+                   "gflop_per_image_forward": forward_gflops(model.config), "meta": meta or {}}
+    if diffusion.gamma is not None:  # a calibrated model: Analytic-DPM's table, per original timestep
+        description["gamma"] = [float(g) for g in diffusion.gamma.tolist()]
+    return description
 
 
 def trace_onnx(model: UNet, dtype: str = "fp32", step_graph: bool = False, group_norm: str = DEFAULT_GROUP_NORM,
@@ -99,8 +107,8 @@ def trace_onnx(model: UNet, dtype: str = "fp32", step_graph: bool = False, group
     if step_graph:
         module = StepGraph(net, EXPORT_DTYPES[dtype], mean_type, var_type, clip_denoised)
         coef = torch.rand(len(ort_sample.COEF_NAMES), generator=gen)
-        z = torch.randn(x.shape, generator=gen)
-        proto = _trace(module, net, (x, t, coef, z), ["x", "t", "coef", "z"], ["x_prev", "pred_x0"])
+        z, prev_x0 = torch.randn(x.shape, generator=gen), torch.randn(x.shape, generator=gen)
+        proto = _trace(module, net, (x, t, coef, z, prev_x0), ["x", "t", "coef", "z", "prev_x0"], ["x_prev", "pred_x0"])
     else:
         proto = _trace(EpsGraph(net, EXPORT_DTYPES[dtype]), net, (x, t), ["x", "t"], ["out"])
     proto = lower_group_norm(proto, group_norm)
@@ -123,7 +131,9 @@ def build_onnx(model: UNet, diffusion: GaussianDiffusion, dtype: str = "fp32", s
     """
     if diffusion.num_steps != diffusion.num_timesteps:
         raise FastDDPMError("export the full diffusion process, not a respaced one (respacing happens at sampling)")
-    proto = trace_onnx(model, dtype, step_graph, group_norm, diffusion.mean_type, diffusion.var_type, clip_denoised)
+    # the trained variance: a learned-variance model keeps its variance channels whatever var_type samples it
+    proto = trace_onnx(model, dtype, step_graph, group_norm, diffusion.mean_type, diffusion.trained_var_type,
+                       clip_denoised)
     opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     description = describe(model, diffusion, graph="step" if step_graph else "eps", dtype=dtype,
                            group_norm=group_norm, opset=opset, clip_denoised=clip_denoised, meta=meta)
@@ -151,7 +161,9 @@ def export_checkpoint(checkpoint, out, dtype: str = "fp32", step_graph: bool = F
                       group_norm: str = DEFAULT_GROUP_NORM) -> dict:
     """`fastddpm export`: load a checkpoint (path or bundled name) and export it to `out`."""
     check_choice("export dtype", dtype, tuple(EXPORT_DTYPES))
-    model, diffusion, meta = load_checkpoint(checkpoint, device="cpu")
+    model, diffusion, meta = load_checkpoint(checkpoint, device="cpu")  # a calibrated one: diffusion.gamma
+    if isinstance(meta.get(ANALYTIC_KEY), dict):  # the table travels once, as the description's "gamma"
+        meta = {**meta, ANALYTIC_KEY: {k: v for k, v in meta[ANALYTIC_KEY].items() if k != "gamma"}}
     return export_onnx(model, diffusion, out, dtype=dtype, step_graph=step_graph, group_norm=group_norm,
                        clip_denoised=bool(meta.get("clip_denoised", True)),  # as `fastddpm sample` honours it
                        meta={"checkpoint": str(checkpoint), **_json_safe(meta)})

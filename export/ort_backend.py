@@ -7,7 +7,9 @@ code the torch-free script runs, so both give the same samples.
 
 `sample(unet, diffusion, backend="onnx")` with a plain fastddpm UNet also works: the model is
 exported in memory (eps graph, its own dtype; cached while its weights are unchanged) and
-sampled the same way.
+sampled the same way. Every sampler, spacing (a respaced `diffusion`) and variance
+(`diffusion.with_variance(...)`, Analytic-DPM's from a calibrated export's Gamma table) runs, and
+`x_T` is honoured.
 """
 from __future__ import annotations
 
@@ -68,14 +70,15 @@ class OnnxEpsModel:
         return torch.from_numpy(out).to(x.device)
 
     def diffusion(self) -> GaussianDiffusion:
-        """The full diffusion process stored in the file."""
+        """The full diffusion process stored in the file, with its Analytic-DPM table (`gamma`) if it has one."""
         source = repr(self.ort.path)
         if self.ort.betas is None:
             raise CheckpointError(f"{source} holds no betas")
         betas = betas_tensor(torch.from_numpy(self.ort.betas.copy()), source)
         settings = diffusion_settings(self.ort.diffusion, len(betas), source)
+        gamma = None if self.ort.gamma is None else torch.from_numpy(self.ort.gamma.copy())
         try:
-            return GaussianDiffusion(betas, **settings)
+            return GaussianDiffusion(betas, **settings, gamma=gamma)
         except FastDDPMError as e:
             raise CheckpointError(f"{source}: {e}") from None
 
@@ -174,18 +177,25 @@ def warmup(model, diffusion: GaussianDiffusion, shape, options: SampleOptions | 
     settings (options, or SampleOptions keywords) pick the step graph's coefficients."""
     opts = options_from(options, **settings)
     ort_model = _ort_model_for(model, diffusion)
-    shape = tuple(int(s) for s in shape)
-    x = ort_sample.noise(0, ort_sample.XT_STEP, shape)
-    t = np.full((shape[0],), int(diffusion.timesteps[-1]), dtype=np.int64)
     try:
+        shape = ort_model.check_shape(shape)
+        x = ort_sample.noise(0, ort_sample.XT_STEP, shape)
+        t = np.full((shape[0],), int(diffusion.timesteps[-1]), dtype=np.int64)
         if ort_model.kind == "step":
-            process = ort_sample.Process(diffusion.schedule.betas.numpy(), diffusion.timesteps.numpy(),
-                                         diffusion.mean_type, diffusion.var_type)
-            ort_model.step(x, t, process.coefficients(process.num_steps - 1, opts.sampler, opts.eta), x)
+            process = numpy_process(diffusion)
+            ort_model.step(x, t, process.coefficients(process.num_steps - 1, opts.sampler, opts.eta), x, x)
         else:
             ort_model.eps(x, t)
     except ort_sample.SampleError as e:
         raise FastDDPMError(str(e)) from None
+
+
+def numpy_process(diffusion: GaussianDiffusion) -> ort_sample.Process:
+    """ort_sample's float64 twin of `diffusion` (possibly respaced, any var_type including "analytic"):
+    the same betas, timesteps, mean and variance types, output channels (learn_sigma) and Gamma table."""
+    gamma = None if diffusion.gamma is None else diffusion.gamma.numpy()
+    return ort_sample.Process(diffusion.schedule.betas.numpy(), diffusion.timesteps.numpy(), diffusion.mean_type,
+                              diffusion.var_type, learn_sigma=diffusion.learn_sigma, gamma=gamma)
 
 
 def loop_settings(options: SampleOptions) -> dict:
@@ -211,8 +221,10 @@ def run(model, diffusion: GaussianDiffusion, shape, options: SampleOptions | Non
     ort_model = _ort_model_for(model, diffusion)
     if dtype not in (None, torch.float32):
         raise FastDDPMError(f"backend 'onnx' keeps the sampler state in float32, not {dtype}")
-    process = ort_sample.Process(diffusion.schedule.betas.numpy(), diffusion.timesteps.numpy(),
-                                 diffusion.mean_type, diffusion.var_type)
+    try:
+        process = numpy_process(diffusion)
+    except ort_sample.SampleError as e:
+        raise FastDDPMError(str(e)) from None
     bar = tqdm(total=process.num_steps, disable=not progress, desc="sampling", unit="step", leave=False)
 
     def torch_callback(info):

@@ -1,78 +1,49 @@
-"""Sample from a `fastddpm export` model with numpy and ONNX Runtime only: no PyTorch.
-
-This one file is the whole torch-free sampler. Copy it alone to an inference host that has
-numpy and onnxruntime (or onnxruntime-gpu; Pillow is optional, for grid.png) and run
-
-    python ort_sample.py --onnx model.onnx --steps 50 --batch 64 --seed 0 --out DIR
-
-It writes what `fastddpm sample` writes: DIR/samples.npz (uint8 [B, H, W, C] under `arr_0`),
-DIR/grid.png (when Pillow is installed) and DIR/stats.json. The same seed gives the same
-samples as `fastddpm sample --seed S` with the model the file was exported from, up to float32
-rounding (see below), because everything the reference does is redone here:
-
-  * the schedule tables in float64 from the betas stored in the file, and the respacing rule
-    (fastddpm/schedule.py `space_timesteps`, fastddpm/generate.py `respaced_for`);
-  * the counter-based noise (fastddpm/noise.py): Philox-4x32-10 with key (seed, step) and
-    counter (element, sample, 0, 0), Box-Muller in float32. x_T uses step key XT_STEP =
-    0xFFFFFFFF, the z of the update at original timestep t uses step key t, row b of the batch
-    is sample `sample_offset + b`, the element index is the flat NCHW index inside a sample.
-    The Philox words and the uniforms are bit-exact; numpy's and torch's float32 log and cos
-    are not correctly rounded and differ in the last bits (measured: up to 4 ulp in a third
-    of the values), so z agrees to within 1e-6 absolute, not bit for bit;
-  * the reverse step (fastddpm/sampling.py `reference_step`, fastddpm/diffusion.py
-    `p_mean_variance`): ancestral (DDPM Algorithm 2) or DDIM (Song et al. 2021, eq. 12), in
-    float32 with float32 copies of the float64 tables, like the reference.
-
-The file holds either the eps-model alone ("eps" graph: the update runs here in numpy) or the
-whole step (`fastddpm export --step-graph`: eps-model plus update, noise as an input). With the
-CUDA execution provider and a step graph the state stays on the GPU between steps (I/O
-binding); only t, 12 coefficients and the noise go up each step. With an eps graph the state
-makes a round trip to the host every step.
-
-Exit status: 0 done, 2 bad input (one line on stderr).
+"""Sample from a `fastddpm export` model with numpy and ONNX Runtime only: no PyTorch. Copy this one file
+alone to a host with numpy and onnxruntime (or onnxruntime-gpu; Pillow optional, for grid.png) and run
+    python ort_sample.py --onnx model.onnx --steps 50 --batch 64 --seed 0 --out DIR [--sampler S ...]
+It publishes what `fastddpm sample` writes, all or nothing, with the same samples for the same seed up to
+float32 rounding: it redoes the reference's tables and timestep rules (fastddpm/schedule.py), Analytic-DPM's
+variance from the file's Gamma (analytic.py), the counter-based noise (noise.py; Philox words and uniforms exact,
+numpy's and torch's float32 log and cos up to 4 ulp apart: z agrees to 1e-6) and the step (sampling.py, solvers.py)
+as one float32 linear form (COEF_NAMES), for an eps-model graph or a whole step (`--step-graph`; on CUDA its state
+stays on the GPU). Exit: 0 done, 2 bad input (one line on stderr), 130 interrupted.
 """
 from __future__ import annotations
 
 import argparse
+import errno
+import io
 import json
 import math
 import os
 import platform
 import sys
-import tempfile
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
+if __name__ != "__main__":  # imported (fastddpm.export); as a script main() imports it: Ctrl-C there is one line
+    import numpy as np
 
-FORMAT = "fastddpm-onnx"
-FORMAT_VERSION = "1"
-META_KEY = "fastddpm"  # the ONNX metadata_props key holding the JSON description
-XT_STEP = 0xFFFFFFFF  # step key of the starting noise x_T (fastddpm/noise.py)
-SAMPLERS = ("ancestral", "ddim")
-LEARNED_VAR_TYPES = ("learned", "learned_range")
-VAR_TYPES = ("fixedlarge", "fixedsmall") + LEARNED_VAR_TYPES
-MAX_IMAGE_SIZE, MAX_TIMESTEPS = 1024, 100_000  # as fastddpm/validate.py and fastddpm/schedule.py
+FORMAT, FORMAT_VERSION = "fastddpm-onnx", "2"  # 2: step graphs take prev_x0 and 14 coefficients; 1's eps graphs run
+META_KEY, XT_STEP = "fastddpm", 0xFFFFFFFF  # the metadata key of the JSON description; x_T's noise step key
+SAMPLERS, SPACINGS = ("ancestral", "ddim", "dpm++2m", "dpm++2m-sde"), ("iddpm", "linspace", "leading", "trailing")
+SOLVERS = SAMPLERS[2:]  # DPM-Solver++(2M) and its SDE variant: multistep, they read the previous x0 prediction
+LEARNED_VAR_TYPES, VAR_TYPES = ("learned", "learned_range"), ("fixedlarge", "fixedsmall", "learned", "learned_range")
+VARIANCES_OF = {"ancestral": ("fixedlarge", "fixedsmall", "learned", "analytic"), "ddim": ("analytic",), "dpm++2m": (),
+                "dpm++2m-sde": ()}  # --variance per sampler, as fastddpm/generate.py's
+MAX_IMAGE_SIZE, MAX_TIMESTEPS, MAX_THREADS = 1024, 100_000, 1024  # as fastddpm/validate.py and schedule.py
+TMP_PREFIX, NO_SPACE = ".ort_sample-tmp.", (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
-# The per-step coefficient vector the update reads (and a step graph takes as its "coef" input).
-#   x0      = sqrt_recip_ab * x - sqrt_recipm1_ab * eps            (eps prediction; DDPM eq. 4 solved for x0)
-#   mean    = coef1 * x0 + coef2 * x                              (posterior mean, DDPM eq. 7)
-#   eps'    = (sqrt_recip_ab * x - x0) / sqrt_recipm1_ab           (the noise implied by the clipped x0)
-#   log_var = use_learned ? model's log variance : log_variance     (learned_range mixes log_beta and
-#                                                                    posterior_log_variance, IDDPM eq. 15)
-#   x_prev  = w_mean * mean + w_x0 * x0 + w_eps * eps' + noise_scale * exp(log_var / 2) * z
-# ancestral: w_mean = 1, w_x0 = w_eps = 0, noise_scale = 1 (0 at the last step);
-# DDIM:      w_mean = 0, w_x0 = sqrt(ab_prev), w_eps = sqrt(1 - ab_prev - sigma^2), log_variance = 0,
-#            noise_scale = sigma. Zero weights add exact zeros, so both reproduce the reference's sums.
-COEF_NAMES = ("sqrt_recip_ab", "sqrt_recipm1_ab", "coef1", "coef2", "w_mean", "w_x0", "w_eps",
+# The per-step coefficients (a step graph's "coef" [14]): x0 = sqrt_recip_ab x - sqrt_recipm1_ab eps (DDPM eq. 4),
+# clipped; mean = coef1 x0 + coef2 x (eq. 7); eps' = (sqrt_recip_ab x - x0) / sqrt_recipm1_ab; log_var = the model's
+# if use_learned (learned_range: IDDPM eq. 15 from log_beta, posterior_log_variance) else log_variance; then
+#   x_prev = w_mean mean + w_x0 x0 + w_eps eps' + w_x x + w_prev prev_x0 + noise_scale exp(log_var / 2) z
+# ancestral: w_mean = 1; DDIM (Song et al. 2021, eq. 12): w_x0, w_eps; DPM-Solver++(2M): w_x, w_x0, w_prev (prev_x0:
+# the previous step's x0), fastddpm/solvers.py's linear form. Zero weights add exact zeros.
+COEF_NAMES = ("sqrt_recip_ab", "sqrt_recipm1_ab", "coef1", "coef2", "w_mean", "w_x0", "w_eps", "w_x", "w_prev",
               "log_variance", "log_beta", "posterior_log_variance", "use_learned", "noise_scale")
-
-_MASK32 = 0xFFFFFFFF
-_PHILOX_ROUND_A = np.uint64(0xD2511F53)
-_PHILOX_ROUND_B = np.uint64(0xCD9E8D57)
-_PHILOX_KEY_A = 0x9E3779B9
-_PHILOX_KEY_B = 0xBB67AE85
-_UNIFORM_SCALE = np.float32(4.6566127342e-10)
+_COEF, _MASK32 = {name: i for i, name in enumerate(COEF_NAMES)}, 0xFFFFFFFF
 
 
 class SampleError(ValueError):
@@ -81,305 +52,283 @@ class SampleError(ValueError):
 
 # ------------------------------------------------------------------------------------------ noise
 def philox4x32(c0, c1, c2, c3, k0: int, k1: int, rounds: int = 10):
-    """Philox-4x32 on uint32 arrays (broadcastable), keys as Python ints (fastddpm/noise.py).
-
-    Round: c0' = hi(B c2) ^ c1 ^ k0, c1' = lo(B c2), c2' = hi(A c0) ^ c3 ^ k1, c3' = lo(A c0);
-    keys advance by the Weyl constants modulo 2^32.
-    """
+    """Philox-4x32 on uint32 arrays (broadcastable), keys as Python ints: fastddpm/noise.py's rounds."""
+    mul_a, mul_b, shift = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57), np.uint64(32)
     for _ in range(rounds):
-        pb = c2.astype(np.uint64) * _PHILOX_ROUND_B
-        pa = c0.astype(np.uint64) * _PHILOX_ROUND_A
-        c0, c1, c2, c3 = ((pb >> np.uint64(32)).astype(np.uint32) ^ c1 ^ np.uint32(k0), pb.astype(np.uint32),
-                          (pa >> np.uint64(32)).astype(np.uint32) ^ c3 ^ np.uint32(k1), pa.astype(np.uint32))
-        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
-        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
+        pb, pa = c2.astype(np.uint64) * mul_b, c0.astype(np.uint64) * mul_a
+        c0, c1, c2, c3 = ((pb >> shift).astype(np.uint32) ^ c1 ^ np.uint32(k0), pb.astype(np.uint32),
+                          (pa >> shift).astype(np.uint32) ^ c3 ^ np.uint32(k1), pa.astype(np.uint32))
+        k0, k1 = (k0 + 0x9E3779B9) & _MASK32, (k1 + 0xBB67AE85) & _MASK32
     return c0, c1, c2, c3
 
 
 def _uniform(r: np.ndarray) -> np.ndarray:
     """Triton's uint_to_uniform_float: uint32 -> float32 in [0, 1)."""
     x = r.view(np.int32)
-    x = np.where(x < 0, ~x, x)
-    return x.astype(np.float32) * _UNIFORM_SCALE
-
-
-def _noise_rows(seed: int, step: int, rows: int, per_sample: int, first: int) -> np.ndarray:
-    """Noise [rows, per_sample] for samples first .. first+rows-1 (Box-Muller of Philox words r0, r1)."""
-    e = np.arange(per_sample, dtype=np.uint32)[None, :]
-    i = np.arange(first, first + rows, dtype=np.uint64).astype(np.uint32)[:, None]
-    zero = np.zeros((), dtype=np.uint32)
-    r0, r1, _, _ = philox4x32(e, i, zero, zero, int(seed) & _MASK32, int(step) & _MASK32)
-    u1 = np.maximum(_uniform(r0), np.float32(1e-7))
-    u2 = _uniform(r1)
-    return np.sqrt(np.float32(-2.0) * np.log(u1)) * np.cos(np.float32(6.283185307179586) * u2)
-
-
-# Rows are drawn in blocks of about this many elements: numpy's temporaries then stay in the
-# cache, which measured 4-5x faster than one pass over a [256, 3072] batch (AMD EPYC, numpy 2.4).
-_NOISE_BLOCK = 65536
+    return np.where(x < 0, ~x, x).astype(np.float32) * np.float32(4.6566127342e-10)
 
 
 def noise(seed: int, step: int, shape, sample_offset: int = 0, pool=None) -> np.ndarray:
-    """Standard normal float32 noise of `shape` = [B, ...] for samples sample_offset .. +B-1.
-
-    The numpy twin of fastddpm.noise.noise: row b is sample i = sample_offset + b, element e
-    its flat index in the remaining dimensions, key (seed, step) mod 2^32. `pool`, a
-    concurrent.futures executor, draws blocks of rows in parallel (numpy releases the GIL).
-    """
+    """Standard normal float32 noise of `shape` = [B, ...] for samples sample_offset .. +B-1, the numpy twin of
+    fastddpm.noise.noise (key (seed, step) mod 2^32); `pool`, an executor, draws blocks of rows in parallel."""
     shape = tuple(int(s) for s in shape)
     batch, per_sample = shape[0], math.prod(shape[1:])
     if per_sample >= 2**32 or sample_offset < 0 or sample_offset + batch > 2**32:
         raise SampleError(f"{batch} samples of {per_sample} elements from index {sample_offset} do not fit "
                           "the 32-bit counters")
     out = np.empty((batch, per_sample), dtype=np.float32)
-    rows = max(1, _NOISE_BLOCK // max(per_sample, 1))
+    # blocks of about 65536 elements: numpy's temporaries stay in the cache (4-5x faster measured on [256, 3072])
+    rows = max(1, 65536 // max(per_sample, 1))
 
-    def fill(start):
-        stop = min(start + rows, batch)
-        out[start:stop] = _noise_rows(seed, step, stop - start, per_sample, sample_offset + start)
+    def fill(start):  # rows start .. stop - 1: Box-Muller of the Philox words r0, r1
+        stop, e, zero = min(start + rows, batch), np.arange(per_sample, dtype=np.uint32)[None, :], np.uint32(0)
+        i = np.arange(sample_offset + start, sample_offset + stop, dtype=np.uint64).astype(np.uint32)[:, None]
+        r0, r1, _, _ = philox4x32(e, i, zero, zero, int(seed) & _MASK32, int(step) & _MASK32)
+        u1 = np.maximum(_uniform(r0), np.float32(1e-7))
+        out[start:stop] = np.sqrt(np.float32(-2.0) * np.log(u1)) * np.cos(np.float32(6.283185307179586) * _uniform(r1))
 
-    starts = range(0, batch, rows)
-    if pool is None:
-        for start in starts:
-            fill(start)
-    else:
-        list(pool.map(fill, starts))
+    list((pool.map if pool is not None else map)(fill, range(0, batch, rows)))
     return out.reshape(shape)
 
 
 # ------------------------------------------------------------------------------------------ schedule
-def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
-    """Which original steps a respaced process keeps (fastddpm/schedule.py, improved-diffusion's rule)."""
-    spec = str(spec).strip()
-    if spec.startswith("ddim"):
-        want = int(spec[len("ddim"):])
-        for stride in range(1, num_timesteps + 1):
-            if len(range(0, num_timesteps, stride)) == want:
-                return list(range(0, num_timesteps, stride))
-        raise SampleError(f"cannot keep exactly {want} of {num_timesteps} steps with an integer stride")
-    counts = [int(c) for c in spec.split(",")]
-    size_per, extra = divmod(num_timesteps, len(counts))
-    kept: list[int] = []
-    start = 0
-    for i, count in enumerate(counts):
-        size = size_per + (1 if i < extra else 0)
-        if count > size:
-            raise SampleError(f"cannot keep {count} steps of a section of {size} (respacing {spec!r} "
-                              f"over T={num_timesteps})")
-        stride = 1.0 if count <= 1 else (size - 1) / (count - 1)
-        kept += [start + round(j * stride) for j in range(count)]
-        start += size
-    return sorted(set(kept))
-
-
-def respaced_steps(num_timesteps: int, steps: int | None, sampler: str) -> list[int]:
-    """The original timesteps a run of `steps` steps visits (fastddpm/generate.py `respaced_for`).
-
-    All T when steps is None or T; DDIM uses the stride from t = 0 ("ddimN") when one gives
-    exactly N steps, otherwise (and for ancestral sampling) N evenly spaced steps ("N").
-    """
-    T = num_timesteps
-    if steps is None or steps == T:
-        return list(range(T))
-    if not 1 <= steps <= T:
+def sampling_timesteps(T: int, steps: int | None, sampler: str = "ancestral", spacing: str = "iddpm") -> list[int]:
+    """The original timesteps a run of `steps` steps (None: T) visits, ascending: fastddpm/schedule.py's
+    `sampling_timesteps` and `diffusers_timesteps`, which give the rules (iddpm's, diffusers' DDPM/DDIM and
+    DPMSolverMultistep families, the trailing rule's dropped -1)."""
+    if spacing not in SPACINGS:
+        raise SampleError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+    if steps is not None and not 1 <= steps <= T:
         raise SampleError(f"--steps must be between 1 and the model's T = {T}, got {steps}")
-    if sampler == "ddim":
-        try:
-            return space_timesteps(T, f"ddim{steps}")
-        except SampleError:
-            pass
-    return space_timesteps(T, str(steps))
+    if spacing == "iddpm":
+        stride = next((s for s in range(1, T + 1) if len(range(0, T, s)) == steps), None) if sampler == "ddim" else None
+        if steps is None or steps == T or stride is not None:
+            return list(range(0, T, stride or 1))
+        step = 1.0 if steps <= 1 else (T - 1) / (steps - 1)
+        return sorted({round(j * step) for j in range(steps)})
+    n, extra = T if steps is None else steps, int(sampler in SOLVERS and spacing != "trailing")
+    if not 1 <= n <= T - extra:
+        raise SampleError(f"{spacing} spacing takes 1 to {T - extra} steps of T={T}, got {n!r}")
+    t = {"linspace": lambda: np.linspace(0, T - 1, n + extra).round(),
+         "leading": lambda: np.arange(0, n + extra) * (T // (n + extra)),
+         "trailing": lambda: np.round(np.arange(T, 0, -T / n))[:n] - 1}[spacing]()
+    kept = sorted(int(v) for v in t)[extra:]
+    if len(set(kept)) != n or kept[0] < 0 or kept[-1] > T - 1:  # cannot happen for the ranges above
+        raise SampleError(f"{spacing} spacing of {n} steps over T={T} does not give {n} distinct timesteps")
+    return kept
+
+
+def schedule_problem(betas, timesteps=None) -> str | None:
+    """Why float64 betas [K] (at original `timesteps`) cannot be sampled, or None: each finite, in (0, 1) and
+    with 1 - beta < 1 (1e-300 leaves alphabar at 1: 1 - alphabar = 0 divides), alphabar above 0."""
+    b = np.asarray(betas, dtype=np.float64)
+    t = np.arange(len(b)) if timesteps is None else np.asarray(timesteps)
+    with np.errstate(all="ignore"):
+        masks = (~(np.isfinite(b) & (b >= 0) & (b < 1)), 1.0 - b == 1.0)
+    for mask, text in zip(masks, ("every beta must be finite and in (0, 1); beta = {} at t={}", "beta = {} at t={} is "
+                                  "too small for float64 (1 - beta rounds to 1: 1 - alphabar can be 0)")):
+        if mask.any():
+            return text.format(float(b[np.argmax(mask)]), int(t[np.argmax(mask)]))
+    if len(b) == 0 or np.cumprod(1.0 - b)[-1] <= 0:
+        return "every beta must be finite and in (0, 1), and alphabar must stay above 0"
+    return None
 
 
 class Process:
-    """The float64 tables of a (possibly respaced) diffusion process over `timesteps` [K].
+    """fastddpm/schedule.py's float64 tables of a process over `timesteps` [K] with its own betas [K] (IDDPM sec. 4);
+    var_type: the one to sample with; learn_sigma: 2C output channels; gamma: Analytic-DPM's [T], per original t."""
 
-    betas [K] are the process's own betas: for a respaced process beta'_k = 1 - ab_{t_k} / ab_{t_{k-1}}
-    (IDDPM sec. 4), so the kept steps keep their alphabar. Tables as fastddpm/schedule.py `Schedule`.
-    """
-
-    def __init__(self, betas, timesteps, mean_type: str = "eps", var_type: str = "fixedlarge"):
+    def __init__(self, betas, timesteps, mean_type: str = "eps", var_type: str = "fixedlarge",
+                 learn_sigma: bool | None = None, gamma=None):
         b = np.asarray(betas, dtype=np.float64)
-        self.betas, self.timesteps = b, np.asarray(timesteps, dtype=np.int64)
+        self.betas, self.timesteps, self.num_steps = b, np.asarray(timesteps, dtype=np.int64), len(b)
         self.mean_type, self.var_type = mean_type, var_type
+        self.learn_sigma = var_type in LEARNED_VAR_TYPES if learn_sigma is None else bool(learn_sigma)
+        if schedule_problem(b, self.timesteps):
+            raise SampleError(f"cannot sample this schedule: {schedule_problem(b, self.timesteps)}")
         a = 1.0 - b
-        ab = np.cumprod(a)
-        ab_prev = np.concatenate([[1.0], ab[:-1]])
-        post_var = b * (1.0 - ab_prev) / (1.0 - ab)
+        self.alphas_cumprod = ab = np.cumprod(a)
+        self.alphas_cumprod_prev = ab_prev = np.concatenate([[1.0], ab[:-1]])
+        self.posterior_variance = post_var = b * (1.0 - ab_prev) / (1.0 - ab)
         first = post_var[1] if len(b) > 1 else b[0]
-        self.alphas_cumprod, self.alphas_cumprod_prev = ab, ab_prev
-        self.sqrt_recip_alphas_cumprod = 1.0 / np.sqrt(ab)
-        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / ab - 1.0)
+        self.sqrt_recip_alphas_cumprod, self.sqrt_recipm1_alphas_cumprod = 1.0 / np.sqrt(ab), np.sqrt(1.0 / ab - 1.0)
         self.posterior_mean_coef1 = b * np.sqrt(ab_prev) / (1.0 - ab)
         self.posterior_mean_coef2 = (1.0 - ab_prev) * np.sqrt(a) / (1.0 - ab)
-        self.posterior_log_variance_clipped = np.log(np.concatenate([[first], post_var[1:]]))
-        self.log_fixedlarge_variance = np.log(np.concatenate([[first], b[1:]]))
-        self.log_betas = np.log(b)
+        with np.errstate(divide="ignore"):  # a log of 0 is caught as a non-finite coefficient
+            self.posterior_log_variance_clipped = np.log(np.concatenate([[first], post_var[1:]]))
+            self.log_fixedlarge_variance, self.log_betas = np.log(np.concatenate([[first], b[1:]])), np.log(b)
+        self.gamma = None if gamma is None else np.asarray(gamma, dtype=np.float64)[self.timesteps]
 
     @classmethod
-    def from_full(cls, betas, steps: int | None, sampler: str, mean_type: str, var_type: str) -> "Process":
-        """The process `steps` steps long over the full schedule `betas` [T] (the respacing rule above)."""
+    def from_full(cls, betas, steps: int | None, sampler: str, mean_type: str, var_type: str, *,
+                  spacing: str = "iddpm", variance: str | None = None, gamma=None) -> "Process":
+        """The process of a run over the full betas [T] (fastddpm/generate.py `respaced_for`); var_type is the trained
+        one, `variance` --variance (None: the model's own; GaussianDiffusion.with_variance's rules)."""
+        usable = VARIANCES_OF.get(sampler, ())
+        if variance is not None and variance not in usable:
+            raise SampleError(f"--variance {variance} does not apply to the {sampler} sampler " + (
+                f"(it takes only {', '.join(usable)})" if usable else "(it has no reverse variance)"))
+        if variance == "learned" and var_type not in LEARNED_VAR_TYPES:
+            raise SampleError(f"--variance learned needs a model trained with learned variances; this one was "
+                              f"trained with {var_type!r} (use fixedlarge, fixedsmall or analytic)")
+        if variance == "analytic" and gamma is None:
+            raise SampleError("--variance analytic needs Analytic-DPM's table Gamma_t, which this file does not "
+                              "carry; export a calibrated checkpoint (`fastddpm calibrate`, then `fastddpm export`)")
         full = np.asarray(betas, dtype=np.float64)
-        kept = respaced_steps(len(full), steps, sampler)
-        if len(kept) == len(full):
-            return cls(full, kept, mean_type, var_type)
-        ab_full = np.cumprod(1.0 - full)
-        out, last = [], 1.0
-        for t in kept:
-            ab = float(ab_full[t])
-            out.append(1.0 - ab / last)
-            last = ab
-        return cls(out, kept, mean_type, var_type)
+        kept = sampling_timesteps(len(full), steps, sampler, spacing)
+        ab = np.cumprod(1.0 - full)[kept]
+        b = full if len(kept) == len(full) else 1.0 - ab / np.concatenate([[1.0], ab[:-1]])
+        return cls(b, kept, mean_type, var_type if variance in (None, "learned") else variance,
+                   learn_sigma=var_type in LEARNED_VAR_TYPES, gamma=gamma)
 
-    @property
-    def num_steps(self) -> int:
-        return len(self.betas)
+    def analytic_variance(self, sampler: str = "ancestral", eta: float = 0.0) -> np.ndarray:
+        """Analytic-DPM's optimal variance sigma*_k^2, float64 [K], ancestral or DDIM with eta: the numpy twin
+        of fastddpm/analytic.py `optimal_variance` (Bao et al. 2022, Theorem 1; the formulas are there)."""
+        if self.gamma is None:
+            raise SampleError("the analytic variance needs Analytic-DPM's table Gamma_t (a calibrated export)")
+        ab, ab_prev = self.alphas_cumprod, self.alphas_cumprod_prev
+        if sampler == "ancestral":
+            lam2, c = self.posterior_variance, self.posterior_mean_coef1
+        else:
+            lam2 = float(eta) ** 2 * self.posterior_variance
+            c = np.sqrt(ab_prev) - np.sqrt(np.maximum(1.0 - ab_prev - lam2, 0.0)) * np.sqrt(ab / (1.0 - ab))
+        sigma2 = lam2 + c**2 * np.clip((1.0 - ab) / ab * (1.0 - self.gamma), 0.0, 1.0)
+        sigma2[0] = np.exp(self.posterior_log_variance_clipped[0])  # the fixed decoder (never used to sample)
+        return sigma2
 
-    @property
-    def learned_variance(self) -> bool:
-        return self.var_type in LEARNED_VAR_TYPES
+    def dpm_coefficients(self, sde: bool) -> dict:
+        """DPM-Solver++(2M) (sde: SDE-DPM-Solver++(2M)) as x_t = w_x x_s + w_x0 D0 + w_prev m1 + noise_scale z, float64
+        [K] each: the numpy twin of fastddpm/solvers.py `step_scalars`, where the paper's formulas are."""
+        K, ab_s, ab_t = self.num_steps, self.alphas_cumprod, self.alphas_cumprod_prev
+        sigma_s, alpha_t, sigma_t = np.sqrt(1.0 - ab_s), np.sqrt(ab_t), np.sqrt(np.maximum(1.0 - ab_t, 0.0))
+        e = np.sqrt(ab_s) * sigma_t / (sigma_s * alpha_t)  # e^-h; 0 at k = 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lam = 0.5 * (np.log(ab_s) - np.log1p(-ab_s))  # lambda_s; lambda_t of step k is lam[k - 1]
+            r0 = (lam - np.append(lam[1:], np.nan)) / (np.append(np.inf, lam[:-1]) - lam)
+            half_d1 = np.where((np.arange(K) > 0) & (np.arange(K) < K - 1), 0.5 / r0, 0.0)
+        weight = alpha_t * (1.0 - e**2 if sde else 1.0 - e)
+        return {"w_x": sigma_t / sigma_s * e if sde else sigma_t / sigma_s, "w_x0": weight * (1.0 + half_d1),
+                "w_prev": -weight * half_d1, "noise_scale": sigma_t * np.sqrt(np.maximum(1.0 - e**2, 0.0)) * sde}
+
+    def coefficient_table(self, sampler: str = "ancestral", eta: float = 0.0) -> np.ndarray:
+        """The float32 coefficients [K, 14] of all steps (COEF_NAMES); SampleError if one overflows or divides by 0."""
+        K, ab, ab_prev, var = self.num_steps, self.alphas_cumprod, self.alphas_cumprod_prev, self.var_type
+        later = (np.arange(K) > 0).astype(np.float64)  # no noise at the last step (k = 0)
+        c = dict.fromkeys(COEF_NAMES, 0.0)
+        c.update(sqrt_recip_ab=self.sqrt_recip_alphas_cumprod, sqrt_recipm1_ab=self.sqrt_recipm1_alphas_cumprod,
+                 coef1=self.posterior_mean_coef1, coef2=self.posterior_mean_coef2, log_beta=self.log_betas,
+                 posterior_log_variance=self.posterior_log_variance_clipped)
+        if sampler == "ancestral":
+            log_var = np.log(self.analytic_variance()) if var == "analytic" else (
+                self.log_fixedlarge_variance if var == "fixedlarge" else self.posterior_log_variance_clipped)
+            c.update(w_mean=1.0, log_variance=log_var, use_learned=float(var in LEARNED_VAR_TYPES), noise_scale=later)
+        elif sampler == "ddim":  # Song et al. 2021, eq. 12 and 16; Analytic-DDIM replaces only the noise's sigma
+            lam = eta * np.sqrt((1.0 - ab_prev) / (1.0 - ab)) * np.sqrt(1.0 - ab / ab_prev)
+            sigma = np.sqrt(self.analytic_variance("ddim", eta)) if var == "analytic" else lam
+            c.update(w_x0=np.sqrt(ab_prev), w_eps=np.sqrt(np.maximum(1.0 - ab_prev - lam**2, 0.0)),
+                     noise_scale=later * sigma)
+        elif sampler in SOLVERS:
+            c.update(self.dpm_coefficients(sampler == "dpm++2m-sde"))
+        else:
+            raise SampleError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        with np.errstate(over="ignore", invalid="ignore"):
+            table = np.stack([np.broadcast_to(np.asarray(c[n], float), (K,)) for n in COEF_NAMES], 1).astype(np.float32)
+        bad = ~np.isfinite(table).all(axis=1) | (table[:, _COEF["sqrt_recipm1_ab"]] == 0) | (
+            (table[:, _COEF["coef1"]] == 0) & (self.mean_type == "xprev"))
+        if bad.any():
+            k = int(np.argmax(bad))
+            raise SampleError(f"the step at t={self.timesteps[k]} cannot be computed in float32 (alphabar = "
+                              f"{ab[k]:.6g}, beta = {self.betas[k]:.6g}): a coefficient overflows or a divisor is 0")
+        return table
 
     def coefficients(self, k: int, sampler: str = "ancestral", eta: float = 0.0) -> np.ndarray:
-        """The float32 coefficient vector [len(COEF_NAMES)] of step index k (see COEF_NAMES)."""
-        c = dict.fromkeys(COEF_NAMES, 0.0)
-        c["sqrt_recip_ab"] = self.sqrt_recip_alphas_cumprod[k]
-        c["sqrt_recipm1_ab"] = self.sqrt_recipm1_alphas_cumprod[k]
-        c["coef1"], c["coef2"] = self.posterior_mean_coef1[k], self.posterior_mean_coef2[k]
-        c["log_beta"], c["posterior_log_variance"] = self.log_betas[k], self.posterior_log_variance_clipped[k]
-        if sampler == "ancestral":
-            c["w_mean"] = 1.0
-            c["log_variance"] = (self.log_fixedlarge_variance[k] if self.var_type == "fixedlarge"
-                                 else self.posterior_log_variance_clipped[k])
-            c["use_learned"] = 1.0 if self.learned_variance else 0.0
-            c["noise_scale"] = 1.0 if k > 0 else 0.0
-        else:  # DDIM, Song et al. 2021 eq. 12 and 16
-            ab, ab_prev = float(self.alphas_cumprod[k]), float(self.alphas_cumprod_prev[k])
-            sigma = eta * math.sqrt((1.0 - ab_prev) / (1.0 - ab)) * math.sqrt(1.0 - ab / ab_prev)
-            c["w_x0"] = math.sqrt(ab_prev)
-            c["w_eps"] = math.sqrt(max(1.0 - ab_prev - sigma**2, 0.0))
-            c["noise_scale"] = sigma if (k > 0 and sigma > 0) else 0.0
-        return np.array([c[n] for n in COEF_NAMES], dtype=np.float64).astype(np.float32)
+        """The float32 coefficient vector [len(COEF_NAMES)] of step index k (coefficient_table's row k)."""
+        return self.coefficient_table(sampler, eta)[k]
 
 
 def update(process: Process, x: np.ndarray, out: np.ndarray, coef: np.ndarray, z: np.ndarray | None,
-           clip_denoised: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """One reverse step from x = x_t [B, C, ...] (float32) given the model output `out` and `coef`.
-
-    The numpy twin of fastddpm.sampling.reference_step (formulas at COEF_NAMES). z may be None
-    when coef's noise_scale is 0. Returns (x_prev, pred_x0), float32.
-    """
+           clip_denoised: bool = True, prev_x0: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(x_prev, pred_x0) float32 [B, C, H, W] from x_t and the model output [B, C or 2C, H, W]: reference_step as the
+    step graph computes it (COEF_NAMES); z may be None where noise_scale is 0, prev_x0 (the last x0) where w_prev is."""
+    sra, srm1, c1, c2, w_mean, w_x0, w_eps, w_x, w_prev, log_var, log_beta, post_log, learned, scale = coef
     C = x.shape[1]
-    want = 2 * C if process.learned_variance else C
-    if out.shape[1] != want:
-        raise SampleError(f"the model returned {out.shape[1]} channels, expected {want} for var_type "
-                          f"{process.var_type!r}")
-    sra, srm1, c1, c2, w_mean, w_x0, w_eps, log_var, log_beta, post_log, use_learned, noise_scale = coef
-    mean_part = out[:, :C]
-    if process.mean_type == "eps":
-        x0 = sra * x - srm1 * mean_part
-    elif process.mean_type == "x0":
-        x0 = mean_part
-    else:
-        x0 = (mean_part - c2 * x) / c1
-    if clip_denoised:
-        x0 = np.clip(x0, np.float32(-1.0), np.float32(1.0))
-    x_prev = None
-    if w_mean != 0:
-        mean = mean_part if (process.mean_type == "xprev" and not clip_denoised) else c1 * x0 + c2 * x
-        x_prev = mean if w_mean == 1 else w_mean * mean
-    if w_x0 != 0:
-        x_prev = w_x0 * x0 if x_prev is None else x_prev + w_x0 * x0
-    if w_eps != 0:
-        eps = mean_part if (process.mean_type == "eps" and not clip_denoised) else (sra * x - x0) / srm1
-        x_prev = w_eps * eps if x_prev is None else x_prev + w_eps * eps
-    if x_prev is None:
-        x_prev = np.zeros_like(x)
-    if noise_scale != 0:
-        if use_learned != 0:
-            v = out[:, C:]
-            if process.var_type == "learned_range":
-                frac = (v + np.float32(1.0)) / np.float32(2.0)
-                v = frac * log_beta + (np.float32(1.0) - frac) * post_log
-            sigma = noise_scale * np.exp(np.float32(0.5) * v)
-        else:
-            sigma = noise_scale * np.exp(np.float32(0.5) * log_var)
-        x_prev = x_prev + sigma * z
+    if out.shape[1] != (2 * C if process.learn_sigma else C):
+        raise SampleError(f"the model returned {out.shape[1]} channels, expected {2 * C if process.learn_sigma else C}")
+    mean_part, raw, one = out[:, :C], not clip_denoised, np.float32(1.0)
+    x0 = {"eps": lambda: sra * x - srm1 * mean_part, "x0": lambda: mean_part,
+          "xprev": lambda: (mean_part - c2 * x) / c1}[process.mean_type]()
+    x0 = x0 if raw else np.clip(x0, -one, one)
+    mean = mean_part if process.mean_type == "xprev" and raw else c1 * x0 + c2 * x
+    eps = mean_part if process.mean_type == "eps" and raw else (sra * x - x0) / srm1
+    prev = x0 if prev_x0 is None and w_prev == 0 else prev_x0  # (the first step walked has none, and weight 0)
+    x_prev = w_mean * mean + w_x0 * x0 + w_eps * eps + w_x * x + w_prev * prev
+    if scale != 0:  # (a huge learned log variance at a step without noise must not give 0 * inf)
+        v = out[:, C:] if learned != 0 else log_var
+        if learned != 0 and process.var_type == "learned_range":  # IDDPM eq. 15
+            v = (v + one) / np.float32(2.0) * log_beta + (one - (v + one) / np.float32(2.0)) * post_log
+        x_prev = x_prev + scale * np.exp(np.float32(0.5) * v) * z
     return x_prev.astype(np.float32, copy=False), x0
 
 
 # ------------------------------------------------------------------------------------------ the model file
-def _import_onnxruntime():
-    try:
-        import onnxruntime
-    except ImportError:
-        raise SampleError("this sampler needs onnxruntime (pip install onnxruntime, or onnxruntime-gpu "
-                          "on a CUDA host)") from None
-    return onnxruntime
+def _finite_nonnegative(v) -> bool:
+    """A JSON number (not a bool), finite and >= 0 (Python compares a huge integer with a float exactly)."""
+    return type(v) in (int, float) and 0 <= v <= sys.float_info.max
 
 
 class OnnxModel:
-    """An exported fastddpm model in an ONNX Runtime session, with the description from its metadata.
-
-    kind      "eps" (x [B, C, H, W] float32, t [B] int64 -> out [B, C_out, H, W] float32) or
-              "step" (x, t, coef [len(COEF_NAMES)] float32, z [B, C, H, W] -> x_prev, pred_x0)
-    unet      the U-Net config (dict: image_size, in_channels, ...)
-    diffusion the diffusion settings (mean_type, var_type, loss_type, num_timesteps)
-    betas     the full float64 schedule [T]
-    provider  the execution provider that runs it ("CUDAExecutionProvider" or "CPUExecutionProvider")
-    """
+    """A `fastddpm export` (path or bytes) in an ONNX Runtime session on `provider` ("auto", "cpu", "cuda"), described
+    by its checked metadata (or `description`: in-memory). kind: "eps" (x [B, C, H, W], t [B] int64 -> out) or "step"
+    (x, t, coef [14], z, prev_x0 -> x_prev, pred_x0); betas, gamma: float64 [T]; batches: a batch the graph fixes."""
 
     def __init__(self, source, provider: str = "auto", threads: int = 0, description: dict | None = None):
-        """Load `source` (a path, or the bytes of a model) on `provider` ("auto", "cpu" or "cuda").
-
-        description: use this dict instead of the file's metadata (an in-memory export whose
-        process comes from elsewhere); None reads and validates the metadata.
-        """
-        ort = _import_onnxruntime()
-        from_bytes = isinstance(source, (bytes, bytearray))
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise SampleError("this sampler needs onnxruntime (pip install onnxruntime, or onnxruntime-gpu)") from None
+        self.ort, from_bytes = ort, isinstance(source, (bytes, bytearray))
         self.path = "<in-memory model>" if from_bytes else os.fspath(source)
         if not from_bytes and not os.path.isfile(self.path):
             raise SampleError(f"ONNX model {self.path!r} does not exist or is not a file")
         if provider not in ("auto", "cpu", "cuda"):
             raise SampleError(f"unknown provider {provider!r}; choose one of 'auto', 'cpu', 'cuda'")
+        if type(threads) is not int or not 0 <= threads <= MAX_THREADS:
+            raise SampleError(f"threads must be an integer in 0..{MAX_THREADS} (0: ORT's default), not {threads!r}")
         available = ort.get_available_providers()
         if provider == "cuda" and "CUDAExecutionProvider" not in available:
-            raise SampleError("--provider cuda needs onnxruntime-gpu (this onnxruntime offers "
-                              f"{', '.join(available)})")
+            raise SampleError(f"--provider cuda needs onnxruntime-gpu (this onnxruntime offers {', '.join(available)})")
         use_cuda = provider == "cuda" or (provider == "auto" and "CUDAExecutionProvider" in available)
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
         if use_cuda and hasattr(ort, "preload_dlls"):
             try:  # CUDA and cuDNN from torch or the nvidia-* wheels (onnxruntime-gpu[cuda,cudnn]), ORT >= 1.21
                 ort.preload_dlls()
             except Exception:  # noqa: BLE001 - best effort: without them the session reports the provider it got
                 pass
         options = ort.SessionOptions()
-        options.log_severity_level = 3  # errors only: no optimizer chatter on stderr
-        if threads:
-            options.intra_op_num_threads = int(threads)
+        options.log_severity_level, options.intra_op_num_threads = 3, threads  # errors only; 0: ORT's default
         try:
-            self.session = ort.InferenceSession(bytes(source) if from_bytes else self.path, options,
-                                                providers=providers)
+            self.session = ort.InferenceSession(bytes(source) if from_bytes else self.path, options, providers=[
+                "CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own pybind exception types for unreadable files
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise SampleError(f"{self.path!r} is not a readable ONNX model ({first})") from None
         self.provider = self.session.get_providers()[0]
+        self.on_cuda = self.provider == "CUDAExecutionProvider"
         if provider == "cuda" and self.provider != "CUDAExecutionProvider":
             raise SampleError("--provider cuda was asked for, but ONNX Runtime could not start CUDA here")
+        meta = description
         if description is None:
             props = self.session.get_modelmeta().custom_metadata_map
             if META_KEY not in props:
                 raise SampleError(f"{self.path!r} is an ONNX model but not a fastddpm export (no {META_KEY!r} "
                                   "metadata); make one with `fastddpm export`")
             try:
-                description = json.loads(props[META_KEY])
+                meta = json.loads(props[META_KEY])
             except ValueError as e:
                 raise SampleError(f"{self.path!r} has corrupt fastddpm metadata ({e})") from None
-            self._describe(description, check_betas=True)
-        else:
-            self._describe(description, check_betas=False)
+        self._describe(meta, check_betas=description is None)
 
     def _describe(self, meta: dict, check_betas: bool) -> None:
-        """Read the description, checking every field a hostile file could get wrong, then the graph."""
+        """Read the description, checking every field a hostile file could get wrong, then the graph's inputs."""
         def bad(what):
             return SampleError(f"{self.path!r} has bad fastddpm metadata: {what}")
 
@@ -388,9 +337,10 @@ class OnnxModel:
                 raise bad(f"a JSON {type(meta).__name__}, not an object")
             if meta.get("format") != FORMAT:
                 raise SampleError(f"{self.path!r} has metadata of format {meta.get('format')!r}, not {FORMAT!r}")
-            if str(meta.get("version")) != FORMAT_VERSION:
+            version = str(meta.get("version"))
+            if version not in ("1", FORMAT_VERSION):
                 raise SampleError(f"{self.path!r} is export format version {meta.get('version')!r}; this sampler "
-                                  f"reads version {FORMAT_VERSION}")
+                                  f"reads versions 1 (eps graphs) and {FORMAT_VERSION}")
             self.meta, self.kind, self.dtype = meta, meta["graph"], meta["dtype"]
             self.unet, self.diffusion = dict(meta["unet"]), dict(meta["diffusion"])
             raw = meta.get("betas")
@@ -399,7 +349,7 @@ class OnnxModel:
             self.betas = None if raw is None else np.asarray(raw, dtype=np.float64)
             self.clip_denoised = meta.get("clip_denoised", True)
             self.channels, self.image_size = self.unet["in_channels"], self.unet["image_size"]
-            T = self.diffusion["num_timesteps"]
+            T, gamma, gflop = self.diffusion["num_timesteps"], meta.get("gamma"), meta.get("gflop_per_image_forward", 0)
         except SampleError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -414,21 +364,23 @@ class OnnxModel:
                                      ("clip_denoised", self.clip_denoised, (True, False))):
             if not isinstance(value, (str, bool)) or value not in choices:
                 raise bad(f"{name}={value!r} is not one of {', '.join(map(str, choices))}")
-        if check_betas or self.betas is not None:
-            b = self.betas
-            if b is None or b.ndim != 1 or len(b) != T:
-                raise bad(f"it says T={T} but holds {0 if b is None else b.size} betas")
-            if not (np.isfinite(b) & (b > 0) & (b < 1)).all() or np.prod(1.0 - b) <= 0:
-                raise bad("every beta must be finite and in (0, 1), and alphabar must stay above 0")
-        self._check_graph()
-
-    def _check_graph(self) -> None:
-        """The graph's inputs must be the ones the metadata promises: names, element types, and the
-        static [C, H, W] of x (and z) equal to in_channels x image_size x image_size."""
-        image = [None, self.channels, self.image_size, self.image_size]  # None: the dynamic batch
+        if version == "1" and self.kind == "step":
+            raise SampleError(f"{self.path!r} is a version-1 step graph, whose step lacks the inputs this sampler "
+                              "feeds (prev_x0, 14 coefficients); export it again with `fastddpm export --step-graph`")
+        if not _finite_nonnegative(gflop):
+            raise bad(f"gflop_per_image_forward={gflop!r} is not a finite number >= 0")
+        if gamma is not None and not (type(gamma) is list and len(gamma) == T and all(map(_finite_nonnegative, gamma))):
+            raise bad(f"gamma (Analytic-DPM's table) must be a list of T={T} finite numbers >= 0")
+        self.gflop, self.gamma = float(gflop), None if gamma is None else np.asarray(gamma, dtype=np.float64)
+        if (check_betas or self.betas is not None) and (self.betas is None or len(self.betas) != T):
+            raise bad(f"it says T={T} but holds {0 if self.betas is None else self.betas.size} betas")
+        if self.betas is not None and schedule_problem(self.betas):
+            raise bad(schedule_problem(self.betas))
+        # the graph's inputs must be the ones promised: names, element types, x's (z's, prev_x0's) [C, H, W]
+        image = [None, self.channels, self.image_size, self.image_size]  # None: the batch
         want = {"x": ("tensor(float)", image), "t": ("tensor(int64)", [None])}
         if self.kind == "step":
-            want.update(coef=("tensor(float)", [len(COEF_NAMES)]), z=("tensor(float)", image))
+            want.update(coef=("tensor(float)", [len(COEF_NAMES)]), z=want["x"], prev_x0=want["x"])
         got = {i.name: (i.type, list(i.shape)) for i in self.session.get_inputs()}
         if set(got) != set(want):
             raise SampleError(f"{self.path!r}: the graph takes inputs {sorted(got)}, but its metadata promises "
@@ -438,10 +390,17 @@ class OnnxModel:
             if gtype != dtype or len(gshape) != len(shape) or any(w not in (None, d) for d, w in zip(gshape, shape)):
                 raise SampleError(f"{self.path!r}: graph input {name!r} is {gtype} {gshape}, but the metadata promises "
                                   f"{dtype} {['batch' if w is None else w for w in shape]}")
+        self.batches = {got[n][1][0] for n, (_, dims) in want.items() if dims[0] is None and type(got[n][1][0]) is int}
 
-    @property
-    def on_cuda(self) -> bool:
-        return self.provider == "CUDAExecutionProvider"
+    def check_shape(self, shape) -> tuple:
+        """`shape` as a tuple if this graph can run it: [B, C, H, W] of the model, B its fixed batch if it has one."""
+        shape, want = tuple(int(s) for s in shape), (self.channels, self.image_size, self.image_size)
+        if len(shape) != 4 or shape[1:] != want or shape[0] < 1:
+            raise SampleError(f"this model samples shape [B, {', '.join(map(str, want))}], not {list(shape)}")
+        if self.batches - {shape[0]}:
+            raise SampleError(f"{self.path!r} is a graph for batch {min(self.batches)} only; run it with --batch "
+                              f"{min(self.batches)}, not {shape[0]}")
+        return shape
 
     def eps(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
         """The model output for x [B, C, H, W] float32 at original timesteps t [B] int64 (eps graph)."""
@@ -450,118 +409,95 @@ class OnnxModel:
         return self.session.run(None, {"x": np.ascontiguousarray(x, np.float32),
                                        "t": np.ascontiguousarray(t, np.int64)})[0]
 
-    def step(self, x: np.ndarray, t: np.ndarray, coef: np.ndarray, z: np.ndarray):
-        """(x_prev, pred_x0) of one whole step on host arrays (step graph)."""
-        x_prev, pred_x0 = self.session.run(None, {"x": np.ascontiguousarray(x, np.float32),
-                                                  "t": np.ascontiguousarray(t, np.int64),
-                                                  "coef": coef, "z": np.ascontiguousarray(z, np.float32)})
-        return x_prev, pred_x0
+    def step(self, x: np.ndarray, t: np.ndarray, coef: np.ndarray, z: np.ndarray, prev_x0: np.ndarray):
+        """(x_prev, pred_x0) of one whole step on host arrays (step graph; arguments as `update`)."""
+        feed = {"x": x, "t": t, "coef": coef, "z": z, "prev_x0": prev_x0}
+        return self.session.run(None, {k: np.ascontiguousarray(v, np.int64 if k == "t" else np.float32)
+                                       for k, v in feed.items()})
 
 
 class _DeviceLoop:
-    """Step-graph state kept on the device: x and x_prev are device OrtValues, swapped after each run.
-
-    Per step only t [B], the coefficients [12] and the noise go up; outputs come down only
-    when asked for (a callback, or the last step). `device` is "cuda" on a GPU; "cpu" runs the
-    same I/O-binding code on the CPU provider (how the tests exercise it without a GPU).
-    """
+    """A step graph's state on the device (I/O binding): x and the previous x0 in device OrtValue pairs swapped after
+    every run, so only t, coef and z go up per step. device "cpu": the same code on the CPU provider (the tests)."""
 
     def __init__(self, model: OnnxModel, x: np.ndarray, device: str = "cuda"):
-        ort = _import_onnxruntime()
-        self.session, self.device = model.session, device
-        self.binding = model.session.io_binding()
-        self.x = ort.OrtValue.ortvalue_from_numpy(x, device, 0)
-        self.x_next = ort.OrtValue.ortvalue_from_shape_and_type(list(x.shape), np.float32, device, 0)
+        value, self.session, self.binding = model.ort.OrtValue, model.session, model.session.io_binding()
+        self.x, self.prev = (value.ortvalue_from_numpy(v, device, 0) for v in (x, np.zeros_like(x)))
+        self.x_next, self.pred = (value.ortvalue_from_shape_and_type([*x.shape], np.float32, device, 0) for _ in "xp")
 
     def step(self, t: np.ndarray, coef: np.ndarray, z: np.ndarray, fetch: bool):
         """Run one step; returns host copies [x_prev, pred_x0] when `fetch`, else None."""
         b = self.binding
-        b.bind_ortvalue_input("x", self.x)
-        b.bind_cpu_input("t", t)
-        b.bind_cpu_input("coef", coef)
-        b.bind_cpu_input("z", z)
-        b.bind_ortvalue_output("x_prev", self.x_next)
-        b.bind_output("pred_x0", self.device, 0)
+        for bind, name, value in ((b.bind_ortvalue_input, "x", self.x), (b.bind_ortvalue_input, "prev_x0", self.prev),
+                                  (b.bind_cpu_input, "t", t), (b.bind_cpu_input, "coef", coef),
+                                  (b.bind_cpu_input, "z", z), (b.bind_ortvalue_output, "x_prev", self.x_next),
+                                  (b.bind_ortvalue_output, "pred_x0", self.pred)):
+            bind(name, value)
         self.session.run_with_iobinding(b)
         fetched = b.copy_outputs_to_cpu() if fetch else None
-        self.x, self.x_next = self.x_next, self.x
+        self.x, self.x_next, self.prev, self.pred = self.x_next, self.x, self.pred, self.prev
         return fetched
 
 
 def sample_loop(model: OnnxModel, process: Process, shape, seed: int = 0, sampler: str = "ancestral",
                 eta: float = 0.0, sample_offset: int = 0, clip_denoised: bool = True, callback=None,
                 progress=None, device_loop: bool | None = None, x_T: np.ndarray | None = None) -> np.ndarray:
-    """Draw samples of `shape` = [B, C, H, W]; the numpy twin of fastddpm.sampling.sample.
-
-    x_T = noise(seed, XT_STEP); then for step index k = K-1 .. 0 the model runs at original
-    timestep t = process.timesteps[k] and the update uses z = noise(seed, t). callback, if
-    given, gets dict(index, k, t, x, pred_x0) of numpy arrays after every step (on the GPU
-    this fetches the state every step); progress, if given, gets the step's index only.
-    device_loop: keep a step graph's state in device OrtValues (I/O binding); None means on
-    CUDA only. Returns x_0 float32 [B, C, H, W], clipped to [-1, 1] when clip_denoised.
-    """
+    """Samples x_0 float32 [B, C, H, W] of `shape` (clipped when clip_denoised), the numpy twin of fastddpm's sample:
+    from x_T (noise(seed, XT_STEP) unless given), for k = K-1 .. 0 the model at t = process.timesteps[k], the update
+    with z = noise(seed, t) (and the previous x0 for dpm++2m*). callback gets dict(index, k, t, x, pred_x0) after
+    each step, progress the index; device_loop: the step graph's state in device OrtValues (None: on CUDA)."""
     if sampler not in SAMPLERS:
-        raise SampleError(f"unknown sampler {sampler!r}; choose one of 'ancestral', 'ddim'")
+        raise SampleError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if not 0.0 <= eta <= 1.0:
         raise SampleError(f"eta must be in [0, 1], got {eta}")
-    shape = tuple(int(s) for s in shape)
-    want = (model.channels, model.image_size, model.image_size)
-    if len(shape) != 4 or shape[1:] != want or shape[0] < 1:
-        raise SampleError(f"this model samples shape [B, {', '.join(map(str, want))}], not {list(shape)}")
-    if model.kind == "step":
-        if clip_denoised != model.clip_denoised:
-            raise SampleError(f"this step graph was exported with clip_denoised={model.clip_denoised}")
-        if (process.mean_type, process.var_type) != (model.diffusion["mean_type"], model.diffusion["var_type"]):
-            raise SampleError("a step graph computes the update of the process it was exported with "
-                              f"({model.diffusion['mean_type']}, {model.diffusion['var_type']})")
-    B = shape[0]
-    steps = list(range(process.num_steps - 1, -1, -1))
-    coefs = [process.coefficients(k, sampler, eta) for k in steps]
-    noise_at = [int(process.timesteps[k]) if c[COEF_NAMES.index("noise_scale")] != 0 else None
-                for k, c in zip(steps, coefs)]
-    # On a GPU the host draws the noise: blocks of rows in parallel threads, one step ahead of
-    # the step ONNX Runtime is running. On the CPU provider the cores belong to ONNX Runtime.
+    if eta != 0.0 and sampler != "ddim":
+        raise SampleError(f"--eta is DDIM's noise scale; the {sampler} sampler has none")
+    shape, graph, step = model.check_shape(shape), model.diffusion["var_type"], model.kind == "step"
+    if step and clip_denoised != model.clip_denoised:
+        raise SampleError(f"this step graph was exported with clip_denoised={model.clip_denoised}")
+    if step and (process.mean_type != model.diffusion["mean_type"] or process.learn_sigma != (
+            graph in LEARNED_VAR_TYPES) or process.var_type in LEARNED_VAR_TYPES and process.var_type != graph):
+        raise SampleError(f"a step graph computes the update of the process it was exported with "
+                          f"({model.diffusion['mean_type']}, {graph})")
+    if x_T is not None and (np.shape(x_T) != shape or np.asarray(x_T).dtype.kind != "f" or not np.isfinite(x_T).all()):
+        raise SampleError(f"x_T must be finite floats of shape {list(shape)}, got {np.asarray(x_T).dtype} "
+                          f"{list(np.shape(x_T))}")
+    if device_loop and not step:
+        raise SampleError("the device loop needs a whole-step graph (fastddpm export --step-graph)")
+    steps, table = list(range(process.num_steps - 1, -1, -1)), process.coefficient_table(sampler, eta)
+    noise_at = [int(process.timesteps[k]) if table[k, _COEF["noise_scale"]] != 0 else None for k in steps]
+    # On a GPU the host draws the noise one step ahead, in parallel blocks (on a CPU the cores are ORT's).
     workers = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) if model.on_cuda else None
     ahead = ThreadPoolExecutor(max_workers=1) if model.on_cuda else None
 
     def draw(i):
-        if i >= len(steps) or noise_at[i] is None:
-            return None
-        return noise(seed, noise_at[i], shape, sample_offset, pool=workers)
+        at = noise_at[i] if i < len(steps) else None
+        return None if at is None else noise(seed, at, shape, sample_offset, pool=workers)
 
     try:
         x = noise(seed, XT_STEP, shape, sample_offset, pool=workers) if x_T is None else np.array(x_T, np.float32)
-        if device_loop is None:
-            device_loop = model.kind == "step" and model.on_cuda
-        if device_loop and model.kind != "step":
-            raise SampleError("the device loop needs a whole-step graph (fastddpm export --step-graph)")
-        device = _DeviceLoop(model, x, "cuda" if model.on_cuda else "cpu") if device_loop else None
-        z_spare = np.zeros(shape, np.float32)  # a step graph needs some z even where its weight is 0
-        pending = ahead.submit(draw, 0) if ahead else None
-        for index, (k, coef) in enumerate(zip(steps, coefs)):
-            if ahead:
-                z = pending.result()
-                pending = ahead.submit(draw, index + 1)
-            else:
-                z = draw(index)
-            t = np.full((B,), process.timesteps[k], dtype=np.int64)
+        on_device = step and model.on_cuda if device_loop is None else device_loop
+        device = _DeviceLoop(model, x, "cuda" if model.on_cuda else "cpu") if on_device else None
+        spare = np.zeros(shape, np.float32)  # a step graph needs some z (and prev_x0) even where its weight is 0
+        pred_x0, pending = spare, ahead.submit(draw, 0) if ahead else None
+        for index, k in enumerate(steps):
+            z = pending.result() if ahead else draw(index)
+            pending = ahead.submit(draw, index + 1) if ahead else None
+            t, coef = np.full((shape[0],), process.timesteps[k], dtype=np.int64), table[k]
             if device is not None:
-                fetched = device.step(t, coef, z if z is not None else z_spare,
-                                      fetch=callback is not None or index == len(steps) - 1)
-                if fetched is not None:
-                    x, pred_x0 = fetched
-            elif model.kind == "step":
-                x, pred_x0 = model.step(x, t, coef, z if z is not None else z_spare)
+                fetched = device.step(t, coef, spare if z is None else z, callback is not None or k == 0)
+                x, pred_x0 = fetched if fetched is not None else (x, pred_x0)
+            elif step:
+                x, pred_x0 = model.step(x, t, coef, spare if z is None else z, pred_x0)
             else:
-                x, pred_x0 = update(process, x, model.eps(x, t), coef, z, clip_denoised)
+                x, pred_x0 = update(process, x, model.eps(x, t), coef, z, clip_denoised, pred_x0)
             if callback is not None:
                 callback({"index": index, "k": k, "t": int(process.timesteps[k]), "x": x, "pred_x0": pred_x0})
             if progress is not None:
                 progress(index)
     finally:
-        for pool in (ahead, workers):
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
+        for pool in filter(None, (ahead, workers)):
+            pool.shutdown(wait=True, cancel_futures=True)
     return np.clip(x, np.float32(-1.0), np.float32(1.0)) if clip_denoised else x
 
 
@@ -576,91 +512,156 @@ def grid(images: np.ndarray, min_tile: int = 32, pad: int = 2) -> np.ndarray:
     """Tile uint8 NHWC images into one near-square uint8 HWC image (fastddpm/images.py `grid`)."""
     n, h, w, c = images.shape
     scale = max(1, math.ceil(min_tile / max(h, w)))
-    if scale > 1:
-        images = images.repeat(scale, axis=1).repeat(scale, axis=2)
-        h, w = h * scale, w * scale
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    out = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
+    images, h, w, cols = images.repeat(scale, 1).repeat(scale, 2), h * scale, w * scale, math.ceil(math.sqrt(n))
+    out = np.full((math.ceil(n / cols) * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
     for i in range(n):
         r, q = divmod(i, cols)
         out[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = images[i]
     return out
 
 
-def atomic_write(path, write) -> None:
-    """write(tmp) to a temporary file beside `path`, then rename it over `path` (never half a file)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    os.close(fd)
+class _FS:
+    """The file system calls tests replace: a temporary name's random part, a whole write, a rename (atomic on
+    POSIX; it replaces a link at its destination, never follows it). quietly: a call whose OSError is ignored (None)."""
+    token, rename = staticmethod(lambda: os.urandom(6).hex()), staticmethod(os.replace)
+
+    @staticmethod
+    def write_all(fd: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+
+    @staticmethod
+    def quietly(fn, *args):
+        try:
+            return fn(*args)
+        except OSError:
+            return None
+
+
+def new_file(folder: str, name: str, data: bytes) -> str:
+    """A new file in `folder` holding `data`, flushed (fsync), under a fresh temporary name opened O_CREAT | O_EXCL |
+    O_NOFOLLOW: what is planted at a name is never followed or overwritten. Returns its path (none on an error)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    for path in (os.path.join(folder, f"{TMP_PREFIX}{name}.{_FS.token()}") for _ in range(16)):
+        try:
+            fd = os.open(path, flags, 0o666)  # the usual mode, less the umask
+        except FileExistsError:
+            continue
+        try:
+            _FS.write_all(fd, data)
+            os.fsync(fd)
+        except BaseException:
+            os.unlink(path)
+            raise
+        finally:
+            os.close(fd)
+        return path
+    raise FileExistsError(errno.EEXIST, "no free temporary name", folder)
+
+
+def publish_together(folder: str, files: dict) -> list[str]:
+    """Publish {name: bytes (None: remove an old one)} in `folder` all or nothing, as fastddpm/files.py: all written to
+    flushed temporaries (where a full disk fails) and every destination checked, then renamed into place with the
+    files they replace kept as backups until all succeeded, put back if one fails. SampleError on failure."""
+    temps, backups, done, where = {}, {}, [], folder
     try:
-        write(tmp)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for name, data in files.items():  # every destination checked, every file written before the first rename
+            where = os.path.join(folder, name)
+            if os.path.isdir(where) and not os.path.islink(where):
+                raise SampleError(f"cannot write {where!r}: a folder is in the way; nothing was published")
+            if data is not None:
+                temps[name] = new_file(folder, name, data)
+        for name in files:
+            where = os.path.join(folder, name)
+            if os.path.lexists(where):
+                backups[name] = os.path.join(folder, f"{TMP_PREFIX}{name}.{_FS.token()}.old")
+                _FS.rename(where, backups[name])
+            if name in temps:
+                _FS.rename(temps[name], where)
+                del temps[name]
+            done.append(name)
+    except BaseException as e:
+        for path in [os.path.join(folder, n) for n in done if n not in backups] + list(temps.values()):
+            _FS.quietly(os.unlink, path)
+        for name, old in backups.items():
+            _FS.quietly(_FS.rename, old, os.path.join(folder, name))
+        if isinstance(e, OSError):
+            raise SampleError((f"out of space writing {where!r} ({os.strerror(e.errno)}); nothing was published: "
+                               "free some space or choose another --out") if e.errno in NO_SPACE else
+                              f"cannot write {where!r} ({e.strerror or e})") from None
         raise
+    for old in backups.values():
+        _FS.quietly(os.unlink, old)
+    if (fd := _FS.quietly(os.open, folder, os.O_RDONLY)) is not None:  # the renames, to disk (best effort)
+        _FS.quietly(os.fsync, fd)
+        os.close(fd)
+    return [os.path.join(folder, n) for n, data in files.items() if data is not None]
 
 
 def save_outputs(out_dir: str, images: np.ndarray, stats: dict) -> list[str]:
-    """Write samples.npz (arr_0), grid.png (if Pillow is installed) and stats.json; returns the paths."""
-    written = []
-
-    def npz(tmp):
-        with open(tmp, "wb") as f:
-            np.savez(f, arr_0=images)
-
-    atomic_write(os.path.join(out_dir, "samples.npz"), npz)
-    written.append(os.path.join(out_dir, "samples.npz"))
+    """samples.npz (arr_0), grid.png (without Pillow none, and an old one is removed) and stats.json,
+    published together (publish_together); returns the paths written."""
+    npz, png = io.BytesIO(), io.BytesIO()
+    np.savez(npz, arr_0=images)
     try:
         from PIL import Image
-    except ImportError:
-        Image = None
-    if Image is not None:
         g = grid(images)
-
-        def png(tmp):
-            Image.fromarray(g[..., 0] if g.shape[-1] == 1 else g).save(tmp, format="PNG")
-
-        atomic_write(os.path.join(out_dir, "grid.png"), png)
-        written.append(os.path.join(out_dir, "grid.png"))
-    text = json.dumps(stats, indent=2) + "\n"
-
-    def js(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    atomic_write(os.path.join(out_dir, "stats.json"), js)
-    written.append(os.path.join(out_dir, "stats.json"))
-    return written
+        Image.fromarray(g[..., 0] if g.shape[-1] == 1 else g).save(png, format="PNG")
+    except ImportError:
+        png = None
+    return publish_together(out_dir, {"samples.npz": npz.getvalue(), "grid.png": png and png.getvalue(),
+                                      "stats.json": (json.dumps(stats, indent=2) + "\n").encode()})
 
 
-def _writable_dir(path: str) -> str:
+def out_folder(path: str) -> list[str]:
+    """Create --out (and its missing parents) and prove it writable, before any work; returns the folders it
+    may create (removed if the run fails). SampleError: a file, link or loop in the way, a long name, no access."""
+    missing, p = [], os.path.abspath(path)
+    if os.path.lexists(p) and not os.path.isdir(p):
+        raise SampleError(f"--out {path!r} exists and is not a folder (a file, a broken link or a symlink loop)")
+    while not os.path.lexists(p) and p != os.path.dirname(p):
+        missing, p = missing + [p], os.path.dirname(p)
     try:
         os.makedirs(path, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=path)
-        os.close(fd)
-        os.unlink(probe)
+        os.unlink(new_file(path, "probe", b""))
     except OSError as e:
+        for folder in missing:  # deepest first; only empty ones go
+            _FS.quietly(os.rmdir, folder)
         raise SampleError(f"cannot write to output folder {path!r} ({e.strerror or e})") from None
-    return path
+    return missing
+
+
+def load_x_T(path: str, shape) -> np.ndarray:
+    """--x-T: the starting noise from an .npz whose arr_0 is float32 or float64 of `shape`, finite. The
+    array header is read before the data (a hostile header cannot make it allocate); one line otherwise."""
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open("arr_0.npy") as f:
+            version = np.lib.format.read_magic(f)
+            got, fortran, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)(f)
+            if tuple(got) != tuple(shape) or dtype.kind != "f" or dtype.itemsize not in (4, 8):
+                raise SampleError(f"--x-T {path!r} holds {dtype} {list(got)}; this run starts from float {list(shape)}")
+            x = np.frombuffer(f.read(math.prod(shape) * dtype.itemsize), dtype=dtype)
+            x = x.reshape(shape, order="F" if fortran else "C")
+    except SampleError:
+        raise
+    except Exception as e:  # noqa: BLE001 - zipfile, zlib and numpy raise many types for a corrupt file
+        raise SampleError(f"--x-T {path!r} is not a readable .npz with arr_0 ({type(e).__name__}: "
+                          f"{(str(e).splitlines() or [''])[0]})") from None
+    if not np.isfinite(x).all():
+        raise SampleError(f"--x-T {path!r} holds NaN or infinite values")
+    return x.astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------ command line
 def _int_in(lo: int, hi: int, what: str):
     """An argparse type: an integer in lo..hi (seeds: 0..2^32-1, the noise key's range, as fastddpm's)."""
     def parse(text: str) -> int:
-        value = int(text) if text.strip().lstrip("+-").isdecimal() else None
-        if value is None or not lo <= value <= hi:
+        if not text.strip().lstrip("+-").isdecimal() or not lo <= int(text) <= hi:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return value
+        return int(text)
     return parse
-
-
-_positive_int = _int_in(1, 2**63 - 1, "a positive integer")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -670,74 +671,73 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ort_sample.py", description="Sample a fastddpm ONNX export with numpy + onnxruntime only.")
-    p.add_argument("--onnx", required=True, metavar="FILE.onnx", help="a file written by `fastddpm export`")
-    p.add_argument("--steps", type=_positive_int, default=None, help="sampling steps (default: the model's T)")
-    p.add_argument("--batch", type=_positive_int, default=64, help="number of samples (default 64)")
-    p.add_argument("--seed", type=_int_in(0, _MASK32, "a seed in 0..2^32-1"), default=0, help="noise seed (default 0)")
-    p.add_argument("--sample-offset", type=_int_in(0, _MASK32, "a sample index in 0..2^32-1"), default=0,
-                   help="index of the first sample (sharding; default 0)")
-    p.add_argument("--sampler", default="ancestral", choices=SAMPLERS)
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale in [0, 1] (default 0)")
-    p.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="execution provider: CUDA when onnxruntime-gpu finds a GPU (auto), else CPU")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for ONNX Runtime (0: its default)")
-    p.add_argument("--out", default="samples", metavar="DIR", help="output folder (default ./samples)")
-    p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    positive, add = _int_in(1, 2**63 - 1, "a positive integer"), p.add_argument
+    add("--onnx", required=True, metavar="FILE.onnx", help="a file written by `fastddpm export`")
+    add("--steps", type=positive, default=None, help="sampling steps (default: the model's T)")
+    add("--batch", type=positive, default=64, help="number of samples (default 64)")
+    add("--seed", type=_int_in(0, _MASK32, "a seed in 0..2^32-1"), default=0, help="noise seed (default 0)")
+    add("--sample-offset", type=_int_in(0, _MASK32, "a sample index in 0..2^32-1"), default=0, help="first sample")
+    add("--sampler", default="ancestral", choices=SAMPLERS)
+    add("--eta", type=float, default=0.0, help="DDIM's noise scale in [0, 1] (ddim only; default 0)")
+    add("--spacing", default="iddpm", choices=SPACINGS, help="which timesteps: improved-diffusion's or diffusers' rule")
+    add("--variance", default=None, choices=VARIANCES_OF["ancestral"], help="default: the model's own")
+    add("--x-T", dest="x_T", default=None, metavar="FILE.npz", help="start from this noise (arr_0, float [B, C, H, W])")
+    add("--provider", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA if onnxruntime-gpu finds one")
+    add("--threads", type=_int_in(0, MAX_THREADS, f"a thread count in 0..{MAX_THREADS}"), default=0, help="0: ORT's")
+    add("--out", default="samples", metavar="DIR", help="output folder (default ./samples)")
+    add("--no-progress", action="store_true", help="no progress line on stderr")
     return p
 
 
 def run(args) -> dict:
-    """Sample as the parsed command line asks, write the outputs, and return the stats."""
-    if args.threads < 0:
-        raise SampleError(f"--threads must be 0 (ONNX Runtime's default) or positive, got {args.threads}")
-    out_dir = _writable_dir(args.out)
-    model = OnnxModel(args.onnx, provider=args.provider, threads=args.threads)
-    process = Process.from_full(model.betas, args.steps, args.sampler, model.diffusion["mean_type"],
-                                model.diffusion["var_type"])
-    shape = (args.batch, model.channels, model.image_size, model.image_size)
-    show = not args.no_progress and sys.stderr.isatty()
-
-    def progress(index):
-        print(f"\rsampling: step {index + 1}/{process.num_steps}", end="", file=sys.stderr, flush=True)
-
-    start = time.perf_counter()
-    x = sample_loop(model, process, shape, seed=args.seed, sampler=args.sampler, eta=args.eta,
-                    sample_offset=args.sample_offset, clip_denoised=model.clip_denoised,
-                    progress=progress if show else None)
-    seconds = time.perf_counter() - start
-    if show:
-        print(file=sys.stderr)
-    images = to_uint8(x)
-    gflop = float(model.meta.get("gflop_per_image_forward", 0.0))
-    steps = process.num_steps
-    ort = _import_onnxruntime()
-    stats = {
-        "request": {k: v for k, v in vars(args).items()},
-        "source": f"onnx {args.onnx}",
-        "graph": model.kind,
-        "export_dtype": model.dtype,
-        "steps": steps,
-        "shape": list(images.shape),
-        "seconds": seconds,
-        "images_per_s": args.batch / seconds,
-        "ms_per_step": 1000.0 * seconds / steps,
-        "gflop_per_image_forward": gflop,
-        "achieved_tflops": gflop * args.batch * steps / seconds / 1000.0,
-        "device": f"{model.provider} on {platform.processor() or platform.machine() or 'cpu'}",
-        "onnxruntime": ort.__version__,
-    }
-    written = save_outputs(out_dir, images, stats)
-    print(f"{args.batch} samples, {steps} steps, {model.kind} graph ({model.dtype}) on {model.provider}: "
-          f"{seconds:.2f} s, {stats['images_per_s']:.2f} images/s, {stats['ms_per_step']:.1f} ms/step")
+    """Sample as the parsed command line asks, publish the outputs, and return the stats."""
+    missing = out_folder(args.out)
+    try:
+        model = OnnxModel(args.onnx, provider=args.provider, threads=args.threads)
+        process = Process.from_full(model.betas, args.steps, args.sampler, model.diffusion["mean_type"],
+                                    model.diffusion["var_type"], spacing=args.spacing, variance=args.variance,
+                                    gamma=model.gamma)
+        shape = (args.batch, model.channels, model.image_size, model.image_size)
+        x_T = None if args.x_T is None else load_x_T(args.x_T, shape)
+        show = not args.no_progress and sys.stderr.isatty()
+        progress = (lambda i: print(f"\rsampling: step {i + 1}/{process.num_steps}", end="", file=sys.stderr,
+                                    flush=True)) if show else None
+        start = time.perf_counter()
+        x = sample_loop(model, process, shape, seed=args.seed, sampler=args.sampler, eta=args.eta, x_T=x_T,
+                        sample_offset=args.sample_offset, clip_denoised=model.clip_denoised,
+                        progress=progress)
+        seconds, images, steps = time.perf_counter() - start, to_uint8(x), process.num_steps
+        if show:
+            print(file=sys.stderr)
+        stats = {
+            "request": vars(args), "source": f"onnx {args.onnx}", "graph": model.kind, "export_dtype": model.dtype,
+            "steps": steps, "sampler": args.sampler, "timesteps": process.timesteps.tolist()[::-1],
+            "variance": process.var_type if args.sampler == "ancestral" or args.variance else None,
+            "shape": list(images.shape), "seconds": seconds, "images_per_s": args.batch / seconds,
+            "ms_per_step": 1000.0 * seconds / steps, "gflop_per_image_forward": model.gflop,
+            "achieved_tflops": model.gflop * args.batch * steps / seconds / 1000.0,
+            "device": f"{model.provider} on {platform.processor() or platform.machine() or 'cpu'}",
+            "onnxruntime": model.ort.__version__,
+        }
+        written = save_outputs(args.out, images, stats)
+    except BaseException:
+        for folder in missing:
+            _FS.quietly(os.rmdir, folder)
+        raise
+    print(f"{args.batch} samples, {steps} steps, {args.sampler}, {model.kind} graph ({model.dtype}) on {model.provider}"
+          f": {seconds:.2f} s, {stats['images_per_s']:.2f} images/s, {stats['ms_per_step']:.1f} ms/step")
     print("wrote " + ", ".join(written))
     return stats
 
 
 def main(argv=None) -> int:
+    """The command line; returns the exit status. numpy is imported inside the handlers: Ctrl-C then is one line."""
+    global np
     try:
+        import numpy as np
         run(build_parser().parse_args(argv))
         return 0
-    except SampleError as e:
+    except (SampleError, ImportError) as e:
         print(f"ort_sample.py: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,7 +1,7 @@
 """The modules that are traced into ONNX: the eps-model alone, or the whole reverse step.
 
     EpsGraph:   x [B, C, H, W] float32, t [B] int64  ->  out [B, C_out, H, W] float32
-    StepGraph:  x, t, coef [12] float32, z [B, C, H, W] float32  ->  x_prev, pred_x0 [B, C, H, W]
+    StepGraph:  x, t, coef [14] float32, z, prev_x0 [B, C, H, W] float32  ->  x_prev, pred_x0 [B, C, H, W]
 
 Both take and give float32 whatever the export dtype (an fp16 export casts at its edges), so
 a host keeps one float32 state. StepGraph computes `ort_sample.update` (the numpy twin of
@@ -13,10 +13,12 @@ fastddpm.sampling.reference_step) with the per-step coefficient vector laid out 
     mean    = coef1 x0 + coef2 x                         (DDPM eq. 7)
     eps'    = (sqrt_recip_ab x - x0) / sqrt_recipm1_ab
     log_var = use_learned * learned + (1 - use_learned) * log_variance   (learned variances, IDDPM eq. 15)
-    x_prev  = w_mean mean + w_x0 x0 + w_eps eps' + noise_scale exp(log_var / 2) z
+    x_prev  = w_mean mean + w_x0 x0 + w_eps eps' + w_x x + w_prev prev_x0 + noise_scale exp(log_var / 2) z
 
-so the same graph runs ancestral (DDPM Algorithm 2) and DDIM (Song et al. 2021, eq. 12) steps
-of any respacing: the host only feeds a different coefficient vector.
+so the same graph runs ancestral (DDPM Algorithm 2), DDIM (Song et al. 2021, eq. 12), Analytic-DPM
+and DPM-Solver++(2M) / SDE-DPM-Solver++(2M) steps (prev_x0: the previous step's pred_x0; zeros where
+w_prev is 0) of any spacing: the host only feeds a different coefficient vector. (Export format
+version 2; version 1 had 12 coefficients and no prev_x0.)
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ class StepGraph(nn.Module):
         self.mean_type, self.var_type, self.clip_denoised = mean_type, var_type, clip_denoised
         self.learned = var_type in ort_sample.LEARNED_VAR_TYPES
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, coef: torch.Tensor, z: torch.Tensor):
+    def forward(self, x: torch.Tensor, t: torch.Tensor, coef: torch.Tensor, z: torch.Tensor, prev_x0: torch.Tensor):
         c = {name: coef[i] for name, i in COEF.items()}
         C = x.shape[1]
         out = self.eps_model(x, t)
@@ -78,5 +80,6 @@ class StepGraph(nn.Module):
         else:
             log_var = c["log_variance"]
         sigma = c["noise_scale"] * torch.exp(0.5 * log_var)
-        x_prev = c["w_mean"] * mean + c["w_x0"] * x0 + c["w_eps"] * eps + sigma * z
+        x_prev = (c["w_mean"] * mean + c["w_x0"] * x0 + c["w_eps"] * eps + c["w_x"] * x + c["w_prev"] * prev_x0
+                  + sigma * z)
         return x_prev, x0

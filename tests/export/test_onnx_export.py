@@ -68,7 +68,7 @@ def test_metadata_makes_one_file_enough(exports, tiny):
     model, diffusion = tiny
     props = {p.key: p.value for p in onnx.load(str(exports["fp16"])).metadata_props}
     meta = json.loads(props[ort_sample.META_KEY])
-    assert meta["format"] == "fastddpm-onnx" and meta["version"] == "1"
+    assert meta["format"] == "fastddpm-onnx" and meta["version"] == "2"
     assert meta["graph"] == "eps" and meta["dtype"] == "fp16" and meta["group_norm"] == "instancenorm"
     assert meta["unet"] == model.config.to_dict()
     assert meta["diffusion"] == diffusion.config()
@@ -115,9 +115,11 @@ def test_eps_parity_with_the_reference(sessions, reference_io, name, batch):
     assert rel_err(torch.from_numpy(out), ref) < TOLERANCE[name]
 
 
-@pytest.mark.parametrize("sampler,eta", [("ancestral", 0.0), ("ddim", 0.0), ("ddim", 0.7)])
+@pytest.mark.parametrize("sampler,eta", [("ancestral", 0.0), ("ddim", 0.0), ("ddim", 0.7), ("dpm++2m", 0.0),
+                                         ("dpm++2m-sde", 0.0)])
 @pytest.mark.parametrize("name", ["step", "step_learned"])
 def test_step_graph_matches_the_reference_step(sessions, tiny, tiny_learned, name, sampler, eta):
+    """One step of the (format 2) step graph, prev_x0 a random previous x0 prediction, against reference_step."""
     model, full = tiny if name == "step" else tiny_learned
     process = full.respace("10")
     ours = ort_sample.Process(process.schedule.betas.numpy(), process.timesteps.numpy(), process.mean_type,
@@ -125,13 +127,14 @@ def test_step_graph_matches_the_reference_step(sessions, tiny, tiny_learned, nam
     gen = torch.Generator().manual_seed(7)
     for k in (process.num_steps - 1, 4, 0):  # first step, a middle one, the last (no noise)
         x = torch.randn(5, 3, 16, 16, generator=gen)
+        prev_x0 = torch.rand(5, 3, 16, 16, generator=gen) * 2 - 1
         t_model = int(process.timesteps[k])
         t = torch.full((5,), t_model, dtype=torch.int64)
         with torch.no_grad():
             out = model(x, t)
-        want_x, want_x0 = reference_step(process, x, k, out, seed=11, sampler=sampler, eta=eta)
+        want_x, want_x0 = reference_step(process, x, k, out, seed=11, sampler=sampler, eta=eta, prev_x0=prev_x0)
         z = noise(11, t_model, x.shape).numpy()
-        got_x, got_x0 = sessions(name).run(None, {"x": x.numpy(), "t": t.numpy(), "z": z,
+        got_x, got_x0 = sessions(name).run(None, {"x": x.numpy(), "t": t.numpy(), "z": z, "prev_x0": prev_x0.numpy(),
                                                   "coef": ours.coefficients(k, sampler, eta)})
         assert rel_err(torch.from_numpy(got_x), want_x) < 1e-5, k
         assert rel_err(torch.from_numpy(got_x0), want_x0) < 1e-5, k

@@ -6,9 +6,12 @@ log and cos may differ in the last bit), then whole sampling trajectories step b
 """
 from __future__ import annotations
 
+import ast
 import importlib
 import itertools
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,6 +114,45 @@ def test_numpy_update_matches_reference_step(mean_type, var_type, sampler, eta, 
         assert got_x.dtype == np.float32
         assert rel_err(torch.from_numpy(got_x), want_x) < 1e-6, k
         assert rel_err(torch.from_numpy(got_x0), want_x0) < 1e-6, k
+
+
+@pytest.mark.parametrize("mean_type,trained,variance,sampler,eta", [
+    (m, tv, v, s, e) for m, tv in [("eps", "fixedlarge"), ("x0", "fixedsmall"), ("xprev", "fixedlarge"),
+                                   ("eps", "learned_range")]
+    for v, s, e in [(None, "dpm++2m", 0.0), (None, "dpm++2m-sde", 0.0), ("analytic", "ancestral", 0.0),
+                    ("analytic", "ddim", 0.5), ("fixedsmall", "ancestral", 0.0)]
+])
+def test_numpy_update_of_the_new_samplers_and_variances(mean_type, trained, variance, sampler, eta):
+    """dpm++2m (-sde) with the previous x0 prediction, Analytic-DPM's variance, and a learned-variance model
+    sampled with a fixed or analytic variance (its variance channels ignored), one step at a time."""
+    gamma = np.random.default_rng(2).uniform(0.2, 1.0, 50)
+    full = GaussianDiffusion(make_betas("cosine", 50), mean_type=mean_type, var_type=trained, gamma=gamma)
+    process = respaced_for(full.with_variance(variance) if variance else full, 12, sampler, "trailing")
+    ours = ort_sample.Process(process.schedule.betas.numpy(), process.timesteps.numpy(), mean_type, process.var_type,
+                              learn_sigma=process.learn_sigma, gamma=gamma)
+    gen = torch.Generator().manual_seed(5)
+    channels = 4 if process.learn_sigma else 2
+    for k in (11, 10, 5, 0):
+        x = 1.5 * torch.randn(3, 2, 4, 5, generator=gen)
+        out = torch.randn(3, channels, 4, 5, generator=gen)
+        prev = None if k == 11 else torch.rand(3, 2, 4, 5, generator=gen) * 2 - 1
+        want_x, want_x0 = reference_step(process, x, k, out, seed=9, sampler=sampler, eta=eta, prev_x0=prev)
+        z = noise(9, int(process.timesteps[k]), x.shape).numpy()
+        got_x, got_x0 = ort_sample.update(ours, x.numpy(), out.numpy(), ours.coefficients(k, sampler, eta), z, True,
+                                          None if prev is None else prev.numpy())
+        assert rel_err(torch.from_numpy(got_x), want_x) < 1e-6, k
+        assert rel_err(torch.from_numpy(got_x0), want_x0) < 1e-6, k
+
+
+def test_ort_sample_imports_only_the_standard_library_numpy_and_onnxruntime():
+    """Every import in the file, at any depth (Pillow is optional): it must run alone on a host without torch."""
+    tree = ast.parse(Path(ort_sample.__file__).read_text())
+    nodes = list(ast.walk(tree))
+    roots = {alias.name.split(".")[0] for node in nodes if isinstance(node, ast.Import) for alias in node.names}
+    roots |= {node.module.split(".")[0] for node in nodes if isinstance(node, ast.ImportFrom) and node.level == 0}
+    foreign = roots - set(sys.stdlib_module_names) - {"numpy", "onnxruntime", "PIL"}
+    assert not foreign and {"numpy", "onnxruntime"} <= roots, foreign
+    assert not any(isinstance(node, ast.ImportFrom) and node.level for node in nodes)  # no relative imports
 
 
 # ------------------------------------------------------------------------------------------ trajectories
