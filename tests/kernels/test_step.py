@@ -503,6 +503,8 @@ def test_compiles_for_sm90():
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, set to silence its warning
+    tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where helpers.py lives
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [tests_dir, env.get("PYTHONPATH")]))
     run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
 
