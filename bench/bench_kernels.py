@@ -261,23 +261,31 @@ def _step_twin_no_sync(tables, x, model_output, k_dev, t: int, seed: int, clip_d
     noise is scaled by the draw flag instead of branching on it (at a middle step draw = 1, so
     both draw the noise, as the fused kernel does). x [B, C, ...], model_output [B, C or 2C, ...].
     """
+    from fastddpm.kernels import step as st
+
     C = x.shape[1]
-    a, b_, c1, c2, sig, log_beta, log_post, draw = tables.coefs.index_select(1, k_dev.reshape(1)).unbind(0)
+    col = tables.coefs.index_select(0, k_dev.reshape(1))[0]
+    a, b_ = col[st.COEF_A], col[st.COEF_B]
     xf = x.float()
     eps = model_output[:, :C].float()
     x0 = a * xf - b_ * eps
     if clip_denoised:
         x0 = x0.clamp(-1.0, 1.0)
-        eps = (a * xf - x0) / b_
-    xp = c1 * x0 + c2 * (eps if tables.ddim else xf)
+        if tables.eps_term:
+            eps = (a * xf - x0) / b_
+    xp = col[st.COEF_X0] * x0
+    if tables.x_term:
+        xp = xp + col[st.COEF_X] * xf
+    if tables.eps_term:
+        xp = xp + col[st.COEF_EPS] * eps
     if tables.var_mode == "learned":
         sigma = torch.exp(0.5 * model_output[:, C:].float())
     elif tables.var_mode == "learned_range":
         frac = (model_output[:, C:].float() + 1.0) / 2.0
-        sigma = torch.exp(0.5 * (frac * log_beta + (1.0 - frac) * log_post))
+        sigma = torch.exp(0.5 * (frac * col[st.COEF_LOG_BETA] + (1.0 - frac) * col[st.COEF_LOG_POST]))
     else:
-        sigma = sig
-    return xp + draw * sigma * noise(seed, t, x.shape, 0, device=x.device)
+        sigma = col[st.COEF_SIGMA]
+    return xp + col[st.COEF_DRAW] * sigma * noise(seed, t, x.shape, 0, device=x.device)
 
 
 STEP_VARIANTS = [

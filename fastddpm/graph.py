@@ -1,13 +1,17 @@
 """The `graph` backend: the whole sampling step captured in one CUDA graph and replayed.
 
 One step is: the U-Net forward (with the fused Triton GroupNorm+SiLU kernels), the fused step
-update x_{t-1} = c1 x0 + c2 x_t + sigma z (kernels/step.py, noise drawn in the kernel), and
+update x_{t-1} = cx x_t + c0 x0 + ce eps + cp prev_x0 + sigma z (kernels/step.py: every sampler,
+ancestral, ddim, dpm++2m and dpm++2m-sde, with any variance; noise drawn in the kernel), and
 k -= 1 on a device counter. Everything the step reads lives in static device buffers: the state
-x, the step index k, the noise key (seed, sample_offset), the float32 schedule tables. So the
-captured graph advances the sampler by one step per replay with no host work and no host sync
-(`GraphSampler.run` writes the seed and offset into the static key buffer in place, and reads
-timesteps from a host list built at construction: no sync before or inside the replay loop),
-and the same graph serves every step: the loop is `for _ in range(K): graph.replay()`.
+x, the step index k, the noise key (seed, sample_offset), the float32 schedule tables, and for
+the multistep solvers the previous x0 prediction (the pred_x0 buffer: the kernel reads it as
+prev_x0 and writes the new prediction over it in the same launch; its coefficient is 0 at the
+first step, and `reset` zero-fills it on the device before every run, since 0 * stale NaN would
+still be NaN). So the captured graph advances the sampler by one step per replay with no host
+work and no host sync (`GraphSampler.run` writes the seed and offset into the static key buffer
+in place, and reads timesteps from a host list built at construction: no sync before or inside
+the replay loop), and the same graph serves every step: the loop is `for _ in range(K): graph.replay()`.
 Optionally `steps_per_graph` consecutive steps are captured in one graph (fewer replays).
 
 What is captured (`graph_capture`, a SampleOptions field):
@@ -33,8 +37,11 @@ Precision and layout: the model runs in its parameters' dtype (bf16/fp16 for spe
 channels-last activations when its weights are channels-last; the sampler state stays float32;
 GroupNorm statistics are float32 inside the kernel; attention is scaled_dot_product_attention.
 
-UNVERIFIED: written without a GPU (none was lent to the session that wrote it); the GPU tests in
-tests/test_graph.py and bench/gpu_check.sh exercise it on the first lent GPU.
+UNVERIFIED: written without a GPU (none was lent to the sessions that wrote it, including the
+one that added the multistep solvers' prev_x0 buffer and the analytic variance); the GPU tests in
+tests/test_graph.py and bench/gpu_check.sh exercise it on the first lent GPU. On CPU,
+tests/test_graph_step_cpu.py walks the captured step function (`reset`, `_step`) for every
+sampler against the reference, without the capture.
 """
 from __future__ import annotations
 
@@ -47,7 +54,7 @@ from .diffusion import GaussianDiffusion
 from .errors import BackendUnavailableError, FastDDPMError
 from .model_props import channels_last, weights_fingerprint
 from .noise import XT_STEP, noise
-from .options import GRAPH_CAPTURES, SampleOptions, options_from
+from .options import GRAPH_CAPTURES, MULTISTEP_SAMPLERS, SampleOptions, options_from
 from .unet import group_norm_impl
 
 _MASK32 = 0xFFFFFFFF
@@ -73,7 +80,8 @@ class GraphSampler:
     sampler, eta, clip_denoised   as SampleOptions
     state_dtype    dtype of the state x (float32 for a half-precision model)
     steps_per_graph  consecutive steps per captured graph
-    keep_pred_x0   also keep the step's x0 prediction (for a per-step callback)
+    keep_pred_x0   also keep the step's x0 prediction (for a per-step callback; always kept for
+                   the multistep samplers, whose state it is)
     graph_capture  "compiled" (torch.compile'd U-Net with the custom GroupNorm+SiLU op) or "eager"
     """
 
@@ -96,6 +104,8 @@ class GraphSampler:
         self.num_steps = diffusion.num_steps
         self.steps_per_graph = max(1, min(int(steps_per_graph), self.num_steps))
         self.graph_capture = graph_capture
+        self.sampler = sampler
+        self.multistep = sampler in MULTISTEP_SAMPLERS
         self.tables = step_tables(diffusion, self.device, sampler, eta)
         self.timesteps = [int(t) for t in diffusion.timesteps.tolist()]  # host copy: run() reads no device value
         self.memory_format = torch.channels_last if channels_last(model) else torch.contiguous_format
@@ -104,7 +114,8 @@ class GraphSampler:
         self.x = torch.zeros(self.shape, dtype=state_dtype, device=self.device)
         self.k = torch.zeros((), dtype=torch.int64, device=self.device)
         self.key = torch.zeros(2, dtype=torch.int64, device=self.device)  # (seed mod 2^32, sample_offset)
-        self.pred_x0 = torch.zeros_like(self.x) if keep_pred_x0 else None
+        # The x0 prediction; for the multistep solvers also their state (read as prev_x0, then overwritten).
+        self.pred_x0 = torch.zeros_like(self.x) if keep_pred_x0 or self.multistep else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.capture_seconds = 0.0
 
@@ -130,8 +141,22 @@ class GraphSampler:
         x_in = self.x.to(dtype=self.model_dtype, memory_format=self.memory_format)
         out = self.forward(x_in, t)
         fused_step(self.tables, self.x, out, self.k, self.key, clip_denoised=self.clip_denoised, out=self.x,
-                   pred_x0=self.pred_x0)
+                   pred_x0=self.pred_x0, prev_x0=self.pred_x0 if self.multistep else None)
         self.k.sub_(1)
+
+    def reset(self, x_T: torch.Tensor, seed: int, sample_offset: int = 0) -> None:
+        """Set the static buffers for a run from x_T: the state, the noise key (written in place,
+        `fill_` from host scalars), k = K - 1, and the x0 prediction zero-filled (a device fill:
+        the multistep solvers read it at the first step with coefficient 0, and 0 * a stale NaN is
+        NaN). Device work only, no host sync."""
+        if not 0 <= int(sample_offset) < 2**32:
+            raise FastDDPMError(f"sample_offset {sample_offset} does not fit the 32-bit sample counter")
+        self.x.copy_(x_T)
+        self.key[0].fill_(int(seed) & _MASK32)
+        self.key[1].fill_(int(sample_offset))
+        self.k.fill_(self.num_steps - 1)
+        if self.pred_x0 is not None:
+            self.pred_x0.zero_()
 
     def capture(self) -> None:
         """Warm up on a side stream (compiling the model when graph_capture is "compiled"), then
@@ -173,10 +198,7 @@ class GraphSampler:
             raise FastDDPMError(f"sample_offset {sample_offset} does not fit the 32-bit sample counter")
         if not self.graphs:
             self.capture()
-        self.x.copy_(x_T)
-        self.key[0].fill_(int(seed) & _MASK32)
-        self.key[1].fill_(int(sample_offset))
-        self.k.fill_(self.num_steps - 1)
+        self.reset(x_T, seed, sample_offset)
         bar = tqdm(total=self.num_steps, disable=not progress, desc="sampling (graph)", unit="step", leave=False)
         done = 0
         while done < self.num_steps:

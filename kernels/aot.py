@@ -47,9 +47,13 @@ CIFAR10_GN = [
 ]
 # (name, dtype, channels_last): the reference's layout and the fast backends' two.
 GN_LAYOUTS = [("fp32-nchw", "float32", False), ("bf16-cl", "bfloat16", True), ("fp16-cl", "float16", True)]
-# Step variants: (sampler, var_mode), each with/without clipping and pred_x0, both layouts, and the
+# Step variants: (form, var_mode), each with/without clipping and pred_x0, both layouts, and the
 # (state, model output) dtypes a sampler uses: fp32 state with an fp32 or bf16 model, bf16 throughout.
-STEP_MODES = [("ancestral", "table"), ("ancestral", "learned"), ("ancestral", "learned_range"), ("ddim", "table")]
+# "ancestral" is the form cx x + c0 x0 (also the solvers' first step, and any analytic variance),
+# "ddim" c0 x0 + ce eps, "dpm" cx x + c0 x0 + cp prev_x0 (dpm++2m and dpm++2m-sde: one kernel, only
+# the tables differ; prev_x0 read from the pred_x0 buffer itself, as the graph backend launches it).
+STEP_MODES = [("ancestral", "table"), ("ancestral", "learned"), ("ancestral", "learned_range"), ("ddim", "table"),
+              ("dpm", "table")]
 STEP_DTYPES = [("float32", "float32"), ("float32", "bfloat16"), ("bfloat16", "bfloat16")]
 STEP_SHAPE = (BATCH, 3, 32, 32)
 _SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -128,9 +132,10 @@ def _gn_variants(torch, gn):
 def _step_variants(torch, st):
     """(name, launches) for every fused-step variant at the cifar10 sampling shape."""
     K = 1000
-    for sampler, var_mode in STEP_MODES:
-        tables = st.StepTables(coefs=torch.empty(st.NUM_ROWS, K), timesteps=torch.empty(K, dtype=torch.int64),
-                               steps=torch.arange(K), ddim=sampler == "ddim", var_mode=var_mode)
+    for form, var_mode in STEP_MODES:
+        tables = st.StepTables(coefs=torch.empty(K, st.NUM_COEFS), timesteps=torch.empty(K, dtype=torch.int64),
+                               steps=torch.arange(K), x_term=form != "ddim", eps_term=form == "ddim",
+                               prev_term=form == "dpm", var_mode=var_mode)
         out_channels = 2 * STEP_SHAPE[1] if var_mode != "table" else STEP_SHAPE[1]
         for x_dtype, out_dtype in STEP_DTYPES:
             for channels_last in (False, True):
@@ -140,10 +145,12 @@ def _step_variants(torch, st):
                                   dtype=getattr(torch, out_dtype)).contiguous(memory_format=fmt)
                 for clip in (True, False):
                     for with_x0 in (True, False):
-                        name = (f"{sampler}-{var_mode}-{'clip' if clip else 'noclip'}-{'x0' if with_x0 else 'nox0'}-"
+                        name = (f"{form}-{var_mode}-{'clip' if clip else 'noclip'}-{'x0' if with_x0 else 'nox0'}-"
                                 f"{'cl' if channels_last else 'nchw'}-x{_SHORT[x_dtype]}-out{_SHORT[out_dtype]}")
+                        x0 = torch.empty_like(x) if with_x0 else None
+                        prev = (x0 if with_x0 else torch.empty_like(x)) if form == "dpm" else None
                         _, launches = st.step_launches(tables, x, out, tables.steps[0], torch.zeros(2, dtype=torch.int64),
-                                                       clip_denoised=clip, pred_x0=torch.empty_like(x) if with_x0 else None)
+                                                       clip_denoised=clip, pred_x0=x0, prev_x0=prev)
                         yield name, launches
 
 

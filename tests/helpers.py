@@ -50,3 +50,30 @@ def gaussian_x0_affine(ab, mu, std):
     """(a, b) with E[x_0 | x_t] = a x_t + b per dimension for N(mu, std^2) data at alphabar ab (float64)."""
     c = (1 - ab).sqrt() / (ab * std**2 + 1 - ab)  # eps = c x - c sqrt(ab) mu
     return (1 - (1 - ab).sqrt() * c) / ab.sqrt(), (1 - ab).sqrt() * c * ab.sqrt() * mu / ab.sqrt()
+
+
+class GaussianEpsModule(torch.nn.Module):
+    """The optimal eps of `gaussian_eps_model` as an nn.Module, so the samplers read a device and dtype
+    off it: for data N(mu, diag(std^2)) over channels, computed in the dtype of its one (unused)
+    parameter (the coefficients in float64, then cast). learn_sigma: 2C output channels, the second C a v = tanh(x_t) in (-1, 1) that varies
+    with the input (what learned_range reads; a fixed or analytic variance ignores it).
+    t is the ORIGINAL timestep of the full process `full`.
+    """
+
+    def __init__(self, full, mu, std, learn_sigma: bool = False, dtype=torch.float32):
+        super().__init__()
+        self.ab_table = full.schedule.alphas_cumprod  # float64 [T], a plain attribute: .to(dtype) leaves it
+        self.mu = torch.as_tensor(mu, dtype=torch.float64).view(1, -1, 1, 1)
+        self.var = torch.as_tensor(std, dtype=torch.float64).view(1, -1, 1, 1) ** 2
+        self.learn_sigma = learn_sigma
+        self.anchor = torch.nn.Parameter(torch.zeros(1, dtype=dtype), requires_grad=False)
+
+    def forward(self, x, t):
+        dtype = self.anchor.dtype
+        ab = self.ab_table.to(x.device)[t].view(-1, 1, 1, 1)
+        mu, var = self.mu.to(x.device), self.var.to(x.device)
+        # the float64 coefficients of eps = a x + b, then the arithmetic in the model's dtype
+        a = ((1 - ab).sqrt() / (ab * var + 1 - ab)).to(dtype)
+        b = (-(1 - ab).sqrt() * ab.sqrt() * mu / (ab * var + 1 - ab)).to(dtype)
+        eps = a * x.to(dtype) + b
+        return torch.cat([eps, torch.tanh(x.to(dtype))], 1) if self.learn_sigma else eps

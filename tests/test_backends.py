@@ -6,7 +6,7 @@ from fastddpm import GaussianDiffusion, make_betas, sample
 from fastddpm.backends import BACKENDS, Backend, get_backend, group_norm_impl, triton_available
 from fastddpm.errors import BackendUnavailableError, FastDDPMError
 from fastddpm.unet import GroupNormAct
-from helpers import randomized_unet, rel_err
+from helpers import GaussianEpsModule, randomized_unet, rel_err
 
 
 def test_registry_names_the_contract_backends():
@@ -68,7 +68,8 @@ def test_compile_cache_follows_the_weights_fingerprint():
 def test_compile_backend_reproduces_the_reference_trajectory():
     """One Inductor compile of the tiny U-Net at 8x8, batch 2, with the custom GroupNorm+SiLU op:
     one forward within 1e-5 relative of the eager reference (and the op ran once per GroupNorm),
-    then the fp32 loop within 1e-4 (Inductor may reorder float sums)."""
+    then the fp32 loop within 1e-4 (Inductor may reorder float sums), ancestral and dpm++2m (the
+    multistep solver through the same compiled model: the backend keeps reference_step)."""
     from fastddpm.compiled import compile_model
     from fastddpm.kernels.group_norm_op import group_norm_silu_op
 
@@ -94,3 +95,35 @@ def test_compile_backend_reproduces_the_reference_trajectory():
     for a, b in zip(out_steps, ref_steps):
         assert rel_err(a["x"], b["x"]) < 1e-4
     assert rel_err(out, ref) < 1e-4
+
+    ref_steps, out_steps = [], []
+    ref = sample(model, d, (2, 3, 8, 8), seed=1, sampler="dpm++2m", callback=ref_steps.append)
+    out = sample(model, d, (2, 3, 8, 8), seed=1, sampler="dpm++2m", backend="compile", callback=out_steps.append)
+    assert len(out_steps) == len(ref_steps) == 3
+    for a, b in zip(out_steps, ref_steps):
+        assert rel_err(a["x"], b["x"]) < 1e-4 and rel_err(a["pred_x0"], b["pred_x0"]) < 1e-4
+    assert rel_err(out, ref) < 1e-4
+
+
+@pytest.mark.parametrize("sampler, eta", [("ancestral", 0.0), ("ddim", 0.5), ("dpm++2m", 0.0), ("dpm++2m-sde", 0.0)])
+def test_triton_backend_runs_every_sampler_from_a_given_x_T(sampler, eta):
+    """sample(..., x_T=...) on the triton backend: every sampler starts from the given noise (not the
+    seeded one) and follows the reference from it, fp32 within 1e-5 relative (an exact eps-model
+    of Gaussian data over 4 respaced steps; the kernel and torch differ by rounding only)."""
+    pytest.importorskip("triton")
+    from fastddpm.sampling import SAMPLERS
+
+    assert sampler in SAMPLERS
+    full = GaussianDiffusion(make_betas("linear", 100))
+    d = full.respace("4")
+    model = GaussianEpsModule(full, (0.1, -0.2, 0.3), (0.5, 0.4, 0.3))
+    x_T = 1.3 * torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    kw = dict(seed=9, sampler=sampler, eta=eta)
+    ref_steps, out_steps, seeded_steps = [], [], []
+    ref = sample(model, d, (2, 3, 8, 8), x_T=x_T, callback=ref_steps.append, **kw)
+    out = sample(model, d, (2, 3, 8, 8), x_T=x_T, backend="triton", callback=out_steps.append, **kw)
+    assert rel_err(out, ref) < 1e-5
+    for a, b in zip(out_steps, ref_steps):
+        assert rel_err(a["x"], b["x"]) < 1e-5
+    sample(model, d, (2, 3, 8, 8), backend="triton", callback=seeded_steps.append, **kw)
+    assert rel_err(seeded_steps[0]["x"], ref_steps[0]["x"]) > 1e-2  # x_T, not the seeded start, was used

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fastddpm import GaussianDiffusion, make_betas, sample
+from fastddpm.analytic import gamma_closed_form_gaussian
 from fastddpm.images import to_uint8
 from fastddpm.options import SampleOptions
 from helpers import randomized_unet, rel_err
@@ -16,7 +17,10 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 def _setup(steps="10", var_type="fixedlarge", learn_sigma=False):
     model = randomized_unet("tiny", seed=4, learn_sigma=learn_sigma).cuda()
-    d = GaussianDiffusion(make_betas("linear", 1000), var_type=var_type).respace(steps)
+    betas = make_betas("linear", 1000)
+    # var_type "analytic": a calibration table (Gamma of data with standard deviation 0.5; any table would do)
+    gamma = gamma_closed_form_gaussian(torch.cumprod(1 - betas, 0), torch.tensor([0.5]))
+    d = GaussianDiffusion(betas, var_type=var_type, learn_sigma=learn_sigma, gamma=gamma).respace(steps)
     return model, d
 
 
@@ -49,14 +53,16 @@ def test_graph_per_step_states_match_reference(graph_capture):
 
 
 @cuda
+@pytest.mark.parametrize("sampler", ["ancestral", "dpm++2m-sde"])
 @pytest.mark.parametrize("graph_capture", ["compiled", "eager"])
-def test_graph_replays_make_no_host_sync(graph_capture):
-    """Setting the seed and offset, the replays and the copy out: nothing syncs with the host."""
+def test_graph_replays_make_no_host_sync(graph_capture, sampler):
+    """Setting the seed and offset (and zero-filling the solvers' prev_x0 state), the replays and
+    the copy out: nothing syncs with the host."""
     from fastddpm.graph import GraphSampler
     from fastddpm.noise import XT_STEP, noise
 
     model, d = _setup("20")
-    gs = GraphSampler(model, d, (4, 3, 16, 16), graph_capture=graph_capture)
+    gs = GraphSampler(model, d, (4, 3, 16, 16), graph_capture=graph_capture, sampler=sampler)
     gs.capture()
     x_T = noise(7, XT_STEP, (4, 3, 16, 16), sample_offset=2, device="cuda")
     torch.cuda.synchronize()
@@ -66,7 +72,7 @@ def test_graph_replays_make_no_host_sync(graph_capture):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     # the key written in place is the one used: same as the reference for seed 7, samples 2..5
-    ref = sample(model, d, (4, 3, 16, 16), seed=7, sample_offset=2)
+    ref = sample(model, d, (4, 3, 16, 16), seed=7, sample_offset=2, sampler=sampler)
     assert rel_err(out.clamp(-1, 1), ref) < 1e-4
 
 
@@ -114,3 +120,47 @@ def test_half_precision_channels_last_images_match_fp32(dtype):
         img = to_uint8(sample(half, d, (8, 3, 16, 16), seed=5, backend=backend, graph_capture=capture))
         diff = np.abs(img.astype(np.int32) - ref)
         assert (diff > 2).mean() <= 0.02 and diff.mean() < 1.0, (backend, capture, (diff > 2).mean(), diff.mean())
+
+
+@cuda
+@pytest.mark.parametrize("graph_capture", ["compiled", "eager"])
+@pytest.mark.parametrize("sampler, var_type, learn_sigma", [
+    ("dpm++2m", "fixedlarge", False), ("dpm++2m-sde", "learned_range", True),  # v ignored by the solvers
+    ("ancestral", "analytic", False), ("ancestral", "analytic", True)])  # analytic over a 2C model too
+def test_graph_new_samplers_follow_the_reference_trajectory(sampler, var_type, learn_sigma, graph_capture):
+    """DPM-Solver++(2M), its SDE variant and Analytic-DDPM on the graph backend, fp32, 6 steps of the
+    tiny preset: every state and x0 prediction within 1e-4 relative of the reference (the solvers'
+    state is the captured pred_x0 buffer, read as prev_x0 and overwritten in the same launch). A
+    second run from a given x_T replays the same graphs after the buffers held NaN: reset()
+    zero-fills the solvers' state, so the previous run cannot leak into it."""
+    from fastddpm import graph
+
+    model, d = _setup("6", var_type=var_type, learn_sigma=learn_sigma)
+    shape, kw = (2, 3, 16, 16), dict(seed=1, sample_offset=3, sampler=sampler)
+    ref, out = [], []
+    sample(model, d, shape, **kw, callback=ref.append)
+    sample(model, d, shape, **kw, backend="graph", callback=out.append, graph_capture=graph_capture)
+    assert len(ref) == len(out) == 6
+    for a, b in zip(out, ref):
+        assert rel_err(a["x"], b["x"]) < 1e-4
+        assert rel_err(a["pred_x0"], b["pred_x0"]) < 1e-4
+    (cached,) = graph._CACHE.values()
+    cached.x.fill_(float("nan"))
+    cached.pred_x0.fill_(float("nan"))
+    x_T = torch.randn(shape, device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    again = sample(model, d, shape, **kw, backend="graph", callback=lambda info: None, graph_capture=graph_capture,
+                   x_T=x_T)
+    assert next(iter(graph._CACHE.values())) is cached
+    assert rel_err(again, sample(model, d, shape, **kw, x_T=x_T)) < 1e-4
+
+
+@cuda
+@pytest.mark.parametrize("sampler", ["dpm++2m", "dpm++2m-sde"])
+def test_graph_solvers_over_multi_step_graphs(sampler):
+    """steps_per_graph = 4 over 10 steps (graphs of 4 and 2 steps): the solver state carries across
+    the steps inside one graph and across replays; fp32 within 1e-4 of the reference."""
+    model, d = _setup("10")
+    ref = sample(model, d, (4, 3, 16, 16), seed=3, sampler=sampler)
+    out = sample(model, d, (4, 3, 16, 16), seed=3, sampler=sampler, backend="graph", steps_per_graph=4,
+                 graph_capture="eager")
+    assert rel_err(out, ref) < 1e-4

@@ -3,7 +3,9 @@ model call, eager or compiled with the custom GroupNorm+SiLU op, then the fused 
 on static buffers, the noise key written in place) walked step by step against the reference.
 
 The capture and replay themselves need CUDA (tests/test_graph.py); this checks the captured
-code's logic where CI can run it (Triton under its interpreter, the op as the torch twin).
+code's logic where CI can run it (Triton under its interpreter, the op as the torch twin). With
+`eager_replay` the whole `graph.run` path (reset, the replay loop in chunks of steps_per_graph,
+the callback, the cached sampler) runs with each "graph" replaying its steps eagerly.
 """
 import pytest
 import torch
@@ -12,7 +14,8 @@ import fastddpm.graph as graph
 from fastddpm import GaussianDiffusion, make_betas, sample
 from fastddpm.noise import XT_STEP, noise
 from fastddpm.unet import group_norm_impl
-from helpers import randomized_unet, rel_err
+from fastddpm.analytic import gamma_closed_form_gaussian
+from helpers import GaussianEpsModule, randomized_unet, rel_err
 
 pytest.importorskip("triton")
 
@@ -93,3 +96,65 @@ def test_graph_refuses_a_callback_over_multi_step_graphs_before_capturing(no_cap
         graph.run(model, d, (2, 3, 8, 8), SampleOptions(callback=print, steps_per_graph=2),
                   device=torch.device("cpu"))
     assert no_capture == []
+
+
+class _EagerReplay:
+    """Stands in for a captured CUDA graph of n steps: replay() runs them eagerly."""
+
+    def __init__(self, sampler: graph.GraphSampler, n: int):
+        self.sampler, self.n = sampler, n
+
+    def replay(self):
+        with torch.no_grad(), group_norm_impl(self.sampler.model, self.sampler.group_norm):
+            for _ in range(self.n):
+                self.sampler._step()
+
+
+@pytest.fixture
+def eager_replay(monkeypatch, no_cuda_check):
+    def capture(self):
+        sizes = {self.steps_per_graph, self.num_steps % self.steps_per_graph} - {0}
+        self.graphs = {n: _EagerReplay(self, n) for n in sizes}
+
+    monkeypatch.setattr(graph.GraphSampler, "capture", capture)
+    monkeypatch.setattr(graph, "_CACHE", {})
+
+
+@pytest.mark.parametrize("sampler, eta, var_type, steps_per_graph", [
+    ("dpm++2m", 0.0, "fixedlarge", 1), ("dpm++2m-sde", 0.0, "learned_range", 2),  # v ignored by the solvers
+    ("ancestral", 0.0, "analytic", 1), ("ddim", 0.5, "analytic", 3)])
+def test_graph_run_follows_the_reference_for_every_sampler(eager_replay, sampler, eta, var_type, steps_per_graph):
+    """graph.run for the new samplers and the analytic variance (an exact eps-model of Gaussian data,
+    5 respaced steps, fp32): the result within 1e-5 relative of the reference, and per step with a
+    callback. Then the cached sampler again, its buffers first poisoned with NaN (as stale memory
+    may be), from a given x_T: reset() zero-fills the solvers' prev_x0 state, so nothing leaks."""
+    full = GaussianDiffusion(make_betas("linear", 100))
+    std = (0.5, 0.3, 0.4)
+    gamma = gamma_closed_form_gaussian(full.schedule.alphas_cumprod, torch.tensor(std))
+    learn_sigma = var_type == "learned_range"
+    d = GaussianDiffusion(full.schedule.betas, var_type=var_type, gamma=gamma).respace("5")
+    model = GaussianEpsModule(full, (0.2, -0.3, 0.5), std, learn_sigma=learn_sigma)
+    shape = (2, 3, 8, 8)
+    kw = dict(seed=2**31 + 5, sample_offset=3, sampler=sampler, eta=eta)
+    ref_steps = []
+    ref = sample(model, d, shape, **kw, callback=ref_steps.append)
+    out = sample(model, d, shape, **kw, backend="graph", graph_capture="eager", steps_per_graph=steps_per_graph)
+    assert rel_err(out, ref) < 1e-5
+
+    (cached,) = graph._CACHE.values()
+    assert (cached.pred_x0 is not None) == (sampler in ("dpm++2m", "dpm++2m-sde"))
+    for buf in (cached.x, cached.pred_x0):
+        if buf is not None:
+            buf.fill_(float("nan"))
+    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    again = sample(model, d, shape, **kw, backend="graph", graph_capture="eager", steps_per_graph=steps_per_graph,
+                   x_T=x_T)
+    assert graph._CACHE and next(iter(graph._CACHE.values())) is cached  # replayed, not captured again
+    assert rel_err(again, sample(model, d, shape, **kw, x_T=x_T)) < 1e-5
+
+    if steps_per_graph == 1:
+        steps = []
+        sample(model, d, shape, **kw, backend="graph", graph_capture="eager", callback=steps.append)
+        assert [s["k"] for s in steps] == [b["k"] for b in ref_steps] == [4, 3, 2, 1, 0]
+        for a, b in zip(steps, ref_steps):
+            assert rel_err(a["x"], b["x"]) < 1e-5 and rel_err(a["pred_x0"], b["pred_x0"]) < 1e-5

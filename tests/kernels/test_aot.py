@@ -3,7 +3,7 @@ the channels-last GroupNorm moves 16-byte vectors.
 
 The command runs in a child process (tests/conftest.py switched the interpreter on in this one;
 the command clears it for itself). A representative subset (~30 variants) keeps this to 30-50 s
-on a loaded two-core machine; the full command (402 variants: every cifar10 GroupNorm at batch
+on a loaded two-core machine; the full command (426 variants: every cifar10 GroupNorm at batch
 256, channels-last also at batch 1, and every step variant) takes 5-7 minutes there.
 """
 import json
@@ -28,6 +28,8 @@ SUBSET = [
     "step-ancestral-learned_range-clip-x0-nchw-xfp32-outfp32",
     "step-ancestral-learned-noclip-x0-cl-xbf16-outbf16",
     "step-ddim-table-noclip-nox0-cl-xfp32-outfp32",
+    "step-dpm-table-clip-x0-nchw-xfp32-outfp32",  # the solvers: prev_x0 read from the pred_x0 buffer
+    "step-dpm-table-noclip-x0-cl-xbf16-outbf16",
 ]
 
 
@@ -64,6 +66,15 @@ def test_nchw_fp32_group_norm_loads_16_bytes(compiled):
     """The NCHW path reads and writes 16-byte vectors (4 x fp32): its rows are contiguous spatial runs."""
     rows = [r for r in compiled[1]["variants"] if "fp32-nchw" in r["name"]]
     assert rows
+    for r in rows:
+        assert (r["widest_load"], r["widest_store"]) == (16, 16), r
+
+
+def test_fp32_nchw_step_moves_16_byte_vectors(compiled):
+    """The step's fp32 NCHW variants (ancestral with learned_range, and the solvers, which also read
+    prev_x0) load and store 16-byte vectors: x_t, eps, v, prev_x0, x_{t-1} and x0 are contiguous runs."""
+    rows = [r for r in compiled[1]["variants"] if r["kernel"] == "step" and r["name"].endswith("-nchw-xfp32-outfp32")]
+    assert any("-dpm-" in r["name"] for r in rows)
     for r in rows:
         assert (r["widest_load"], r["widest_store"]) == (16, 16), r
 
