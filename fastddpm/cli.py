@@ -96,6 +96,8 @@ def _add_sample(sub) -> None:
                    help="check the backend against the reference on the first steps before the run (default: on "
                         "for auto, off for a backend named explicitly)")
     p.add_argument("--onnx", default=None, metavar="FILE.onnx", help="the exported model, with --backend onnx")
+    p.add_argument("--x-T", dest="x_T", default=None, metavar="FILE.npz",
+                   help="start from this noise (arr_0: float [batch, C, H, W]) instead of the seeded x_T")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", default="samples", metavar="DIR", help="output folder (default ./samples)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -110,7 +112,7 @@ def cmd_sample(args) -> int:
     request = SampleRequest(model=args.model, checkpoint=args.checkpoint, steps=args.steps, batch=args.batch,
                             seed=args.seed, sampler=args.sampler, eta=args.eta, spacing=args.spacing,
                             variance=args.variance, dtype=args.dtype, verify=args.verify,
-                            backend=args.backend, onnx=args.onnx, device=args.device, out=args.out,
+                            backend=args.backend, onnx=args.onnx, x_T=args.x_T, device=args.device, out=args.out,
                             progress=not args.no_progress)
     run_sample(request)
     return 0

@@ -59,6 +59,7 @@ class SampleRequest:
     backend: str = "auto"  # "auto": the fastest that runs here and passes verification (fastddpm.auto)
     verify: str | None = None  # "on" / "off"; None: on for auto, off for a backend named explicitly
     onnx: str | None = None
+    x_T: str | None = None  # an .npz whose arr_0 is the starting noise [batch, C, H, W] (else the seeded x_T)
     device: str = "auto"
     out: str = "samples"
     progress: bool = True
@@ -151,7 +152,8 @@ def run_sample(request: SampleRequest) -> dict:
     validate(request)
     folder = RunFolder(request.out, "--out")  # checks the path now; locks in _run
     refuse_overwriting_inputs([(folder.path / name, "--out") for name in OUTPUTS + (LOCK_NAME,)],
-                              [(checkpoint_file(request.checkpoint), "--checkpoint"), (request.onnx, "--onnx")])
+                              [(checkpoint_file(request.checkpoint), "--checkpoint"), (request.onnx, "--onnx"),
+                               (request.x_T, "--x-T")])
     dist = Distributed(request.device)  # one process, or this rank of a torchrun job
     try:
         if request.backend != "auto":
@@ -180,6 +182,7 @@ def _run(request: SampleRequest, dist: Distributed, out) -> dict:
         print(f"fastddpm: no checkpoint given: {source} (seed {request.seed}); a throughput run, "
               "the images are not meaningful", file=sys.stderr)
 
+    x_T = None if request.x_T is None else load_x_T(request.x_T, (request.batch, *shape[1:]))[first:first + count]
     choice = _choose_backend(request, model, process, shape, first, clip_denoised, device, dist)
     warmup_seconds = 0.0
     if count and (choice.backend != "reference" or device.type == "cuda"):
@@ -191,7 +194,7 @@ def _run(request: SampleRequest, dist: Distributed, out) -> dict:
     if count:
         x = sample(model, process, shape, seed=request.seed, sampler=request.sampler, eta=request.eta,
                    progress=request.progress and dist.is_main, sample_offset=first,
-                   clip_denoised=clip_denoised, **choice.sample_kwargs())
+                   clip_denoised=clip_denoised, x_T=x_T, **choice.sample_kwargs())
     else:
         x = torch.zeros(shape, device=device)
     synchronize(device)
@@ -240,6 +243,27 @@ def _run(request: SampleRequest, dist: Distributed, out) -> dict:
           + (f" (warm-up {warmup_seconds:.2f} s apart)" if warmup_seconds else ""))
     print(f"wrote {out / 'samples.npz'}, {out / 'grid.png'} and {out / 'stats.json'}")
     return stats
+
+
+def load_x_T(path, shape) -> torch.Tensor:
+    """--x-T: the starting noise of the whole batch from an .npz (key arr_0, float32 or float64 of
+    `shape` = [batch, C, H, W], finite; read without unpickling), as export/ort_sample.py takes it."""
+    import numpy as np
+
+    from .errors import DataError
+
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            x = f["arr_0"]
+    except (OSError, ValueError, KeyError, EOFError) as e:
+        raise DataError(f"--x-T {str(path)!r} is not a readable .npz with arr_0 ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:120]})") from None
+    if x.dtype not in (np.float32, np.float64) or tuple(x.shape) != tuple(shape):
+        raise DataError(f"--x-T {str(path)!r} holds {x.dtype} {list(x.shape)}; this run starts from float "
+                        f"{list(shape)} (--batch x the model's channels and image size)")
+    if not np.isfinite(x).all():
+        raise DataError(f"--x-T {str(path)!r} holds NaN or infinite values")
+    return torch.from_numpy(x)
 
 
 def _choose_backend(request: SampleRequest, model, process, shape, first: int, clip_denoised: bool, device,

@@ -148,3 +148,17 @@ def test_eval_bpd_per_timestep_with_steps_is_refused(files, tmp_path, capsys):
     assert main(["eval", "bpd", "--checkpoint", str(files / "c.safetensors"), "--data", f"npz:{files / 'd.npz'}",
                  "--per-timestep", "--steps", "10", "--out", str(tmp_path / "b.json")]) == 2
     assert "leave out --steps" in capsys.readouterr().err
+
+
+def test_x_T_from_a_file(files, tmp_path, capsys):
+    """--x-T FILE.npz: the run starts from the given noise (diffusers' latents), as sample(x_T=...) does."""
+    x_T = np.random.default_rng(3).standard_normal((3, 1, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "xT.npz", arr_0=x_T)
+    images, _ = _run(files, tmp_path / "o", "--steps", "4", "--sampler", "dpm++2m", "--x-T", tmp_path / "xT.npz")
+    model, diffusion, _ = load_checkpoint(files / "c.safetensors")
+    ref = sample(model, diffusion.respace("4"), (3, 1, 8, 8), seed=4, sampler="dpm++2m", x_T=torch.from_numpy(x_T))
+    assert np.array_equal(images, to_uint8(ref))
+    np.savez(tmp_path / "bad.npz", arr_0=x_T[:2])
+    assert main(["sample", "--checkpoint", str(files / "c.safetensors"), "--batch", "3", "--x-T",
+                 str(tmp_path / "bad.npz"), "--out", str(tmp_path / "b")]) == 2
+    assert "holds float32 [2, 1, 8, 8]; this run starts from float [3, 1, 8, 8]" in capsys.readouterr().err
