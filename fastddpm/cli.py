@@ -1,4 +1,4 @@
-"""`fastddpm` command line: sample, train, eval, export, bench, convert.
+"""`fastddpm` command line: sample, calibrate, train, eval (fastddpm.cli_eval), export, bench, convert.
 
 Each sub-command parses its flags and calls the library; nothing here computes. Bad input of
 any kind prints one line on stderr, `fastddpm: error: ...`, and exits 2, with no traceback:
@@ -15,55 +15,9 @@ import signal
 import sys
 import warnings
 
+from .cli_args import Parser, add_threads, positive_int, seed_arg
+from .cli_eval import add_eval
 from .errors import FastDDPMError, Interrupted
-
-SEED_MAX = 0xFFFFFFFF  # fastddpm.noise.SEED_MAX (not imported: that would import torch for --help)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as one line (no usage block) and exits 2."""
-
-    def error(self, message):
-        # prog is "fastddpm sample"; main() adds the "fastddpm: error: " prefix once.
-        where = self.prog[len("fastddpm "):] if self.prog.startswith("fastddpm ") else ""
-        raise FastDDPMError(f"{where}: {message}" if where else message)
-
-
-def _seed(text: str) -> int:
-    """A --seed: an integer in 0 .. 2^32 - 1, the range of the noise key (fastddpm.noise)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer from 0 to {SEED_MAX}, got {text!r}") from None
-    if not 0 <= value <= SEED_MAX:
-        raise argparse.ArgumentTypeError(f"must be from 0 to {SEED_MAX} (2^32 - 1), got {value}")
-    return value
-
-
-def _threads(text: str):
-    """A --threads value: "auto" (None) or 1..1024 (fastddpm.threads)."""
-    from .threads import parse_threads
-
-    try:
-        return parse_threads(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _add_threads(p) -> None:
-    p.add_argument("--threads", type=_threads, default=None, metavar="N|auto",
-                   help="CPU threads for torch (default auto: the cores the load average leaves idle)")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
 
 # ------------------------------------------------------------------------------------------ sample
 def _add_sample(sub) -> None:
@@ -72,10 +26,10 @@ def _add_sample(sub) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", default=None, help="U-Net preset with random weights: cifar10 (default) or tiny")
     src.add_argument("--checkpoint", default=None, help="a fastddpm .safetensors checkpoint, or 'digits' (bundled)")
-    p.add_argument("--steps", type=_positive_int, default=None,
+    p.add_argument("--steps", type=positive_int, default=None,
                    help="sampling steps; fewer than the model's T respaces the process (default: T)")
-    p.add_argument("--batch", type=_positive_int, default=64, help="number of samples (default 64)")
-    p.add_argument("--seed", type=_seed, default=0,
+    p.add_argument("--batch", type=positive_int, default=64, help="number of samples (default 64)")
+    p.add_argument("--seed", type=seed_arg, default=0,
                    help="noise seed, 0 .. 2^32-1; also seeds random weights (default 0)")
     p.add_argument("--sampler", default="ancestral", choices=["ancestral", "ddim", "dpm++2m", "dpm++2m-sde"],
                    help="ancestral (DDPM), ddim, dpm++2m (DPM-Solver++(2M): fewest model calls) or dpm++2m-sde "
@@ -101,7 +55,7 @@ def _add_sample(sub) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", default="samples", metavar="DIR", help="output folder (default ./samples)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_threads(p)
+    add_threads(p)
     p.set_defaults(func=cmd_sample, memory_flags="--batch")
 
 
@@ -128,12 +82,12 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--checkpoint", required=True, help="a fastddpm .safetensors checkpoint, or a bundled name")
     p.add_argument("--data", required=True, help="digits | cifar10:DIR | images:DIR | npz:FILE (its training split)")
     p.add_argument("--out", required=True, metavar="C2.safetensors", help="the calibrated checkpoint to write")
-    p.add_argument("--limit", type=_positive_int, default=None, help="use only the first N images (default all)")
-    p.add_argument("--batch", type=_positive_int, default=256, help="images per model call (default 256)")
-    p.add_argument("--seed", type=_seed, default=0, help="seeds the x_t draws, 0 .. 2^32-1 (default 0)")
+    p.add_argument("--limit", type=positive_int, default=None, help="use only the first N images (default all)")
+    p.add_argument("--batch", type=positive_int, default=256, help="images per model call (default 256)")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seeds the x_t draws, 0 .. 2^32-1 (default 0)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_threads(p)
+    add_threads(p)
     p.set_defaults(func=cmd_calibrate, memory_flags="--batch")
 
 
@@ -164,13 +118,13 @@ def _add_train(sub) -> None:
                                                  "(required, except with --resume)")
     p.add_argument("--out", required=True, metavar="DIR", help="run folder: last.safetensors, ckpt-STEP.safetensors, "
                                                                 "log.jsonl, samples/")
-    p.add_argument("--steps", type=_positive_int, default=None, help="total steps to reach (default 10000)")
-    p.add_argument("--batch", type=_positive_int, default=None, help="batch per process (default 128)")
+    p.add_argument("--steps", type=positive_int, default=None, help="total steps to reach (default 10000)")
+    p.add_argument("--batch", type=positive_int, default=None, help="batch per process (default 128)")
     p.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"],
                    help="autocast precision with float32 master weights (default fp32)")
     p.add_argument("--compile", action="store_true", default=None, help="put the training step through torch.compile")
-    p.add_argument("--save-every", type=_positive_int, default=None, help="checkpoint interval (default 5000)")
-    p.add_argument("--seed", type=_seed, default=None,
+    p.add_argument("--save-every", type=positive_int, default=None, help="checkpoint interval (default 5000)")
+    p.add_argument("--seed", type=seed_arg, default=None,
                    help="seeds the weights, data order, timesteps and noise; 0 .. 2^32-1 (default 0)")
     p.add_argument("--resume", action="store_true", help="continue DIR/last.safetensors up to --steps")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 2e-4)")
@@ -182,20 +136,20 @@ def _add_train(sub) -> None:
     p.add_argument("--timestep-sampler", default=None, choices=["uniform", "loss-second-moment"],
                    help="default uniform")
     p.add_argument("--schedule", default=None, choices=["linear", "cosine"], help="default linear")
-    p.add_argument("--diffusion-steps", type=_positive_int, default=None, help="T (default 1000)")
+    p.add_argument("--diffusion-steps", type=positive_int, default=None, help="T (default 1000)")
     p.add_argument("--keep", type=int, default=None, help="how many ckpt-STEP files to keep (default 3)")
-    p.add_argument("--log-every", type=_positive_int, default=None, help="JSONL log interval (default 100)")
+    p.add_argument("--log-every", type=positive_int, default=None, help="JSONL log interval (default 100)")
     p.add_argument("--sample-every", type=int, default=None, metavar="K",
                    help="EMA sample grid every K steps (default 0: never)")
-    p.add_argument("--sample-steps", type=_positive_int, default=None,
+    p.add_argument("--sample-steps", type=positive_int, default=None,
                    help="sampling steps of those grids, at most T (default: 100, or T if smaller)")
-    p.add_argument("--max-bad-steps", type=_positive_int, default=None,
+    p.add_argument("--max-bad-steps", type=positive_int, default=None,
                    help="stop after this many non-finite steps in a row (default 50)")
     p.add_argument("--flip", default=None, choices=["auto", "on", "off"],
                    help="random left-right flip (default auto: on, except for digits)")
     p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"], help="default auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_threads(p)
+    add_threads(p)
     p.set_defaults(func=cmd_train, memory_flags="--batch or --diffusion-steps")
 
 
@@ -219,179 +173,6 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(out=args.out, resume=args.resume, progress=not args.no_progress, **stand_in, **given,
                       given=frozenset(given))
     train(cfg)
-    return 0
-
-
-# ------------------------------------------------------------------------------------------ eval
-def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate samples, a checkpoint or a run: "
-                                    "fid | bpd | rate-distortion | curves | digits-fid")
-    metrics = p.add_subparsers(dest="metric", required=True, parser_class=_Parser)
-    _add_eval_fid(metrics)
-    _add_eval_bpd(metrics)
-    _add_eval_rate_distortion(metrics)
-    _add_eval_curves(metrics)
-    _add_eval_digits_fid(metrics)
-
-
-def _add_eval_fid(metrics) -> None:
-    p = metrics.add_parser(
-        "fid", help="FID / Inception Score / KID of samples against a reference set",
-        description="FID, Inception Score and KID with torch-fidelity's port of the TensorFlow Inception network "
-                    "(the one published FIDs use). Image sets: an .npz of uint8 NHWC images under arr_0, a folder "
-                    "of image files, or a `fastddpm sample` output folder. The reference may also be an .npz of "
-                    "FID statistics (mu, sigma), e.g. written by --save-ref-stats. Nothing is downloaded: the "
-                    "Inception weights (weights-inception-2015-12-05-6726825d.pth) come from "
-                    "--inception-weights or torch.hub's checkpoint folder.")
-    p.add_argument("samples", metavar="SAMPLES", nargs="+",
-                   help="generated images: one or more .npz files, image folders or sample output folders (pooled)")
-    p.add_argument("--ref", default=None, metavar="REF", help="reference images (.npz or folder) or an .npz of FID "
-                                                              "statistics (needed for FID and KID)")
-    p.add_argument("--inception-weights", default=None, metavar="FILE.pth",
-                   help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: look in "
-                        "$TORCH_HOME/hub/checkpoints)")
-    p.add_argument("--metrics", default="fid,is,kid", metavar="a,b", help="any of fid,is,kid (default all)")
-    p.add_argument("--batch", type=_positive_int, default=64, help="images per Inception forward (default 64)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--save-ref-stats", default=None, metavar="FILE.npz",
-                   help="also write the reference's FID statistics, to pass as --ref next time")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
-    p.add_argument("--kid-subsets", type=_positive_int, default=100, help="KID subsets (default 100)")
-    p.add_argument("--kid-subset-size", type=_positive_int, default=1000,
-                   help="images per KID subset, capped at the smaller set (default 1000)")
-    p.add_argument("--is-splits", type=_positive_int, default=10, help="Inception Score splits (default 10)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_threads(p)
-    p.set_defaults(func=cmd_eval_fid, memory_flags="--batch")
-
-
-def cmd_eval_fid(args) -> int:
-    """`fastddpm eval fid`: FID / Inception Score / KID of sample sets (fastddpm.evaluate)."""
-    from .evaluate import FIDRequest, evaluate_fid, format_result
-
-    request = FIDRequest(samples=args.samples, ref=args.ref, inception_weights=args.inception_weights,
-                         metrics=tuple(m.strip() for m in args.metrics.split(",") if m.strip()), batch=args.batch,
-                         device=args.device, save_ref_stats=args.save_ref_stats, json=args.json,
-                         kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
-                         is_splits=args.is_splits, progress=not args.no_progress)
-    print(format_result(evaluate_fid(request)))
-    return 0
-
-
-def _add_eval_bpd(metrics) -> None:
-    p = metrics.add_parser("bpd", help="test-set bits/dim of a checkpoint",
-                           description="Bits/dim of a checkpoint on a data set's test split through the "
-                                       "variational bound, with a per-timestep breakdown in JSON.")
-    p.add_argument("--checkpoint", required=True, help="a fastddpm .safetensors checkpoint, or 'digits' (bundled)")
-    p.add_argument("--data", required=True, help="digits | cifar10:DIR | images:DIR | npz:FILE (its test split)")
-    p.add_argument("--batch", type=_positive_int, default=256, help="images per batch (default 256)")
-    p.add_argument("--limit", type=_positive_int, default=None, help="evaluate only the first N test images")
-    p.add_argument("--seed", type=_seed, default=0, help="seeds the x_t draws, 0 .. 2^32-1 (default 0)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--out", default="bpd.json", metavar="FILE.json", help="result file (default bpd.json)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--per-timestep", action="store_true",
-                   help="also write the bound's terms L_0 .. L_T as records {t, term, vb, mse, xstart_mse}")
-    p.add_argument("--plot", default=None, metavar="FILE.png",
-                   help="plot the terms against t, log scale (implies --per-timestep; needs fastddpm[plots])")
-    p.add_argument("--steps", type=_positive_int, default=None,
-                   help="the bound of the K-step respaced process (evenly spaced, t = 0 and T-1 kept; default: T)")
-    p.add_argument("--variance", default=None, choices=["fixedlarge", "fixedsmall", "learned", "analytic"],
-                   help="reverse variance of the bound (default: the checkpoint's; analytic needs `fastddpm calibrate`)")
-    _add_threads(p)
-    p.set_defaults(func=cmd_eval_bpd, memory_flags="--batch")
-
-
-def _terms_request(args, out):
-    from .vlb_terms import TermsRequest
-
-    return TermsRequest(checkpoint=args.checkpoint, data=args.data, batch=args.batch, limit=args.limit,
-                        seed=args.seed, device=args.device, out=out, plot=args.plot, progress=not args.no_progress)
-
-
-def cmd_eval_bpd(args) -> int:
-    """`fastddpm eval bpd`: test-set bits/dim, the K-step bound, or the per-timestep terms (fastddpm.bpd, vlb_terms)."""
-    from .bpd import BpdRequest, evaluate_bpd
-
-    if args.per_timestep or args.plot is not None:
-        from .vlb_terms import evaluate_vlb_terms
-
-        if args.steps is not None or args.variance is not None:
-            raise FastDDPMError("eval bpd: --per-timestep and --plot describe the full process with the checkpoint's "
-                                "variance; leave out --steps and --variance (or --per-timestep and --plot)")
-
-        evaluate_vlb_terms(_terms_request(args, args.out))
-        return 0
-
-    evaluate_bpd(BpdRequest(checkpoint=args.checkpoint, data=args.data, batch=args.batch, limit=args.limit,
-                            seed=args.seed, device=args.device, out=args.out, progress=not args.no_progress,
-                            steps=args.steps, variance=args.variance))
-    return 0
-
-
-def _add_eval_rate_distortion(metrics) -> None:
-    p = metrics.add_parser("rate-distortion", help="rate (bits/dim) and distortion (RMSE) per timestep",
-                           description="DDPM's progressive lossy code (sec. 4.3, Fig. 5): for each t, the rate "
-                                       "L_T + sum_{s>t} L_s in bits/dim and the RMSE (0..255) of the x0 predicted "
-                                       "from x_t, over a data set's test split. Takes eval bpd's flags.")
-    p.add_argument("--checkpoint", required=True, help="a fastddpm .safetensors checkpoint, or a bundled name")
-    p.add_argument("--data", required=True, help="digits | cifar10:DIR | images:DIR | npz:FILE (its test split)")
-    p.add_argument("--batch", type=_positive_int, default=256, help="images per batch (default 256)")
-    p.add_argument("--limit", type=_positive_int, default=None, help="evaluate only the first N test images")
-    p.add_argument("--seed", type=_seed, default=0, help="seeds the x_t draws, 0 .. 2^32-1 (default 0)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--out", default="rate_distortion.json", metavar="FILE.json",
-                   help="result file (default rate_distortion.json)")
-    p.add_argument("--plot", default=None, metavar="FILE.png", help="also draw DDPM Fig. 5 (needs fastddpm[plots])")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_threads(p)
-    p.set_defaults(func=cmd_eval_rate_distortion, memory_flags="--batch")
-
-
-def cmd_eval_rate_distortion(args) -> int:
-    """`fastddpm eval rate-distortion`: DDPM's rate and distortion per timestep (fastddpm.vlb_terms)."""
-    from .vlb_terms import evaluate_rate_distortion
-
-    evaluate_rate_distortion(_terms_request(args, args.out))
-    return 0
-
-
-def _add_eval_curves(metrics) -> None:
-    p = metrics.add_parser("curves", help="training curves of runs from their log.jsonl",
-                           description="Loss and loss by quarter of t against step for each run (IDDPM Fig. 6), "
-                                       "and how noisy each loss curve is (IDDPM sec. 3.3), from RUN/log.jsonl.")
-    p.add_argument("runs", metavar="RUN", nargs="+", help="run folders (holding log.jsonl) or log.jsonl files")
-    p.add_argument("--out", default="curves.json", metavar="FILE.json", help="result file (default curves.json)")
-    p.add_argument("--plot", default=None, metavar="FILE.png", help="also plot the curves (needs fastddpm[plots])")
-    p.set_defaults(func=cmd_eval_curves)
-
-
-def cmd_eval_curves(args) -> int:
-    """`fastddpm eval curves`: training curves and their noise from runs' log.jsonl (fastddpm.train_curves)."""
-    from .train_curves import CurvesRequest, evaluate_curves
-
-    evaluate_curves(CurvesRequest(runs=args.runs, out=args.out, plot=args.plot))
-    return 0
-
-
-def _add_eval_digits_fid(metrics) -> None:
-    p = metrics.add_parser("digits-fid", help="Frechet distance of 8x8 digit samples to the held-out digits",
-                           description="FID for the built-in digits data: the Frechet distance between the samples "
-                                       "and the 370 held-out digits in the hidden layer of a small MLP classifier "
-                                       "fitted on half the training digits (fastddpm.digits_fid), printed beside "
-                                       "what real digits score at the same number of images.")
-    p.add_argument("samples", metavar="SAMPLES", nargs="+",
-                   help="8x8 grey images: .npz files, image folders or `fastddpm sample` output folders (pooled)")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
-    _add_threads(p)
-    p.set_defaults(func=cmd_eval_digits_fid, memory_flags="the number of sample images")
-
-
-def cmd_eval_digits_fid(args) -> int:
-    """`fastddpm eval digits-fid`: the digits Frechet distance beside the real-data floor (fastddpm.digits_fid)."""
-    from .digits_fid import evaluate_digits_fid
-
-    evaluate_digits_fid(args.samples, args.json)
     return 0
 
 
@@ -438,18 +219,18 @@ def _add_bench(sub) -> None:
                                    "--json also writes it. On a CPU try --model tiny.")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--model", default="cifar10", help="U-Net preset with random weights: cifar10 (default) or tiny")
-    p.add_argument("--steps", type=_positive_int, default=100, help="sampling steps per run (default 100)")
-    p.add_argument("--batch", type=_positive_int, default=64, help="images per run (default 64)")
+    p.add_argument("--steps", type=positive_int, default=100, help="sampling steps per run (default 100)")
+    p.add_argument("--batch", type=positive_int, default=64, help="images per run (default 64)")
     p.add_argument("--backends", default=",".join(BENCH_ROWS), metavar="a,b,...",
                    help=f"rows to time, comma-separated (default all: {','.join(BENCH_ROWS)})")
-    p.add_argument("--repeat", type=_positive_int, default=3, help="timed runs per row; the median is reported "
+    p.add_argument("--repeat", type=positive_int, default=3, help="timed runs per row; the median is reported "
                                                                    "(default 3)")
     p.add_argument("--sampler", default="ancestral", choices=["ancestral", "ddim", "dpm++2m", "dpm++2m-sde"],
                    help="the sampler every row walks (diffusers rows: its peer scheduler; default ancestral)")
     p.add_argument("--spacing", default="iddpm", choices=["iddpm", "linspace", "leading", "trailing"],
                    help="which timesteps --steps keeps (as fastddpm sample; default iddpm)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the table as JSON to FILE")
-    _add_threads(p)
+    add_threads(p)
     p.set_defaults(func=cmd_bench, memory_flags="--batch")
 
 
@@ -481,7 +262,7 @@ def _add_convert(sub) -> None:
     p.add_argument("src", metavar="SRC", help="diffusers folder or weights file, pytorch_diffusion .ckpt, a "
                                               "fastddpm .safetensors checkpoint, or digits / digits-hybrid")
     p.add_argument("--out", required=True, metavar="DST", help="DST.safetensors (import) or a folder (export)")
-    p.add_argument("--image-size", type=_positive_int, default=None,
+    p.add_argument("--image-size", type=positive_int, default=None,
                    help="pytorch_diffusion only: training resolution (default: 32 for 4 levels, 256 for 6)")
     p.add_argument("--var-type", default=None, choices=["fixedlarge", "fixedsmall"],
                    help="override the reverse variance (default: the scheduler config's; without one, DDPM's: "
@@ -501,9 +282,9 @@ def cmd_convert(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fastddpm", description="Fast, tested denoising diffusion probabilistic models.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_sample, _add_calibrate, _add_train, _add_eval, _add_export, _add_bench, _add_convert):
+    parser = Parser(prog="fastddpm", description="Fast, tested denoising diffusion probabilistic models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for add in (_add_sample, _add_calibrate, _add_train, add_eval, _add_export, _add_bench, _add_convert):
         add(sub)
     return parser
 
