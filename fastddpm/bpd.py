@@ -20,7 +20,7 @@ import torch
 
 from .checkpoint import load_checkpoint
 from .checkpoint import checkpoint_file
-from .data import data_input_files, load_dataset
+from .data import data_input_files, load_dataset_for
 from .errors import DataError
 from .files import atomic_write_bytes, check_output_file, refuse_overwriting_inputs
 from .noise import check_seed
@@ -99,9 +99,7 @@ def _evaluate(request: BpdRequest) -> dict:
     model, diffusion, _ = load_checkpoint(request.checkpoint, device=device)
     diffusion = process_for(diffusion, request.steps, request.variance)
     c = model.config
-    data = load_dataset(request.data, image_size=c.image_size, split="test")
-    if data.channels != c.in_channels:
-        raise DataError(f"{data.name} has {data.channels} channel(s) but the checkpoint's model takes {c.in_channels}")
+    data = load_dataset_for(request.data, c, "test")
     n = len(data) if request.limit is None else min(request.limit, len(data))
     if n < 1:
         raise DataError("--limit must leave at least one image to evaluate")

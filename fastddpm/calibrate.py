@@ -20,7 +20,7 @@ import torch
 
 from .analytic import estimate_gamma, gamma_summary
 from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
-from .data import load_dataset
+from .data import load_dataset_for
 from .errors import DataError, OutputError
 from .files import check_output_file
 from .model_props import eval_mode
@@ -75,9 +75,7 @@ def _calibrate(request: CalibrateRequest) -> dict:
     device = resolve_device(request.device)
     model, diffusion, meta = load_checkpoint(request.checkpoint, device=device)
     c = model.config
-    data = load_dataset(request.data, image_size=c.image_size, split="train")
-    if data.channels != c.in_channels:
-        raise DataError(f"{data.name} has {data.channels} channel(s) but the checkpoint's model takes {c.in_channels}")
+    data = load_dataset_for(request.data, c, "train")
     n = len(data) if request.limit is None else min(request.limit, len(data))
     if n < 2:
         raise DataError("calibration needs at least 2 images; raise --limit")

@@ -193,6 +193,16 @@ def load_dataset(spec: str, image_size: int | None = None, split: str = "train")
     return data
 
 
+def load_dataset_for(spec: str, config, split: str) -> ImageSet:
+    """`load_dataset(spec, config.image_size, split)`, refused (DataError) when its channels are not
+    the ones the model with U-Net config `config` takes."""
+    data = load_dataset(spec, image_size=config.image_size, split=split)
+    if data.channels != config.in_channels:
+        raise DataError(f"{data.name} has {data.channels} channel(s) but the checkpoint's model takes "
+                        f"{config.in_channels}")
+    return data
+
+
 def digits_split(n: int) -> np.ndarray:
     """True for the rows of scikit-learn's digits that form the held-out 20% ("test").
 

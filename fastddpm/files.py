@@ -42,7 +42,7 @@ from pathlib import Path
 
 from .errors import FastDDPMError, OutOfSpaceError, OutputError, SameFileError
 from .paths import NEVER_WRITTEN, SYSTEM_FOLDERS, check_not_system, check_output_dir, check_output_file  # noqa: F401
-from .paths import stat_checked
+from .paths import probe_nearest_folder, stat_checked
 from .safe_open import describe, open_write, refusal, same_entry
 
 TMP_PREFIX = ".fastddpm-tmp."  # every temporary file we create starts with this
@@ -508,12 +508,7 @@ def check_output_folder(path, flag: str = "--out") -> Path:
     created; the writer makes the folder (publish_together)."""
     p = check_output_dir(path, flag)
     with mapped_write_errors(p):
-        ancestor = p
-        while not ancestor.exists() and ancestor != ancestor.parent:
-            ancestor = ancestor.parent
-        if not ancestor.is_dir():
-            raise OutputError(f"{flag} {str(p)!r}: {str(ancestor)!r} is not a folder")
-    probe_writable(ancestor, p)
+        probe_nearest_folder(p, p, flag)
     return p
 
 

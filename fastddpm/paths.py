@@ -140,8 +140,6 @@ def check_output_file(path, flag: str = "--out") -> Path:
     """Refuse an output file path before any work: an empty name, a name too long, a link loop, an
     existing folder, a system location, or a place where the file cannot be created (tested with
     a probe file in the nearest existing folder above it, which is removed again)."""
-    from .files import probe_writable
-
     if path is None or not str(path).strip():
         raise OutputError(f"{flag} is empty; give an output file name")
     p = Path(path)
@@ -151,10 +149,18 @@ def check_output_file(path, flag: str = "--out") -> Path:
     check_not_system(p, flag, folder=False)
     if st is not None and not stat.S_ISREG(st.st_mode):
         raise OutputError(f"{flag} {str(p)!r} exists and is not a regular file")
-    ancestor = p.parent
+    probe_nearest_folder(p.parent, p, flag)
+    return p
+
+
+def probe_nearest_folder(where: Path, named: Path, flag: str) -> None:
+    """The nearest existing entry at or above `where` must be a folder in which a file can be made
+    (a probe file, removed again); OutputError naming `named` otherwise."""
+    from .files import probe_writable
+
+    ancestor = Path(where)
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise OutputError(f"{flag} {str(p)!r}: {str(ancestor)!r} is not a folder")
-    probe_writable(ancestor, p)
-    return p
+        raise OutputError(f"{flag} {str(named)!r}: {str(ancestor)!r} is not a folder")
+    probe_writable(ancestor, named)

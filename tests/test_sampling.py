@@ -18,6 +18,7 @@ import torch
 from fastddpm import GaussianDiffusion, make_betas, sample
 from fastddpm.errors import BackendUnavailableError, FastDDPMError
 from fastddpm.sampling import interpolate, reference_step
+import helpers
 from helpers import randomized_unet, rel_err
 
 MU = torch.tensor([0.3, -0.5, 0.0, 0.8], dtype=torch.float64)
@@ -25,16 +26,8 @@ STD = torch.tensor([0.5, 0.2, 1.0, 0.1], dtype=torch.float64)
 
 
 def gaussian_eps_model(full: GaussianDiffusion, mu=MU, std=STD):
-    """The optimal eps(x_t, t) for N(mu, std^2) data, t the original timestep of `full`."""
-    ab_table = full.schedule.alphas_cumprod
-    mu, std = torch.as_tensor(mu, dtype=torch.float64), torch.as_tensor(std, dtype=torch.float64)
-
-    def model(x, t):
-        ab = ab_table[t].to(x.dtype).view(-1, 1, 1, 1)
-        mu_, s2 = mu.to(x.dtype).view(1, -1, 1, 1), (std**2).to(x.dtype).view(1, -1, 1, 1)
-        return (1 - ab).sqrt() * (x - ab.sqrt() * mu_) / (ab * s2 + 1 - ab)
-
-    return model
+    """The optimal eps(x_t, t) for N(mu, std^2) data, t the original timestep of `full` (tests/helpers.py)."""
+    return helpers.gaussian_eps_model(full, mu, std)
 
 
 def propagated_moments(d: GaussianDiffusion, sampler: str):
