@@ -13,7 +13,8 @@ CPU, where there are no kernels, the ATen operators' self CPU time stands in (th
 gpu_check.sh's dry run exercises). Families, decided from the kernel's name (`classify`):
 
     convolutions  cuDNN / CUTLASS convolution kernels (fprop, implicit GEMM, winograd)
-    GroupNorm     fastddpm's fused Triton kernel, ATen's and inductor's group-norm kernels
+    GroupNorm     fastddpm's fused Triton kernels (NCHW `_group_norm_*_kernel`, channels-last
+                  `_gn_cl_*_kernel`), ATen's and inductor's group-norm kernels
     attention     fused attention (flash, memory-efficient, cuDNN SDPA) and softmax
     matmul        plain GEMMs outside fused attention: the linear layers (the time embedding and
                   each ResBlock's embedding projection), bmm
@@ -40,7 +41,7 @@ FAMILIES = ("convolutions", "GroupNorm", "attention", "matmul", "fused step", "e
 # cuDNN's SDPA kernels contain "cudnn", implicit-GEMM convolutions contain "gemm", and inductor's
 # kernel names list every ATen op they fused ("triton_poi_fused_convolution_..." is a bias add).
 _RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("GroupNorm", ("group_norm", "groupnorm", "rowwisemoments", "computefusedparams")),
+    ("GroupNorm", ("group_norm", "groupnorm", "rowwisemoments", "computefusedparams", "_gn_cl_")),
     ("fused step", ("_step_kernel",)),
     ("attention", ("attention", "fmha", "flash", "sdpa", "softmax", "mha_")),
 )

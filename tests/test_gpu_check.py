@@ -171,8 +171,10 @@ profile_step = _load(REPO / "bench" / "profile_step.py", "_profile_step")
      "convolutions"),
     ("implicit_convolve_sgemm<float, float, 128, 5, 5, 3, 3, 3, 1, false, false, true>", "convolutions"),
     ("aten::mkldnn_convolution", "convolutions"),
-    # GroupNorm: ours, ATen's two kernels, inductor's fused one
+    # GroupNorm: ours (NCHW and the channels-last whole-row kernels), ATen's two kernels, inductor's fused one
     ("_group_norm_fwd_kernel", "GroupNorm"),
+    ("_gn_cl_fwd_kernel", "GroupNorm"),
+    ("_gn_cl_bwd_kernel", "GroupNorm"),
     ("void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<c10::BFloat16>(long, float, ...)", "GroupNorm"),
     ("triton_red_fused_native_group_norm_silu_3", "GroupNorm"),
     ("aten::native_group_norm", "GroupNorm"),
