@@ -31,18 +31,20 @@ def _load(path: Path, name: str):
 conftest = _load(REPO / "tests" / "conftest.py", "_tests_conftest")  # its TF32 helpers
 
 
-def test_gpu_tests_collect_without_onnx(tmp_path):
-    """`pytest -m gpu tests` where `import onnx` and `import onnxruntime` fail: no collection error."""
-    plugin = tmp_path / "block_onnx.py"  # loaded with -p before any test module is imported
-    plugin.write_text("import sys\nfor name in ('onnx', 'onnxruntime'):\n    sys.modules[name] = None\n")
+def test_gpu_tests_collect_without_onnx_and_hypothesis(tmp_path):
+    """`pytest -m gpu tests` where `import onnx`, `import onnxruntime` and `import hypothesis` fail:
+    no collection error (the modules that need them skip)."""
+    plugin = tmp_path / "block_optional.py"  # loaded with -p before any test module is imported
+    plugin.write_text("import sys\nfor name in ('onnx', 'onnxruntime', 'hypothesis'):\n    sys.modules[name] = None\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu", "-p", "block_onnx",
-                           "-p", "no:cacheprovider", "tests"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu", "-p", "block_optional",
+                           "-p", "no:hypothesispytest", "-p", "no:cacheprovider", "tests"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert "ERROR" not in out and "error" not in out.splitlines()[-1], out[-3000:]
     assert "could not import 'onnx'" in out  # the block worked: the onnx modules were skipped
+    assert "could not import 'hypothesis'" in out  # and so was the property-test module
     assert "tests/test_graph.py::" in out  # and the GPU tests were collected
 
 
