@@ -525,8 +525,8 @@ def run_bench(request: BenchRequest) -> dict:
 
     # every row needs the weights now: the fastddpm rows run them, the diffusers rows' accuracy run loads them
     base = random_model(request.model, device)
-    accuracy = _accuracy_baseline(request, base, full, shape, device)
-    report["accuracy"] = accuracy.pop("report")
+    accuracy = _Accuracy(request, base, full, shape, device)
+    report["accuracy"] = accuracy.report  # the same dict: filled in when the baseline is drawn
     reference_x = None  # the reference row's samples, on the CPU in float64
     rows: list[Row] = []
     for name in names:
@@ -544,33 +544,49 @@ def run_bench(request: BenchRequest) -> dict:
     return report
 
 
-def _accuracy_baseline(request: BenchRequest, base: UNet, full, shape, device: torch.device) -> dict:
-    """The accuracy run's process and eager-bf16's x_0 on it (CPU, float64), computed once per bench:
-    {"process", "x" (None when there is no column or it failed), "report" (what the JSON keeps)}."""
-    steps = request.accuracy_steps
-    info = {"steps": steps, "against": ACCURACY_BASELINE, "seed": SEED, "flag_above": ACCURACY_FLAG,
-            "status": "off" if steps == 0 else "ok", "reason": ""}
-    if steps == 0:
-        return {"process": None, "x": None, "report": info}
-    process = respaced_for(full, steps, request.sampler, request.spacing)
-    info["timesteps"] = [int(t) for t in process.timesteps.tolist()]
-    try:
-        model = copy.deepcopy(base).to(row_dtype(ACCURACY_BASELINE, device)).to(memory_format=torch.channels_last)
-        x = sample(model, process, shape, seed=SEED, backend="reference", sampler=request.sampler)
-        x = x.detach().to(device="cpu", dtype=torch.float64)
-    except Exception as e:  # noqa: BLE001 - the table still runs, without its accuracy column
-        info["status"], info["reason"] = "failed", (f"{type(e).__name__}: {e}".splitlines() or [""])[0][:300]
-        _log(request, f"accuracy baseline ({ACCURACY_BASELINE}) failed:\n{traceback.format_exc()}")
-        return {"process": process, "x": None, "report": info}
-    return {"process": process, "x": x, "report": info}
+class _Accuracy:
+    """The accuracy run's process and eager-bf16's x_0 on it (CPU, float64), drawn once per bench, when
+    the first row that ran asks for it (a table of skipped rows draws nothing). `report` is what the
+    JSON keeps: steps, against, seed, flag_above, timesteps, status and reason; status is "pending" until
+    the baseline is drawn, then "ok" or "failed" ("off" with accuracy_steps 0)."""
+
+    def __init__(self, request: BenchRequest, base: UNet, full, shape, device: torch.device):
+        self.request, self.base, self.shape, self.device = request, base, shape, device
+        steps = request.accuracy_steps
+        self.report = {"steps": steps, "against": ACCURACY_BASELINE, "seed": SEED, "flag_above": ACCURACY_FLAG,
+                       "status": "off" if steps == 0 else "pending", "reason": ""}
+        self.process = respaced_for(full, steps, request.sampler, request.spacing) if steps else None
+        if self.process is not None:
+            self.report["timesteps"] = [int(t) for t in self.process.timesteps.tolist()]
+        self._x, self._drawn = None, False
+
+    def baseline(self) -> torch.Tensor | None:
+        """eager-bf16's x_0 (None when the column is off or its run failed; the report says why)."""
+        if self.process is None or self._drawn:
+            return self._x
+        self._drawn = True
+        try:
+            model = copy.deepcopy(self.base).to(row_dtype(ACCURACY_BASELINE, self.device))
+            model = model.to(memory_format=torch.channels_last)
+            x = sample(model, self.process, self.shape, seed=SEED, backend="reference", sampler=self.request.sampler)
+            self._x = x.detach().to(device="cpu", dtype=torch.float64)
+            self.report["status"] = "ok"
+        except Exception as e:  # noqa: BLE001 - the table still runs, without its accuracy column
+            self.report["status"], self.report["reason"] = "failed", _one_line(e)
+            _log(self.request, f"accuracy baseline ({ACCURACY_BASELINE}) failed:\n{traceback.format_exc()}")
+        return self._x
+
+
+def _one_line(e: BaseException) -> str:
+    return (f"{type(e).__name__}: {e}".splitlines() or [""])[0][:300]
 
 
 def _run_row(name: str, request: BenchRequest, device: torch.device, base, shape, process, config: UNetConfig,
              gflop: float, peak: float, have_diffusers: bool,
              reference_x: torch.Tensor | None = None,
-             accuracy: dict | None = None) -> tuple[Row, torch.Tensor | None]:
+             accuracy: _Accuracy | None = None) -> tuple[Row, torch.Tensor | None]:
     """(row, final samples on the CPU in float64): build, warm up, time one row, compare it with
-    reference_x, and run its accuracy run against accuracy["x"] (eager-bf16's; `_accuracy_baseline`).
+    reference_x, and run its accuracy run against eager-bf16's (`_Accuracy`).
     One that cannot run here comes back skipped, one where anything raises comes back failed with
     the reason; either way with no samples, and the table goes on. An accuracy run that raises
     leaves the timing standing and says why in `accuracy_error`."""
@@ -606,11 +622,12 @@ def _run_row(name: str, request: BenchRequest, device: torch.device, base, shape
         if ref is not None and not peer:
             row.rel_err_vs_reference = _rel_err(x, ref)
         _fill_rates(row, request.batch, process.num_steps, row_gflop, peak)
-        if accuracy is not None and accuracy["x"] is not None:
+        baseline = accuracy.baseline() if accuracy is not None else None
+        if baseline is not None:
             try:
-                row.rel_err_vs_eager_bf16 = _rel_err(accuracy_run(accuracy["process"]), accuracy["x"])
+                row.rel_err_vs_eager_bf16 = _rel_err(accuracy_run(accuracy.process), baseline)
             except Exception as e:  # noqa: BLE001 - the row's timing stands; the column says why it is empty
-                row.accuracy_error = (f"{type(e).__name__}: {e}".splitlines() or [""])[0][:300]
+                row.accuracy_error = _one_line(e)
                 _log(request, f"{name}: accuracy run failed:\n{traceback.format_exc()}")
     except FastDDPMError as e:  # BackendUnavailableError included: cannot run here
         _clear_figures(row)

@@ -81,7 +81,7 @@ def format_table(report: dict) -> str:
               "matmul peak measured above;",
               f"'vs diffusers': over {best['name'] if best else 'the fastest diffusers row (none ran)'}; "
               "'err vs ref': ||x0 - x0_ref|| / ||x0_ref|| of the final samples (same seed, same noise)"]
-    if accuracy.get("steps"):
+    if accuracy.get("steps") and accuracy.get("status") != "pending":  # pending: no row ran to compare
         if accuracy.get("status") == "ok":
             lines.append(f"'err vs bf16': x0 of a {accuracy['steps']}-step run (timesteps {accuracy.get('timesteps')}, "
                          f"seed {accuracy['seed']}) against {accuracy['against']}'s, in this run; diffusers rows: "

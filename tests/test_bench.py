@@ -316,10 +316,19 @@ def test_every_row_is_compared_with_eager_bf16_on_a_short_run_and_a_wrong_row_is
     assert not lines["reference"].endswith("!") and lines["eager-bf16"].endswith("err vs eager-bf16 0.0e+00")
 
 
-def test_accuracy_steps_zero_leaves_the_column_out():
+def test_accuracy_steps_zero_leaves_the_column_out_and_skipped_rows_draw_no_baseline(monkeypatch):
     report = run_bench(BenchRequest(device="cpu", model="tiny", steps=1, batch=1, repeat=1, progress=False,
                                     backends=("reference",), accuracy_steps=0))
     assert report["accuracy"]["status"] == "off" and report["rows"][0]["rel_err_vs_eager_bf16"] is None
+    assert "'err vs bf16'" not in format_table(report)
+
+    def unavailable(device):
+        raise BackendUnavailableError("not here")
+
+    monkeypatch.setitem(backends.BACKENDS, "graph", backends.Backend("graph", "test stand-in", unavailable))
+    report = run_bench(BenchRequest(device="cpu", model="tiny", steps=1, batch=1, repeat=1, progress=False,
+                                    backends=("graph",)))
+    assert report["accuracy"]["status"] == "pending"  # no row ran, so eager-bf16's run was never drawn
     assert "'err vs bf16'" not in format_table(report)
 
 
