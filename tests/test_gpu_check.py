@@ -162,6 +162,65 @@ def test_gpu_check_takes_steps_by_name_and_number(tmp_path):
     assert bad.returncode == 2 and "unknown step 'warp'" in bad.stderr and not (tmp_path / "bad" / "setup.log").exists()
 
 
+# ------------------------------------------------------------------ fetch_wheels.sh: nothing the image has
+FETCH_WHEELS = REPO / "bench" / "fetch_wheels.sh"
+
+
+def _wheel(folder: Path, name: str, version: str, requires: list[str]) -> None:
+    """A stand-in wheel: only the METADATA the check reads."""
+    import zipfile
+
+    meta = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n" + "".join(
+        f"Requires-Dist: {r}\n" for r in requires)
+    with zipfile.ZipFile(folder / f"{name.replace('-', '_')}-{version}-py3-none-any.whl", "w") as z:
+        z.writestr(f"{name.replace('-', '_')}-{version}.dist-info/METADATA", meta)
+
+
+def _check_wheels(folder: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(FETCH_WHEELS), "--check", str(folder)], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, env=dict(os.environ, PYTHON=sys.executable))
+
+
+def test_fetch_wheels_ships_only_what_the_gpu_image_lacks(tmp_path):
+    """The check run on .whl/ after every download (no network here): diffusers' real requirements
+    pass; a wheel of a project the image has (it would shadow it), an unpinned one, or a requirement
+    that neither the image nor .whl/ meets is refused, by name."""
+    good = tmp_path / "good"
+    good.mkdir()
+    _wheel(good, "diffusers", "0.42.1", ["importlib_metadata", "filelock", "huggingface-hub<3.0,>=1.32.0", "numpy",
+                                         "regex!=2019.12.17", "requests", "safetensors>=0.8.0", "Pillow",
+                                         "torch>=1.4; extra == 'torch'"])
+    _wheel(good, "importlib-metadata", "10.2.0", ["zipp>=3.20", 'lazy-importer>=0.1; python_version < "3.15"'])
+    _wheel(good, "lazy-importer", "0.1.0", [])
+    ok = _check_wheels(good)
+    assert ok.returncode == 0 and "3 wheels" in ok.stdout and "none in the GPU image" in ok.stdout, ok.stderr
+
+    _wheel(good, "numpy", "2.0.0", [])  # the image has numpy: a wheel would shadow it
+    _wheel(good, "rich-extra", "1.0", [])  # pinned nowhere
+    bad = _check_wheels(good)
+    assert bad.returncode == 1
+    assert "numpy-2.0.0-py3-none-any.whl: the GPU image has numpy; a wheel would shadow it" in bad.stderr
+    assert "rich_extra-1.0-py3-none-any.whl: rich-extra is not pinned" in bad.stderr
+
+    lacking = tmp_path / "lacking"
+    lacking.mkdir()
+    _wheel(lacking, "diffusers", "0.42.1", ["importlib_metadata", "huggingface-hub>=9"])
+    _wheel(lacking, "importlib-metadata", "10.2.0", ["lazy-importer>=0.1"])
+    bad = _check_wheels(lacking)
+    assert bad.returncode == 1
+    assert "lazy-importer==0.1.0: pinned, but no wheel" in bad.stderr
+    assert "requires lazy-importer>=0.1: neither the GPU image nor" in bad.stderr
+    assert "requires huggingface-hub>=9: the GPU image has huggingface-hub 1.33.0" in bad.stderr
+
+
+def test_wheels_are_never_committed():
+    proc = subprocess.run(["git", "check-ignore", "-q", ".whl/diffusers-0.42.1-py3-none-any.whl"], cwd=REPO,
+                          capture_output=True, timeout=30)
+    if proc.returncode == 128:
+        pytest.skip("not a git checkout")
+    assert proc.returncode == 0  # .gitignore keeps .whl/ out
+
+
 # ------------------------------------------------------------------ the step profile's kernel families
 profile_step = _load(REPO / "bench" / "profile_step.py", "_profile_step")
 
