@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -168,8 +169,11 @@ def main(argv: list[str] | None = None) -> int:
         text += ("\nno kernel was recorded: if this is backend graph, its replays may hide their kernels "
                  "from the profiler; profile the same step without graphs with --backend triton")
     print(text)
-    if args.json:
-        Path(args.json).write_text(json.dumps(dict(summary, table=text), indent=2) + "\n")
+    if args.json:  # through a hidden name and a rename: a kill never leaves half a file
+        path = Path(args.json)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(dict(summary, table=text), indent=2) + "\n")
+        os.replace(tmp, path)
     return 0
 
 
