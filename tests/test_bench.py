@@ -17,7 +17,7 @@ from fastddpm.bench import (ROWS, SCHEMA, BenchRequest, diffusers_unet_kwargs, f
                             headline_lines, run_bench)
 from fastddpm.cli import main
 from fastddpm.errors import BackendUnavailableError
-from fastddpm.unet import PRESETS, UNet, count_parameters
+from fastddpm.unet import PRESETS, UNet, UNetConfig, count_parameters
 
 
 def test_bench_cli_writes_the_table_as_json(tmp_path, capsys):
@@ -352,3 +352,37 @@ def test_the_compile_row_warms_up_with_three_calls(monkeypatch):
         warm()
         assert calls == expected, name
     assert bench.WARMUP_CALLS == {"compile": 3}
+
+
+def test_the_compiled_peers_accuracy_run_reuses_its_compiled_code(monkeypatch):
+    """diffusers-compile's accuracy run (its U-Net with our weights in our sampler) feeds the compiled
+    U-Net what its own loop does (one 0-d timestep, NCHW x): Dynamo's guards hold, so no recompile
+    (on a GPU that would be a minute of Inductor); and it computes our function (fp32 here)."""
+    pytest.importorskip("diffusers")
+    import copy
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    import fastddpm.bench as bench
+    from fastddpm.generate import default_diffusion, respaced_for
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: compile_(model, backend="eager"))  # Dynamo alone
+    torch._dynamo.reset()
+    device, shape = torch.device("cpu"), (2, 3, 8, 8)
+    config = UNetConfig(image_size=8, model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                        attention_resolutions=(4,), dropout=0.0, num_groups=4)  # small: Dynamo traces every module
+    torch.manual_seed(0)
+    base = UNet(config).eval()
+    for m in base.modules():  # as bench.random_model: the zero-initialised output convs get weights
+        if isinstance(m, torch.nn.Conv2d) and not m.weight.any():
+            m.reset_parameters()
+    run, _, unet = bench._diffusers_sampler(config, shape, device, torch.float32, compiled=True)
+    run(3)
+    graphs = counters["stats"]["unique_graphs"]
+    process = respaced_for(default_diffusion(), bench.ACCURACY_STEPS, "ancestral")
+    x = bench._peer_accuracy(unet, base, process, shape, "ancestral")
+    assert counters["stats"]["unique_graphs"] == graphs >= 1
+    assert bench._rel_err(x, bench.sample(copy.deepcopy(base), process, shape, seed=0)) < 1e-5
+    torch._dynamo.reset()
