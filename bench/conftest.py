@@ -98,7 +98,8 @@ def _append_result(request):
     if stats is None:  # not a benchmark, skipped before timing, or --benchmark-disable
         return
     suite = request.node.path.stem.removeprefix("bench_")
-    record = {"suite": suite, "name": request.node.nodeid, "median_s": stats.median, "iqr_s": stats.iqr, "rounds": stats.rounds,
+    record = {"suite": suite, "name": request.node.nodeid, "median_s": stats.median, "iqr_s": stats.iqr,
+              "rounds": stats.rounds,
               "extra_info": benchmark.extra_info}
     with open(path, "a") as f:  # one write of one line: a kill leaves whole lines before it
         f.write(json.dumps(record, default=str) + "\n")

@@ -85,7 +85,7 @@ for name, wheel in kept.items():
             continue
         if dep not in image:
             errors.append(f"{wheel.name} requires {req}: neither the GPU image nor {folder} has {dep}; pin it")
-        elif image[dep] and req.specifier and not SpecifierSet(str(req.specifier)).contains(image[dep], prereleases=True):
+        elif image[dep] and not SpecifierSet(str(req.specifier)).contains(image[dep], prereleases=True):
             errors.append(f"{wheel.name} requires {req}: the GPU image has {dep} {image[dep]}")
 mib = sum(w.stat().st_size for w in wheels) / 2**20
 if mib > max_mib:
@@ -114,4 +114,5 @@ check "$tmp"
 mkdir -p .whl
 rm -f .whl/*.whl
 mv "$tmp"/*.whl .whl/
-echo ".whl/: $(ls .whl | wc -l) wheels ($(du -sk .whl | cut -f1) KiB), git-ignored: $(git check-ignore -q .whl/x.whl && echo yes || echo NO)"
+ignored=$(git check-ignore -q .whl/x.whl && echo yes || echo NO)
+echo ".whl/: $(ls .whl | wc -l) wheels ($(du -sk .whl | cut -f1) KiB), git-ignored: $ignored"

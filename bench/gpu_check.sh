@@ -124,7 +124,8 @@ for s in ${STEPS//,/ }; do  # numbers to names; an unknown one is an error befor
     found=0
     for i in "${!NAMES[@]}"; do [ "$s" = "${NAMES[$i]}" ] && STATE[$i]=pending && found=1; done
     if [ $found = 0 ]; then
-        echo "gpu_check: unknown step '$s' in GPU_CHECK_STEPS; steps: ${NAMES[*]} (or 1-${#NAMES[@]}, main, suites, all)" >&2
+        echo "gpu_check: unknown step '$s' in GPU_CHECK_STEPS; steps: ${NAMES[*]}" \
+            "(or 1-${#NAMES[@]}, main, suites, all)" >&2
         exit 2
     fi
 done
@@ -132,7 +133,9 @@ done
 LOGDIR=${GPU_CHECK_LOGDIR:-$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_logs.XXXXXX")}
 mkdir -p "$LOGDIR" || exit 2
 # a rerun into the same OUTDIR starts clean (only our six names are touched)
-for f in env.txt summary.txt table.json tests.log kernels.jsonl profile.json; do rm -f "$OUTDIR/$f" "$OUTDIR/.$f.tmp"; done
+for f in env.txt summary.txt table.json tests.log kernels.jsonl profile.json; do
+    rm -f "$OUTDIR/$f" "$OUTDIR/.$f.tmp"
+done
 
 FINISHED=0
 # summarize: steps.tsv for the report script, then summary.txt (a plain copy of the steps if python fails)
@@ -147,7 +150,8 @@ summarize() {
     } > "$LOGDIR/.steps.tsv" && mv -f "$LOGDIR/.steps.tsv" "$LOGDIR/steps.tsv"
     if ! timeout 30 "${REPORT[@]}" summary "$OUTDIR" "$LOGDIR" 2>> "$LOGDIR/summary.err"; then
         { echo "gpu_check: the summary writer failed ($LOGDIR/summary.err); the steps as recorded:"
-          cat "$LOGDIR/steps.tsv"; } > "$OUTDIR/.summary.txt.tmp" && mv -f "$OUTDIR/.summary.txt.tmp" "$OUTDIR/summary.txt"
+          cat "$LOGDIR/steps.tsv"; } > "$OUTDIR/.summary.txt.tmp" &&
+            mv -f "$OUTDIR/.summary.txt.tmp" "$OUTDIR/summary.txt"
     fi
 }
 
@@ -266,8 +270,8 @@ suite() {  # suite STEP: one more pytest-benchmark file, -m gpu, without compile
 table 1 table "$HEADLINE"
 STEP_LOG=$OUTDIR/tests.log step 2 "$PY" -m pytest -m gpu_smoke tests/test_gpu_smoke.py -v -rA --tb=short \
     --durations=0 -p no:cacheprovider -p no:randomly
-step 3 "$PY" -m pytest bench/bench_kernels.py --benchmark-only ${GPU_ONLY[@]+"${GPU_ONLY[@]}"} -k "$KERNELS_K" -v -p no:cacheprovider \
-    --bench-jsonl="$OUTDIR/kernels.jsonl" --benchmark-columns=median,iqr,rounds
+step 3 "$PY" -m pytest bench/bench_kernels.py --benchmark-only ${GPU_ONLY[@]+"${GPU_ONLY[@]}"} -k "$KERNELS_K" -v \
+    -p no:cacheprovider --bench-jsonl="$OUTDIR/kernels.jsonl" --benchmark-columns=median,iqr,rounds
 step 4 "$PY" bench/profile_step.py --device "$DEVICE" --model "$MODEL" --batch "$PROFILE_BATCH" \
     --backend "$PROFILE_BACKEND" --steps "$PROFILE_STEPS" --json "$OUTDIR/profile.json"
 table 5 table_rest "$REST"
@@ -276,6 +280,6 @@ for i in 6 7 8 9; do suite $i; done
 FINISHED=1
 summarize
 echo
-echo "gpu_check: $((SECONDS - START)) s in all; files in $OUTDIR: $(cd "$OUTDIR" && ls | tr '\n' ' ')(step logs: $LOGDIR)"
+echo "gpu_check: $((SECONDS - START)) s in all; files in $OUTDIR: $(cd "$OUTDIR" && echo *) (step logs: $LOGDIR)"
 echo
 timeout 30 "${REPORT[@]}" print "$OUTDIR" || cat "$OUTDIR/summary.txt"
