@@ -237,6 +237,17 @@ def test_gpu_check_suites_collect_no_compiling_case(dry_runs):
         assert all("cuda" in i for i in ids), (name, ids)  # and -m gpu the CPU cases
 
 
+def test_gpu_check_budgets_fit_the_eight_minutes():
+    """Steps 1-6's budgets and the summary's reserve add up to at most the default deadline, which
+    leaves the 8 minutes (480 s) room for a step's 5 s of grace after its TERM and the final print."""
+    text = GPU_CHECK.read_text()
+    budgets = [int(b) for b in re.search(r"^BUDGET=\(([\d ]+)\)", text, re.M).group(1).split()]
+    deadline = int(re.search(r"^DEADLINE=\$\{GPU_CHECK_DEADLINE:-(\d+)\}", text, re.M).group(1))
+    reserve = int(re.search(r"^RESERVE=\$\{GPU_CHECK_RESERVE:-(\d+)\}", text, re.M).group(1))
+    assert len(budgets) == len(STEP_NAMES)
+    assert sum(budgets[:6]) + reserve <= deadline <= 470
+
+
 def test_gpu_check_refuses_unknown_steps_and_budgets(tmp_path):
     bad = _gpu_check(tmp_path / "bad", {"GPU_CHECK_STEPS": "tests,warp"})
     assert bad.returncode == 2 and "unknown step 'warp'" in bad.stderr and not (tmp_path / "bad" / "env.txt").exists()
