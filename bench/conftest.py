@@ -41,7 +41,8 @@ def pytest_addoption(parser):
                      help="also time the cifar10 preset on the CPU in bench_onnx.py (minutes a case)")
     parser.addoption("--bench-jsonl", default=None, metavar="FILE",
                      help="append each timed case to FILE as one JSON line as soon as it finishes (what a "
-                          "time-out leaves; --benchmark-json is written only at the end)")
+                          "time-out leaves; --benchmark-json is written only at the end); every suite may "
+                          "append to one FILE: each line names its suite")
 
 
 def pytest_collect_file(file_path, parent):
@@ -88,16 +89,19 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 
 @pytest.fixture(autouse=True)
 def _append_result(request):
-    """With --bench-jsonl FILE: after each timed case, one line {name, median_s, rounds, extra_info}."""
+    """With --bench-jsonl FILE: after each timed case, one line {suite, name, median_s, iqr_s, rounds,
+    extra_info}; suite is the file's name without bench_ ("kernels" for bench_kernels.py)."""
     yield
     path = request.config.getoption("--bench-jsonl")
     benchmark = request.node.funcargs.get("benchmark") if path else None
     stats = getattr(getattr(benchmark, "stats", None), "stats", None)
     if stats is None:  # not a benchmark, skipped before timing, or --benchmark-disable
         return
-    record = {"name": request.node.nodeid, "median_s": stats.median, "iqr_s": stats.iqr, "rounds": stats.rounds,
+    suite = request.node.path.stem.removeprefix("bench_")
+    record = {"suite": suite, "name": request.node.nodeid, "median_s": stats.median, "iqr_s": stats.iqr,
+              "rounds": stats.rounds,
               "extra_info": benchmark.extra_info}
-    with open(path, "a") as f:
+    with open(path, "a") as f:  # one write of one line: a kill leaves whole lines before it
         f.write(json.dumps(record, default=str) + "\n")
 
 

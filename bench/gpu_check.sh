@@ -1,48 +1,76 @@
 #!/usr/bin/env bash
-# Everything a lent GPU should run, in two calls of at most 8.5 minutes each (one H100/H200):
+# Everything a lent GPU runs, in ONE call of at most 8 minutes on a cold machine (one H100/H200):
 #
-#   bench/gpu_check.sh DIR                          # call 1: steps 1-5
-#   GPU_CHECK_STEPS=rest bench/gpu_check.sh DIR     # call 2: steps 6-10
+#   bench/gpu_check.sh OUTDIR
 #
-#   1. setup       wheels from .whl/ for what the machine lacks, fastddpm importable (offline);
-#                  FAILS the whole run (exit 1, one clear line) if fastddpm, numpy, safetensors
-#                  or tqdm cannot be imported. Always runs, at most 60 s.
-#   2. table       the headline: fastddpm bench --model cifar10 --steps 1000 --batch 256 --device cuda
-#                  rows eager-bf16 (the reference code, bf16 channels-last), diffusers (bf16 eager),
-#                  graph-eager, diffusers-compile, graph-compiled, compile (in that order); warm-up
-#                  (compile, capture) reported apart from the timed run
-#   3. tests       pytest -m gpu tests
-#   4. kernels     pytest bench/bench_kernels.py --benchmark-only -m gpu (each case appended to
-#                  bench_kernels.jsonl as it finishes)
-#   5. profile     bench/profile_step.py: one steady-state step of backend graph, CUDA time by
-#                  kernel family
-#   6. table_rest  the table's other rows: reference (fp32 NCHW), triton, onnx
-#   7-10. unet, sampling, onnx, train: the other pytest-benchmark suites with -m gpu (unet and
-#                  sampling without their compile cases, train without compiled training)
+# OUTDIR gets at most six files, each written while the run goes, so a kill or a time-out keeps
+# what was measured (bench/gpu_check_report.py writes or reads them all):
 #
-# Every step runs under `timeout` with its own budget, cut further so the whole call stays under
-# GPU_CHECK_DEADLINE seconds (default 510); a step that finds under 20 s left is skipped and
-# recorded so. Each step writes as it goes (the table's JSON after every row, the suites' JSON
-# lines after every case), so a time-out keeps what was measured before it. Logs and results land
-# in DIR (NAME.log, NAME.json, NAME.jsonl), with summary.tsv (one line per step, written as each
-# ends), summary.txt and DIR/gpu_check.tar.gz (all of it). The run ends by printing summary.txt,
-# whose last lines are the headline: one line per row of the table with images/s, seconds per
-# 256 x 1000 run, % of the measured bf16 peak and the ratio to diffusers compiled.
+#   env.txt        written first: python, torch, triton, numpy, onnxruntime, diffusers, ... versions;
+#                  the device (name, SMs, L2, memory; clocks, driver, nvidia-smi); rewritten after setup
+#                  with the imports every step relies on
+#   summary.txt    the headline lines first, then one line per step with its state, then the tests,
+#                  the kernel cases, the profile, the full tables and the end of each failed step's
+#                  log; rewritten when a step starts and ends and after every table row
+#   table.json     {"table": the headline report, "table_rest": the other rows}, fastddpm bench's
+#                  JSON, rewritten after every row
+#   tests.log      pytest -v of the GPU smoke tests: one line per test as it finishes
+#   kernels.jsonl  one JSON line per timed benchmark case as it finishes ("suite" names the suite)
+#   profile.json   one steady-state step of backend graph, CUDA time by kernel family
+#
+# Step logs stay outside OUTDIR (GPU_CHECK_LOGDIR, default a fresh /tmp/gpu_check_logs.*); the
+# end of a failed one is copied into summary.txt. The printed output ends with the headline.
+#
+#   #  step        budget  what
+#   -  env           15 s  env.txt (python alone: versions, nvidia-smi), before anything else
+#   1  setup         45 s  wheels from .whl/ (bench/fetch_wheels.sh) into /tmp/gpu_check_site, fastddpm
+#                          installed (editable, offline; or copied there and run with PYTHONSAFEPATH=1),
+#                          env.txt rewritten with torch's view of the device and every import a step
+#                          needs; exits 1 with one clear line if torch, numpy, safetensors, tqdm,
+#                          fastddpm, fastddpm.kernels or fastddpm.export cannot be imported
+#   2  table        230 s  the headline: fastddpm bench --device cuda --model cifar10 --steps 1000
+#                          --batch 256, rows eager-bf16, diffusers, graph-eager, diffusers-compile,
+#                          graph-compiled, compile (in that order: a time-out keeps the eager rows and
+#                          both peers); each row also errs against eager-bf16 on a 3-step run
+#   3  tests         75 s  pytest -m gpu_smoke tests/test_gpu_smoke.py: graph over the compiled U-Net
+#                          vs the reference first (fp32, bf16), the GroupNorm op, the fused step
+#   4  kernels       45 s  bench_kernels.py: the copy row and the five cifar10 GroupNorm shape classes,
+#                          bf16 channels-last, forward (eager, compile, fused: 5 Inductor compiles in
+#                          all) and backward (eager, fused)
+#   5  profile       30 s  bench/profile_step.py, backend graph, cifar10 batch 256 (its compile is
+#                          mostly a cache hit after step 2's graph-compiled row)
+#   6  table_rest    35 s  the other rows: triton, onnx (skipped without onnxruntime-gpu), reference
+#                          (fp32, last: the row a time-out costs)
+#   7-10 unet, sampling, onnx, train   the other suites, only when asked for (GPU_CHECK_STEPS=suites),
+#                          without a single Inductor compile: -k "not compile and not graph" (the graph
+#                          backend compiles its U-Net by default)
+#
+# Steps 1-6 add up to 460 s, under the 470 s deadline; the other 10 s are the summary's (env.txt's
+# 15 s at most, typically 1-2, come out of the steps' time left: the deadline holds). Every step
+# runs under `timeout` with limit min(budget, time left before the deadline - 10 s); a step that
+# finds under GPU_CHECK_MIN_STEP (20) seconds left is recorded "skipped (no time left)". The
+# budgets are estimates written without a GPU (the compile rows dominate the table); rebalance them
+# with GPU_CHECK_BUDGETS, not by editing, when the first run's summary shows where the time went.
 #
 # Knobs (environment):
 #   PYTHON              interpreter (default python3)
-#   GPU_CHECK_STEPS     which steps: names or numbers, comma-separated (e.g. "tests,5" or "6,7");
-#                       "first" = 2-5 (the default), "rest" = 6-10, "all" = 2-10. Setup always runs.
-#   GPU_CHECK_DEADLINE  seconds for the whole call (default 510)
+#   GPU_CHECK_STEPS     which steps: names or numbers, comma-separated; "main" = 2-6 (the default),
+#                       "suites" (or "rest") = 7-10, "all" = 2-10. Setup always runs.
+#   GPU_CHECK_DEADLINE  seconds for the whole call by its own clock (default 470)
+#   GPU_CHECK_BUDGETS   per-step budgets to override, e.g. "table=300,tests=60"
+#   GPU_CHECK_MIN_STEP  the fewest seconds a step is started with (default 20)
+#   GPU_CHECK_RESERVE   seconds of the deadline kept for the summary and the print (default 10)
 #   GPU_CHECK_REPEAT    timed runs per table row (default 1: a row is 1000 steps)
+#   GPU_CHECK_LOGDIR    where the step logs go (default: a new folder under /tmp)
 #   GPU_CHECK_DRY=1     walk the control flow on a CPU in seconds (CI does, tests/test_gpu_check.py):
-#                       setup checks imports but installs nothing and needs no GPU; the table and the
-#                       profile run for real on the CPU at the tiny preset (1 step, batch 1; the
-#                       rows reference, graph-eager, graph-compiled); the other steps echo their command.
+#                       no installs, no GPU; the tables and the profile run for real at the tiny preset
+#                       (1 step, batch 1), the smoke tests run (and skip), the kernels step runs its
+#                       selection's CPU cases (so kernels.jsonl fills) beside the GPU ones (skipped),
+#                       the suites only collect their selections (pytest --collect-only).
 set -u -o pipefail
 
 if [ $# -ne 1 ]; then
-    echo "usage: bench/gpu_check.sh DIR" >&2
+    echo "usage: bench/gpu_check.sh OUTDIR" >&2
     exit 2
 fi
 OUTDIR=$1
@@ -52,86 +80,124 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO" || exit 2
 
 PY=${PYTHON:-python3}
-DEADLINE=${GPU_CHECK_DEADLINE:-510}
+DEADLINE=${GPU_CHECK_DEADLINE:-470}
 REPEAT=${GPU_CHECK_REPEAT:-1}
 DRY=${GPU_CHECK_DRY:-0}
+MIN_STEP=${GPU_CHECK_MIN_STEP:-20}
+RESERVE=${GPU_CHECK_RESERVE:-10}  # seconds kept back from the steps for the summary and the final print
+REPORT_PY=$REPO/bench/gpu_check_report.py
+REPORT=("$PY" "$REPORT_PY")
 export PYTHONUNBUFFERED=1
 START=$SECONDS
-SUMMARY="$OUTDIR/summary.tsv"
-printf 'step\tstatus\tseconds\tlog\n' > "$SUMMARY"
-rm -f "$OUTDIR/.fastddpm_copied"
 
 NAMES=(setup table tests kernels profile table_rest unet sampling onnx train)
-case ${GPU_CHECK_STEPS:-first} in
-    first) STEPS=table,tests,kernels,profile ;;
-    rest) STEPS=table_rest,unet,sampling,onnx,train ;;
+BUDGET=(45 230 75 45 30 35 75 75 60 60)  # steps 1-6 add up to 460 s: DEADLINE - RESERVE
+# What the kernels step times, and what keeps the suites free of Inductor compiles (tests/test_gpu_check.py
+# collects both selections in the dry run and checks them).
+KERNELS_K="test_copy or (group_norm_forward and channels-last) or (group_norm_backward and not compile)"
+SUITES_K="not compile and not graph"
+
+BUDGETS=${GPU_CHECK_BUDGETS:-}
+for pair in ${BUDGETS//,/ }; do  # name=seconds
+    found=0
+    for i in "${!NAMES[@]}"; do
+        if [ "${pair%%=*}" = "${NAMES[$i]}" ] && [[ ${pair#*=} =~ ^[0-9]+$ ]]; then BUDGET[$i]=${pair#*=}; found=1; fi
+    done
+    if [ $found = 0 ]; then
+        echo "gpu_check: bad GPU_CHECK_BUDGETS entry '$pair' (NAME=SECONDS; steps: ${NAMES[*]})" >&2
+        exit 2
+    fi
+done
+case ${GPU_CHECK_STEPS:-main} in
+    main|first) STEPS=table,tests,kernels,profile,table_rest ;;
+    suites|rest) STEPS=unet,sampling,onnx,train ;;
     all) STEPS=$(IFS=,; echo "${NAMES[*]:1}") ;;
     *) STEPS=${GPU_CHECK_STEPS} ;;
 esac
-# numbers to names; an unknown one is an error before anything runs
-wanted_list=","
-for s in ${STEPS//,/ }; do
+STATE=() LIMIT=() SECS=() LOG=()
+for i in "${!NAMES[@]}"; do STATE[$i]="not requested" LIMIT[$i]=- SECS[$i]=- LOG[$i]=; done
+STATE[0]=pending
+for s in ${STEPS//,/ }; do  # numbers to names; an unknown one is an error before anything runs
     if [[ $s =~ ^[0-9]+$ ]] && [ "$s" -ge 1 ] && [ "$s" -le ${#NAMES[@]} ]; then
         s=${NAMES[$((s - 1))]}
     fi
-    case " ${NAMES[*]} " in
-        *" $s "*) wanted_list="$wanted_list$s," ;;
-        *) echo "gpu_check: unknown step '$s' in GPU_CHECK_STEPS; steps: ${NAMES[*]} (or 1-${#NAMES[@]}, first, rest, all)" >&2
-           exit 2 ;;
-    esac
+    found=0
+    for i in "${!NAMES[@]}"; do [ "$s" = "${NAMES[$i]}" ] && STATE[$i]=pending && found=1; done
+    if [ $found = 0 ]; then
+        echo "gpu_check: unknown step '$s' in GPU_CHECK_STEPS; steps: ${NAMES[*]}" \
+            "(or 1-${#NAMES[@]}, main, suites, all)" >&2
+        exit 2
+    fi
 done
-wanted() { case $wanted_list in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 
-# record NAME STATUS SECONDS LOG: one line of summary.tsv
-record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >> "$SUMMARY"; }
+LOGDIR=${GPU_CHECK_LOGDIR:-$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_logs.XXXXXX")}
+mkdir -p "$LOGDIR" || exit 2
+# a rerun into the same OUTDIR starts clean (only our six names are touched)
+for f in env.txt summary.txt table.json tests.log kernels.jsonl profile.json; do
+    rm -f "$OUTDIR/$f" "$OUTDIR/.$f.tmp"
+done
 
-# step NAME BUDGET_SECONDS CMD...: run CMD with stdout+stderr in DIR/NAME.log under a timeout of
-# min(BUDGET, time left before the deadline); record the outcome in summary.tsv. A step that was
-# not asked for is recorded as such, so summary.tsv always lists every step.
+FINISHED=0
+# summarize: steps.tsv for the report script, then summary.txt (a plain copy of the steps if python fails)
+summarize() {
+    local i
+    {
+        printf '# deadline %s elapsed %s dry %s finished %s\n' "$DEADLINE" "$((SECONDS - START))" "$DRY" "$FINISHED"
+        for i in "${!NAMES[@]}"; do
+            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$((i + 1))" "${NAMES[$i]}" "${BUDGET[$i]}" "${LIMIT[$i]}" \
+                "${SECS[$i]}" "${STATE[$i]}" "${LOG[$i]}"
+        done
+    } > "$LOGDIR/.steps.tsv" && mv -f "$LOGDIR/.steps.tsv" "$LOGDIR/steps.tsv"
+    if ! timeout 30 "${REPORT[@]}" summary "$OUTDIR" "$LOGDIR" 2>> "$LOGDIR/summary.err"; then
+        { echo "gpu_check: the summary writer failed ($LOGDIR/summary.err); the steps as recorded:"
+          cat "$LOGDIR/steps.tsv"; } > "$OUTDIR/.summary.txt.tmp" &&
+            mv -f "$OUTDIR/.summary.txt.tmp" "$OUTDIR/summary.txt"
+    fi
+}
+
+# step I CMD...: run step I (0-based) under `timeout` with limit min(budget, time left), its output
+# into LOG (default LOGDIR/NAME.log); the state goes into summary.txt when it starts and ends.
 step() {
-    local name=$1 budget=$2
-    shift 2
-    if [ "$name" != setup ] && ! wanted "$name"; then
-        record "$name" "not requested" 0 -
+    local i=$1
+    shift
+    local name=${NAMES[$i]}
+    [ "${STATE[$i]}" = pending ] || return 0
+    local left=$((DEADLINE - (SECONDS - START) - RESERVE))
+    if [ "$left" -lt "$MIN_STEP" ]; then
+        STATE[$i]="skipped (no time left: ${left} s)"
+        echo "== $name: skipped, ${left} s left before the ${DEADLINE} s deadline"
+        summarize
         return 0
     fi
-    local left=$((DEADLINE - (SECONDS - START)))
-    if [ "$left" -lt 20 ]; then
-        record "$name" "skipped (no time left)" 0 -
-        echo "== $name: skipped, ${left}s left before the ${DEADLINE}s deadline"
-        return 0
-    fi
+    local budget=${BUDGET[$i]}
     local limit=$((budget < left ? budget : left))
-    echo "== $name (limit ${limit}s): $*"
+    LIMIT[$i]=$limit STATE[$i]=running LOG[$i]=${STEP_LOG:-$LOGDIR/$name.log}
+    summarize
+    echo "== $((i + 1)) $name (limit ${limit} s): $*"
     local t0=$SECONDS
-    if [ "$DRY" = 1 ] && [ "$name" != setup ] && [ -z "${DRY_REAL:-}" ]; then
-        echo "dry run: would run: $*" > "$OUTDIR/$name.log"
-    else
-        timeout --kill-after=10 "$limit" "$@" > "$OUTDIR/$name.log" 2>&1
-    fi
+    timeout --kill-after=5 "$limit" "$@" > "${LOG[$i]}" 2>&1
     local rc=$?
     local status
     case $rc in
         0) status=ok ;;
         5) status="no tests collected" ;;
-        124|137) status="TIMEOUT after ${limit}s" ;;
+        124|137) status="TIMEOUT after ${limit} s" ;;
         *) status="FAILED (exit $rc)" ;;
     esac
     [ "$DRY" = 1 ] && status="$status (dry run)"
-    record "$name" "$status" "$((SECONDS - t0))" "$name.log"
-    echo "   $status in $((SECONDS - t0))s; tail of $name.log:"
-    tail -n 3 "$OUTDIR/$name.log" | sed 's/^/   | /'
+    SECS[$i]=$((SECONDS - t0)) STATE[$i]=$status
+    summarize
+    echo "   $status in ${SECS[$i]} s (log: ${LOG[$i]})"
     return $rc
 }
 
 setup() {
     set -e
     if [ "$DRY" = 1 ]; then
-        echo "dry run: no nvidia-smi, no installs, no GPU needed"
+        echo "dry run: no installs, no GPU needed"
     else
-        nvidia-smi || true
-        # Wheels carried in .whl/ (bench/fetch_wheels.sh: diffusers and what it needs that the
-        # image lacks) go to /tmp/gpu_check_site, first on the path of every later step.
+        # Wheels carried in .whl/ (bench/fetch_wheels.sh: diffusers and what it needs that the image
+        # lacks) go to /tmp/gpu_check_site, first on the path of every later step.
         if ! "$PY" -c "import diffusers" 2>/dev/null; then
             if ls .whl/*.whl >/dev/null 2>&1; then
                 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -148,143 +214,72 @@ setup() {
                 # a copy, not an editable install: the repository's fastddpm/ folder must not shadow
                 # it (it lacks fastddpm.kernels and fastddpm.export), so later steps run with
                 # PYTHONSAFEPATH=1 (the working directory left off sys.path)
-                touch "$OUTDIR/.fastddpm_copied"
+                touch "$LOGDIR/fastddpm_copied"
             fi
         fi
     fi
-    # Checked from DIR, not the repository: there `import fastddpm` would find the source folder
+    # Checked from OUTDIR, not the repository: there `import fastddpm` would find the source folder
     # whether or not the package (with fastddpm.kernels and fastddpm.export) is installed.
-    (cd "$OUTDIR" && "$PY" - <<'PYEOF'
-import importlib, importlib.util, os, sys
-import torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
-if torch.cuda.is_available():
-    print("gpu", torch.cuda.get_device_name(), torch.cuda.get_device_properties(0))
-# What every step needs: a failure here ends the run with one clear line.
-for name in ("numpy", "safetensors", "tqdm", "fastddpm", "fastddpm.kernels", "fastddpm.export"):
-    try:
-        mod = importlib.import_module(name)
-    except Exception as e:  # ImportError, or anything a broken package raises while importing
-        sys.exit(f"gpu_check setup: cannot import {name}: {type(e).__name__}: {e}")
-    print(name, getattr(mod, "__version__", ""), mod.__file__)
-# What only some rows or steps need: reported, and the steps say what they skip. (A dry run only
-# looks them up: importing diffusers and onnxruntime takes seconds and proves nothing on a CPU.)
-dry = os.environ.get("GPU_CHECK_DRY") == "1"
-for name in ("triton", "diffusers", "onnx", "onnxruntime", "pytest", "pytest_benchmark"):
-    try:
-        if dry:
-            spec = importlib.util.find_spec(name)
-            print(name, "found" if spec else "MISSING (optional)", spec.origin if spec else "")
-            continue
-        mod = importlib.import_module(name)
-        print(name, getattr(mod, "__version__", "?"), mod.__file__)
-    except Exception as e:
-        print(name, "MISSING (optional):", type(e).__name__, e)
-if not dry and not torch.cuda.is_available():
-    sys.exit("gpu_check setup: no CUDA device: nothing on this list can run")
-PYEOF
-    )
+    cd "$OUTDIR"
+    "$PY" "$REPORT_PY" env "$OUTDIR/env.txt" --stage setup --check
 }
 
 export PYTHONPATH=/tmp/gpu_check_site${PYTHONPATH:+:$PYTHONPATH}
-export PY DRY OUTDIR GPU_CHECK_DRY=$DRY
+export PY DRY OUTDIR LOGDIR REPORT_PY GPU_CHECK_DRY=$DRY
 export -f setup
-if ! step setup 60 bash -c setup; then
-    echo "gpu_check: setup failed, nothing else was run: $(grep -m1 'gpu_check setup:' "$OUTDIR/setup.log" ||
-        tail -n 1 "$OUTDIR/setup.log") (full log: $OUTDIR/setup.log)" >&2
+# env.txt first of all (python alone: versions by metadata, nvidia-smi); setup rewrites it with torch's view
+timeout 15 "${REPORT[@]}" env "$OUTDIR/env.txt" --stage start > "$LOGDIR/env.log" 2>&1 ||
+    echo "gpu_check: env.txt not written before setup ($LOGDIR/env.log); setup tries again" >&2
+if ! step 0 bash -c setup; then
+    echo "gpu_check: setup failed, nothing else was run: $(grep -m1 'gpu_check setup:' "$LOGDIR/setup.log" ||
+        tail -n 1 "$LOGDIR/setup.log") (env.txt and summary.txt in $OUTDIR; log $LOGDIR/setup.log)" >&2
+    FINISHED=1
+    summarize
+    timeout 30 "${REPORT[@]}" print "$OUTDIR" || cat "$OUTDIR/summary.txt"
     exit 1
 fi
-[ -e "$OUTDIR/.fastddpm_copied" ] && export PYTHONSAFEPATH=1
+[ -e "$LOGDIR/fastddpm_copied" ] && export PYTHONSAFEPATH=1
 
 if [ "$DRY" = 1 ]; then  # the same flow on a CPU, in seconds
     DEVICE=cpu MODEL=tiny BSTEPS=1 BATCH=1 PROFILE_BATCH=1 PROFILE_STEPS=1 PROFILE_BACKEND=reference
-    HEADLINE=reference,graph-eager,graph-compiled  # fp32: bf16 convolutions are slow on a CPU
-    REST=reference
+    HEADLINE=eager-bf16,graph-compiled  # one real row (the accuracy baseline's), one skipped
+    REST=triton  # skipped on a CPU: the step's flow without another real row (the dry run's seconds)
+    GPU_ONLY=()  # the kernels step also runs its selection's CPU cases (the GPU ones skip)
 else
     DEVICE=cuda MODEL=cifar10 BSTEPS=1000 BATCH=256 PROFILE_BATCH=256 PROFILE_STEPS=10 PROFILE_BACKEND=graph
     # cheap rows first, then the compiled peer (the headline's ratios are to it), then fastddpm's
     # compiling rows: a time-out keeps the eager rows and both peers
     HEADLINE=eager-bf16,diffusers,graph-eager,diffusers-compile,graph-compiled,compile
-    REST=reference,triton,onnx
+    REST=triton,onnx,reference
+    GPU_ONLY=(-m gpu)
 fi
-bench_table() {  # bench_table NAME BACKENDS
-    DRY_REAL=1 step "$1" 270 "$PY" -m fastddpm bench --device "$DEVICE" --model "$MODEL" --steps "$BSTEPS" \
-        --batch "$BATCH" --repeat "$REPEAT" --backends "$2" --json "$OUTDIR/$1.json"
+table() {  # table STEP KEY BACKENDS
+    step "$1" "${REPORT[@]}" table "$OUTDIR" "$LOGDIR" --key "$2" --device "$DEVICE" --model "$MODEL" \
+        --steps "$BSTEPS" --batch "$BATCH" --repeat "$REPEAT" --backends "$3"
 }
-suite() {  # suite NAME BUDGET [pytest selection...]: one pytest-benchmark file, -m gpu
-    local name=$1 budget=$2
-    shift 2
-    local file=bench/bench_$name.py
-    if wanted "$name" && [ ! -f "$file" ]; then
-        record "$name" "absent ($file)" 0 -
-        return 0
+suite() {  # suite STEP: one more pytest-benchmark file, -m gpu, without compiles
+    local name=${NAMES[$1]}
+    if [ "$DRY" = 1 ]; then
+        step "$1" "$PY" -m pytest "bench/bench_$name.py" --collect-only -q -m gpu -k "$SUITES_K" -p no:cacheprovider
+    else
+        step "$1" "$PY" -m pytest "bench/bench_$name.py" --benchmark-only -m gpu -k "$SUITES_K" -v -p no:cacheprovider \
+            --bench-jsonl="$OUTDIR/kernels.jsonl" --benchmark-columns=median,iqr,rounds
     fi
-    step "$name" "$budget" "$PY" -m pytest "$file" --benchmark-only -m gpu "$@" -q -p no:cacheprovider \
-        --bench-jsonl="$OUTDIR/$name.jsonl" --benchmark-json="$OUTDIR/$name.json" \
-        --benchmark-columns=median,iqr,rounds
 }
 
-bench_table table "$HEADLINE"
-step tests 90 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider --junitxml="$OUTDIR/tests.xml"
-suite kernels 90
-DRY_REAL=1 step profile 90 "$PY" bench/profile_step.py --device "$DEVICE" --model "$MODEL" --batch "$PROFILE_BATCH" \
+table 1 table "$HEADLINE"
+STEP_LOG=$OUTDIR/tests.log step 2 "$PY" -m pytest -m gpu_smoke tests/test_gpu_smoke.py -v -rA --tb=short \
+    --durations=0 -p no:cacheprovider -p no:randomly
+step 3 "$PY" -m pytest bench/bench_kernels.py --benchmark-only ${GPU_ONLY[@]+"${GPU_ONLY[@]}"} -k "$KERNELS_K" -v \
+    -p no:cacheprovider --bench-jsonl="$OUTDIR/kernels.jsonl" --benchmark-columns=median,iqr,rounds
+step 4 "$PY" bench/profile_step.py --device "$DEVICE" --model "$MODEL" --batch "$PROFILE_BATCH" \
     --backend "$PROFILE_BACKEND" --steps "$PROFILE_STEPS" --json "$OUTDIR/profile.json"
-bench_table table_rest "$REST"
-# the compile backend's cases are left to the table (a compile per case would not fit); run them
-# apart with: pytest bench/bench_unet.py bench/bench_sampling.py --benchmark-only -m gpu -k compile
-suite unet 75 -k "not compile"
-suite sampling 75 -k "not compile"
-suite onnx 60
-suite train 60 -k "not compile"  # compiled training: bench_train.py as a script
+table 5 table_rest "$REST"
+for i in 6 7 8 9; do suite $i; done
 
-# The summary: the steps, the tables, the profile, the suites' medians, and last the headline.
-"$PY" - "$OUTDIR" > "$OUTDIR/summary.txt" 2>&1 <<'PYEOF'
-import csv, json, sys
-from pathlib import Path
-
-from fastddpm.bench_table import format_table, headline_lines
-
-out = Path(sys.argv[1])
-rows = list(csv.reader(open(out / "summary.tsv"), delimiter="\t"))
-widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-print("gpu_check steps")
-for r in rows:
-    print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)))
-
-
-def report(name):
-    path = out / f"{name}.json"
-    if not path.exists():
-        return None
-    data = json.loads(path.read_text())
-    print(f"\n{name}:\n" + format_table(data) + ("" if data["complete"] else "\n(INCOMPLETE: the run was cut off)"))
-    return data
-
-
-headline = report("table")
-report("table_rest")
-profile = out / "profile.json"
-if profile.exists():
-    print("\nprofile:\n" + json.loads(profile.read_text())["table"])
-for name in ("kernels", "unet", "sampling", "onnx", "train"):
-    full, lines = out / f"{name}.json", out / f"{name}.jsonl"
-    if full.exists():  # pytest-benchmark's own file, written at the end of the suite
-        cases = [(b["name"], b["stats"]["median"], b.get("extra_info", {})) for b in json.loads(full.read_text())["benchmarks"]]
-    elif lines.exists():  # the suite was cut off: the cases it finished
-        cases = [(c["name"].split("::")[-1], c["median_s"], c["extra_info"])
-                 for c in map(json.loads, lines.read_text().splitlines())]
-    else:
-        continue
-    print(f"\n{name}: {len(cases)} timed cases{'' if full.exists() else ' (cut off)'} (median; images/s, TFLOP/s, GB/s)")
-    for case, median, x in cases:
-        rates = ", ".join(f"{k} {x[k]:.4g}" for k in ("images_per_s", "tflops", "gbps") if isinstance(x.get(k), (int, float)))
-        print(f"  {case:<60} {1000 * median:10.3f} ms  {rates}")
-print("\nheadline (images/s, seconds per 256 x 1000 run, % of the measured peak, ratio to diffusers-compile):")
-print("\n".join(headline_lines(headline)) if headline else "  no table (step 2 did not run)")
-PYEOF
-[ $? -eq 0 ] || echo "gpu_check: writing summary.txt failed; its end says why" >&2
-(cd "$OUTDIR" && tar czf gpu_check.tar.gz --exclude gpu_check.tar.gz -- *)
+FINISHED=1
+summarize
 echo
-echo "all logs and JSON: $OUTDIR (packed: $OUTDIR/gpu_check.tar.gz); $((SECONDS - START))s in all"
+echo "gpu_check: $((SECONDS - START)) s in all; files in $OUTDIR: $(cd "$OUTDIR" && echo *) (step logs: $LOGDIR)"
 echo
-cat "$OUTDIR/summary.txt"
+timeout 30 "${REPORT[@]}" print "$OUTDIR" || cat "$OUTDIR/summary.txt"

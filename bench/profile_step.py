@@ -13,7 +13,8 @@ CPU, where there are no kernels, the ATen operators' self CPU time stands in (th
 gpu_check.sh's dry run exercises). Families, decided from the kernel's name (`classify`):
 
     convolutions  cuDNN / CUTLASS convolution kernels (fprop, implicit GEMM, winograd)
-    GroupNorm     fastddpm's fused Triton kernel, ATen's and inductor's group-norm kernels
+    GroupNorm     fastddpm's fused Triton kernels (NCHW `_group_norm_*_kernel`, channels-last
+                  `_gn_cl_*_kernel`), ATen's and inductor's group-norm kernels
     attention     fused attention (flash, memory-efficient, cuDNN SDPA) and softmax
     matmul        plain GEMMs outside fused attention: the linear layers (the time embedding and
                   each ResBlock's embedding projection), bmm
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -40,7 +42,7 @@ FAMILIES = ("convolutions", "GroupNorm", "attention", "matmul", "fused step", "e
 # cuDNN's SDPA kernels contain "cudnn", implicit-GEMM convolutions contain "gemm", and inductor's
 # kernel names list every ATen op they fused ("triton_poi_fused_convolution_..." is a bias add).
 _RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("GroupNorm", ("group_norm", "groupnorm", "rowwisemoments", "computefusedparams")),
+    ("GroupNorm", ("group_norm", "groupnorm", "rowwisemoments", "computefusedparams", "_gn_cl_")),
     ("fused step", ("_step_kernel",)),
     ("attention", ("attention", "fmha", "flash", "sdpa", "softmax", "mha_")),
 )
@@ -167,8 +169,11 @@ def main(argv: list[str] | None = None) -> int:
         text += ("\nno kernel was recorded: if this is backend graph, its replays may hide their kernels "
                  "from the profiler; profile the same step without graphs with --backend triton")
     print(text)
-    if args.json:
-        Path(args.json).write_text(json.dumps(dict(summary, table=text), indent=2) + "\n")
+    if args.json:  # through a hidden name and a rename: a kill never leaves half a file
+        path = Path(args.json)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(dict(summary, table=text), indent=2) + "\n")
+        os.replace(tmp, path)
     return 0
 
 

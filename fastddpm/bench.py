@@ -36,6 +36,20 @@ timing, comparing with the reference) makes it a `failed` row with the reason, a
 runs: the table always prints. Final samples are compared on the CPU in float64, whatever device
 and dtype a row returns them in (ONNX Runtime's come back on the host).
 
+Accuracy in the same run: after its timed runs every row also draws a short run (ACCURACY_STEPS
+= 3 steps, the same sampler and spacing, respaced over all of T so that the model's output rather
+than x_T decides x_0) from the same seed, and its x_0 is compared with eager-bf16's on that run:
+`rel_err_vs_eager_bf16` = ||x0 - x0_bf16|| / ||x0_bf16||, so a fast but wrong row shows in the
+table itself. The diffusers rows run their U-Net (compiled as for the timing, fed the same
+0-d timestep and NCHW input) loaded with fastddpm's weights (unet_layouts.diffusers_state_dict)
+inside fastddpm's sampler: their own scheduler draws other noise, so only their model is
+compared. `rel_err_vs_reference` compares the timed runs' final samples with the reference row's
+(when it ran).
+
+The compile row warms up with WARMUP_CALLS["compile"] = 3 calls of `sampling.warm_up`: under
+mode "reduce-overhead" Inductor runs its first call without CUDA graphs, records them on the
+second and replays from the third, so only then is the timed run in the steady state.
+
 fp32 rows run with the TF32 settings torch has when the bench starts (cuDNN's default: TF32
 convolutions on Ampere and later); the report records them and the table says which precision
 the fp32 rows used.
@@ -61,13 +75,14 @@ from typing import Callable
 import torch
 
 from .backends import get_backend
-from .bench_table import format_table, headline_lines  # noqa: F401 - the report's text forms, re-exported
+from .bench_table import ACCURACY_FLAG, format_table, headline_lines  # noqa: F401 - the report's text forms
 from .ceilings import measure_copy_gbps, measure_peak_tflops, synchronize
 from .errors import FastDDPMError
 from .files import atomic_write_bytes, ensure_writable_dir
 from .generate import default_diffusion, forward_gflops, resolve_device, respaced_for
 from .sampling import sample, warm_up
 from .unet import PRESETS, UNet, UNetConfig, count_parameters
+from .unet_layouts import diffusers_state_dict
 
 SCHEMA = "fastddpm-bench/1"
 FASTDDPM_ROWS = ("reference", "eager-bf16", "compile", "triton", "graph", "graph-compiled", "graph-eager", "onnx")
@@ -79,10 +94,17 @@ PEER_WARMUP_STEPS = 3
 # Rows that are backend "graph" with a capture mode (sample's / warm_up's graph_capture keyword).
 GRAPH_CAPTURE = {"graph-compiled": "compiled", "graph-eager": "eager"}
 # What each row's warm-up holds besides one untimed step, so compile and capture times read apart.
-WARMUP_HOLDS = {"compile": "compile", "graph": "capture (default graph_capture)",
+WARMUP_HOLDS = {"compile": "compile + CUDA-graph recording (3 calls)", "graph": "capture (default graph_capture)",
                 "graph-compiled": "compile + capture", "graph-eager": "capture", "onnx": "export + session start",
                 "diffusers-compile": "compile + CUDA-graph recording"}
 SEED = 0
+# The accuracy column (module docstring): every row's x_0 after a short run of this many steps
+# against this row's on the same seed and process.
+ACCURACY_STEPS = 3
+ACCURACY_BASELINE = "eager-bf16"
+# sampling.warm_up calls per fastddpm row where one is not enough: compile's "reduce-overhead"
+# records Inductor's CUDA graphs on the 2nd call and replays them from the 3rd.
+WARMUP_CALLS = {"compile": 3}
 
 # google/ddpm-cifar10-32's scheduler_config.json: linear betas 1e-4 .. 0.02 over T = 1000,
 # sigma_t^2 = beta_t ("fixed_large"), x0 clipped to [-1, 1]. Same process as default_diffusion().
@@ -104,6 +126,10 @@ class BenchRequest:
     progress: bool = True  # one line per row on stderr while it runs
     sampler: str = "ancestral"  # every row walks the same sampler: ancestral, ddim, dpm++2m, dpm++2m-sde
     spacing: str = "iddpm"  # and the same timesteps (fastddpm.schedule.sampling_timesteps)
+    accuracy_steps: int = ACCURACY_STEPS  # the accuracy run's steps (0: no accuracy column)
+    # called with the report whenever it changes (after each row, and at the end): what a caller
+    # that keeps the report somewhere else than --json uses (bench/gpu_check_report.py)
+    on_report: Callable[[dict], None] | None = None
 
 
 @dataclass
@@ -128,6 +154,8 @@ class Row:
     speedup_vs_reference: float | None = None
     speedup_vs_diffusers: float | None = None
     rel_err_vs_reference: float | None = None
+    rel_err_vs_eager_bf16: float | None = None  # the accuracy run's x_0 against eager-bf16's
+    accuracy_error: str = ""  # why the accuracy run failed, if it did (the timing stands)
     peak_memory_gib: float | None = None
 
 
@@ -186,8 +214,9 @@ def _peer_scheduler(sampler: str, spacing: str):
 
 def _diffusers_sampler(config: UNetConfig, shape, device: torch.device, dtype: torch.dtype,
                        compiled: bool, sampler: str = "ancestral",
-                       spacing: str = "iddpm") -> tuple[Callable[[int], torch.Tensor], str]:
-    """(run(steps) -> x_0, notes): DDPMPipeline's loop over a random-weight UNet2DModel.
+                       spacing: str = "iddpm") -> tuple[Callable[[int], torch.Tensor], str, torch.nn.Module]:
+    """(run(steps) -> x_0, notes, unet): DDPMPipeline's loop over a random-weight UNet2DModel, and
+    that UNet (compiled when `compiled`) for the accuracy run (`_peer_accuracy`).
 
     The loop is DDPMPipeline.__call__ without its conversion to images: x_T and the state in the
     UNet's dtype, unet(x, t).sample, then scheduler.step(...).prev_sample for each timestep; the
@@ -223,7 +252,29 @@ def _diffusers_sampler(config: UNetConfig, shape, device: torch.device, dtype: t
             x = scheduler.step(eps, t, x, generator=generator).prev_sample
         return x
 
-    return run, notes
+    return run, notes, unet
+
+
+class _PeerEps(torch.nn.Module):
+    """A diffusers UNet2DModel as fastddpm's model callable (x_t, t) -> eps, fed as its own row feeds
+    it: one 0-d timestep for the whole batch and an NCHW-contiguous x, so a compiled peer meets the
+    inputs it was compiled and recorded for (no recompilation in the accuracy run)."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.unet(x.contiguous(), t[0]).sample
+
+
+def _peer_accuracy(unet: torch.nn.Module, base: UNet, process, shape, sampler: str) -> torch.Tensor:
+    """x_0 of `process` drawn by fastddpm's reference sampler (seed SEED) with the peer's `unet`,
+    loaded in place with `base`'s weights (the same network as eager-bf16's, in diffusers' names)."""
+    target = getattr(unet, "_orig_mod", unet)  # a torch.compile'd module keeps the real one here
+    target.load_state_dict(diffusers_state_dict(base))  # copies in place: compiled code stays valid
+    with torch.no_grad():
+        return sample(_PeerEps(unet), process, shape, seed=SEED, backend="reference", sampler=sampler)
 
 
 # ----------------------------------------------------------------------------------- fastddpm rows
@@ -243,10 +294,13 @@ def random_model(preset: str, device: torch.device) -> UNet:
 
 def _fastddpm_sampler(name: str, base: UNet, process, shape, device: torch.device,
                       dtype: torch.dtype, sampler: str = "ancestral") -> tuple[Callable, Callable, str, str]:
-    """(warm(), run() -> x_0, dtype name, layout) for a fastddpm row; raises if it cannot run here.
+    """(warm(), run(process=process) -> x_0, dtype name, layout) for a fastddpm row; raises if it
+    cannot run here.
 
-    warm() is `sampling.warm_up` on the same model, process and shape as run(): the backend's
-    one-time work (compilation, capture, session start) for exactly what is timed next.
+    warm() is `sampling.warm_up` on the same model, process and shape as run(), WARMUP_CALLS[name]
+    times (once for most rows): the backend's one-time work (compilation, capture, session start,
+    CUDA-graph recording) for exactly what is timed next. run(other) draws another process with
+    the same model and settings (the accuracy run).
     """
     backend = "reference" if name in ("reference", "eager-bf16") else "graph" if name in GRAPH_CAPTURE else name
     get_backend(backend).check(device)
@@ -258,10 +312,11 @@ def _fastddpm_sampler(name: str, base: UNet, process, shape, device: torch.devic
         model = model.to(memory_format=torch.channels_last)
 
     def warm() -> None:
-        warm_up(model, process, shape, backend=backend, sampler=sampler, **extra)
+        for _ in range(WARMUP_CALLS.get(name, 1)):
+            warm_up(model, process, shape, backend=backend, sampler=sampler, **extra)
 
-    def run() -> torch.Tensor:
-        return sample(model, process, shape, seed=SEED, backend=backend, sampler=sampler, **extra)
+    def run(proc=process) -> torch.Tensor:
+        return sample(model, proc, shape, seed=SEED, backend=backend, sampler=sampler, **extra)
 
     return warm, run, _dtype_name(dtype), "channels-last" if channels_last else "NCHW"
 
@@ -303,6 +358,8 @@ def _validate(request: BenchRequest) -> tuple[str, ...]:
     for flag, value in (("--steps", request.steps), ("--batch", request.batch), ("--repeat", request.repeat)):
         if value < 1:
             raise FastDDPMError(f"{flag} must be a positive integer, got {value}")
+    if request.accuracy_steps < 0:
+        raise FastDDPMError(f"accuracy_steps must be 0 (no accuracy column) or more, got {request.accuracy_steps}")
     return names
 
 
@@ -451,7 +508,8 @@ def run_bench(request: BenchRequest) -> dict:
         "request": {"device": request.device, "model": request.model, "steps": process.num_steps,
                     "sampler": request.sampler, "spacing": request.spacing,
                     "batch": request.batch, "backends": list(names), "repeat": request.repeat,
-                    "peer_warmup_steps": min(process.num_steps, PEER_WARMUP_STEPS), "seed": SEED},
+                    "peer_warmup_steps": min(process.num_steps, PEER_WARMUP_STEPS), "seed": SEED,
+                    "accuracy_steps": request.accuracy_steps},
         "machine": machine_info(device),
         "model": {"preset": request.model, "parameters": _parameter_count(config),
                   "gflop_per_image_forward": gflop,
@@ -465,12 +523,15 @@ def run_bench(request: BenchRequest) -> dict:
     _log(request, f"peak {peak:.3g} TFLOP/s ({report['ceilings']['peak']['dtype']} matmul), "
                   f"copy {report['ceilings']['copy']['gbps']:.4g} GB/s")
 
-    base = random_model(request.model, device) if any(n in FASTDDPM_ROWS for n in names) else None
+    # every row needs the weights now: the fastddpm rows run them, the diffusers rows' accuracy run loads them
+    base = random_model(request.model, device)
+    accuracy = _Accuracy(request, base, full, shape, device)
+    report["accuracy"] = accuracy.report  # the same dict: filled in when the baseline is drawn
     reference_x = None  # the reference row's samples, on the CPU in float64
     rows: list[Row] = []
     for name in names:
         row, x = _run_row(name, request, device, base, shape, process, config, gflop, peak, have_diffusers,
-                          reference_x)
+                          reference_x, accuracy)
         if name == "reference" and x is not None:
             reference_x = x
         rows.append(row)
@@ -483,12 +544,52 @@ def run_bench(request: BenchRequest) -> dict:
     return report
 
 
+class _Accuracy:
+    """The accuracy run's process and eager-bf16's x_0 on it (CPU, float64), drawn once per bench, when
+    the first row that ran asks for it (a table of skipped rows draws nothing). `report` is what the
+    JSON keeps: steps, against, seed, flag_above, timesteps, status and reason; status is "pending" until
+    the baseline is drawn, then "ok" or "failed" ("off" with accuracy_steps 0)."""
+
+    def __init__(self, request: BenchRequest, base: UNet, full, shape, device: torch.device):
+        self.request, self.base, self.shape, self.device = request, base, shape, device
+        steps = request.accuracy_steps
+        self.report = {"steps": steps, "against": ACCURACY_BASELINE, "seed": SEED, "flag_above": ACCURACY_FLAG,
+                       "status": "off" if steps == 0 else "pending", "reason": ""}
+        self.process = respaced_for(full, steps, request.sampler, request.spacing) if steps else None
+        if self.process is not None:
+            self.report["timesteps"] = [int(t) for t in self.process.timesteps.tolist()]
+        self._x, self._drawn = None, False
+
+    def baseline(self) -> torch.Tensor | None:
+        """eager-bf16's x_0 (None when the column is off or its run failed; the report says why)."""
+        if self.process is None or self._drawn:
+            return self._x
+        self._drawn = True
+        try:
+            model = copy.deepcopy(self.base).to(row_dtype(ACCURACY_BASELINE, self.device))
+            model = model.to(memory_format=torch.channels_last)
+            x = sample(model, self.process, self.shape, seed=SEED, backend="reference", sampler=self.request.sampler)
+            self._x = x.detach().to(device="cpu", dtype=torch.float64)
+            self.report["status"] = "ok"
+        except Exception as e:  # noqa: BLE001 - the table still runs, without its accuracy column
+            self.report["status"], self.report["reason"] = "failed", _one_line(e)
+            _log(self.request, f"accuracy baseline ({ACCURACY_BASELINE}) failed:\n{traceback.format_exc()}")
+        return self._x
+
+
+def _one_line(e: BaseException) -> str:
+    return (f"{type(e).__name__}: {e}".splitlines() or [""])[0][:300]
+
+
 def _run_row(name: str, request: BenchRequest, device: torch.device, base, shape, process, config: UNetConfig,
              gflop: float, peak: float, have_diffusers: bool,
-             reference_x: torch.Tensor | None = None) -> tuple[Row, torch.Tensor | None]:
-    """(row, final samples on the CPU in float64): build, warm up, time one row and compare it with
-    reference_x. One that cannot run here comes back skipped, one where anything raises comes back
-    failed with the reason; either way with no samples, and the table goes on."""
+             reference_x: torch.Tensor | None = None,
+             accuracy: _Accuracy | None = None) -> tuple[Row, torch.Tensor | None]:
+    """(row, final samples on the CPU in float64): build, warm up, time one row, compare it with
+    reference_x, and run its accuracy run against eager-bf16's (`_Accuracy`).
+    One that cannot run here comes back skipped, one where anything raises comes back failed with
+    the reason; either way with no samples, and the table goes on. An accuracy run that raises
+    leaves the timing standing and says why in `accuracy_error`."""
     peer = name in PEER_ROWS
     dtype = row_dtype(name, device)
     layout = "NCHW" if name in ("reference", "diffusers") else "channels-last"
@@ -499,15 +600,18 @@ def _run_row(name: str, request: BenchRequest, device: torch.device, base, shape
         if peer:
             if not have_diffusers:
                 raise FastDDPMError("diffusers is not installed (pip install diffusers)")
-            run_steps, notes = _diffusers_sampler(config, shape, device, dtype, compiled=name == "diffusers-compile",
-                                                  sampler=request.sampler, spacing=request.spacing)
+            run_steps, notes, unet = _diffusers_sampler(config, shape, device, dtype,
+                                                        compiled=name == "diffusers-compile",
+                                                        sampler=request.sampler, spacing=request.spacing)
             row.notes = "; ".join(filter(None, [notes, row.notes]))
             warm_steps = min(process.num_steps, PEER_WARMUP_STEPS)
             warm, run = (lambda: run_steps(warm_steps)), (lambda: run_steps(process.num_steps))
+            accuracy_run = functools.partial(_peer_accuracy, unet, base, shape=shape, sampler=request.sampler)
             row_gflop = diffusers_forward_gflops(config)
         else:
             warm, run, row.dtype, row.layout = _fastddpm_sampler(name, base, process, shape, device, dtype,
                                                                  request.sampler)
+            accuracy_run = run
             row_gflop = gflop
         _log(request, f"{name}: warm-up, then {request.repeat} x {process.num_steps} steps")
         x = _time_row(row, warm, run, device, request.repeat)
@@ -518,6 +622,13 @@ def _run_row(name: str, request: BenchRequest, device: torch.device, base, shape
         if ref is not None and not peer:
             row.rel_err_vs_reference = _rel_err(x, ref)
         _fill_rates(row, request.batch, process.num_steps, row_gflop, peak)
+        baseline = accuracy.baseline() if accuracy is not None else None
+        if baseline is not None:
+            try:
+                row.rel_err_vs_eager_bf16 = _rel_err(accuracy_run(accuracy.process), baseline)
+            except Exception as e:  # noqa: BLE001 - the row's timing stands; the column says why it is empty
+                row.accuracy_error = _one_line(e)
+                _log(request, f"{name}: accuracy run failed:\n{traceback.format_exc()}")
     except FastDDPMError as e:  # BackendUnavailableError included: cannot run here
         _clear_figures(row)
         row.status, row.reason = "skipped", str(e)
@@ -528,8 +639,9 @@ def _run_row(name: str, request: BenchRequest, device: torch.device, base, shape
         row.status, row.reason = "failed", (f"{type(e).__name__}: {e}".splitlines() or [""])[0][:300]
         _log(request, f"{name}: failed:\n{traceback.format_exc()}")
         return row, None
+    err = "-" if row.rel_err_vs_eager_bf16 is None else f"{row.rel_err_vs_eager_bf16:.1e}"
     _log(request, f"{name}: {row.images_per_s:.4g} images/s, {row.ms_per_step:.4g} ms/step "
-                  f"(warm-up {row.warmup_s:.2f} s)")
+                  f"(warm-up {row.warmup_s:.2f} s), err vs {ACCURACY_BASELINE} {err}")
     return row, x
 
 
@@ -555,3 +667,5 @@ def _speedups(rows: list[Row]) -> None:
 def _write_json(request: BenchRequest, report: dict) -> None:
     if request.json is not None:
         atomic_write_bytes(request.json, (json.dumps(report, indent=2) + "\n").encode())
+    if request.on_report is not None:
+        request.on_report(report)

@@ -17,7 +17,7 @@ from fastddpm.bench import (ROWS, SCHEMA, BenchRequest, diffusers_unet_kwargs, f
                             headline_lines, run_bench)
 from fastddpm.cli import main
 from fastddpm.errors import BackendUnavailableError
-from fastddpm.unet import PRESETS, UNet, count_parameters
+from fastddpm.unet import PRESETS, UNet, UNetConfig, count_parameters
 
 
 def test_bench_cli_writes_the_table_as_json(tmp_path, capsys):
@@ -31,7 +31,7 @@ def test_bench_cli_writes_the_table_as_json(tmp_path, capsys):
     assert report["schema"] == SCHEMA and report["complete"] is True
     assert report["request"] == {"device": "cpu", "model": "tiny", "steps": 2, "batch": 2, "backends": ["reference"],
                                  "repeat": 1, "peer_warmup_steps": 2, "seed": 0, "sampler": "ancestral",
-                                 "spacing": "iddpm"}
+                                 "spacing": "iddpm", "accuracy_steps": 3}
     for key in ("device", "device_name", "torch", "python", "date", "commit", "cudnn_allow_tf32", "load_average"):
         assert key in report["machine"]
     assert report["machine"]["device"] == "cpu"
@@ -53,6 +53,10 @@ def test_bench_cli_writes_the_table_as_json(tmp_path, capsys):
     assert math.isclose(row["peak_fraction"], row["tflops"] / report["ceilings"]["peak"]["tflops"])
     assert row["speedup_vs_reference"] == 1.0 and row["rel_err_vs_reference"] == 0.0
     assert row["speedup_vs_diffusers"] is None  # no diffusers row was asked for
+    # the accuracy column: eager-bf16's 3-step run was drawn although its row was not asked for
+    assert report["accuracy"] == {"steps": 3, "against": "eager-bf16", "seed": 0, "flag_above": 0.1,
+                                  "status": "ok", "reason": "", "timesteps": [0, 500, 999]}
+    assert 1e-4 < row["rel_err_vs_eager_bf16"] < 0.05 and row["accuracy_error"] == ""  # fp32 against bf16
 
     table_line = next(line for line in printed.splitlines() if line.startswith("reference "))
     assert "fp32" in table_line and "NCHW" in table_line
@@ -262,3 +266,123 @@ def test_bench_rows_walk_the_requested_sampler(monkeypatch):
     assert report["rows"][0]["status"] == "ok" and report["request"]["steps"] == 3
     assert {name for name, *_ in seen} == {"sample", "warm_up"}
     assert all(sampler == "dpm++2m" and ts == [332, 666, 999] for _, sampler, ts in seen), seen
+
+
+# ------------------------------------------------------------------ the accuracy column, the compile warm-up
+def test_every_row_is_compared_with_eager_bf16_on_a_short_run_and_a_wrong_row_is_flagged(monkeypatch):
+    """Each row's x_0 after a 3-step run from the same seed against eager-bf16's, in the same run:
+    right rows near bf16 rounding, the peer's U-Net (same weights, our sampler) too, a row that
+    computes something else flagged '!' in the table and the headline; a row whose accuracy run
+    raises keeps its timing and says why."""
+    pytest.importorskip("diffusers")
+    import fastddpm.bench as bench
+
+    calls = []
+
+    def wrong(model, diffusion, shape, options, **kwargs):  # another function: uniform noise
+        calls.append(diffusion.num_steps)
+        return torch.rand(shape, generator=torch.Generator().manual_seed(len(calls))) * 2 - 1
+
+    def fails_on_the_short_run(model, diffusion, shape, options, **kwargs):
+        if diffusion.num_steps == bench.ACCURACY_STEPS:
+            raise RuntimeError("cannot replay")
+        return sample_reference(model, diffusion, shape, options.seed)
+
+    def sample_reference(model, diffusion, shape, seed):
+        return bench.sample(model, diffusion, shape, seed=seed)
+
+    monkeypatch.setitem(backends.BACKENDS, "graph", backends.Backend("graph", "wrong", lambda d: None, run=wrong))
+    monkeypatch.setitem(backends.BACKENDS, "onnx", backends.Backend("onnx", "flaky", lambda d: None,
+                                                                    run=fails_on_the_short_run))
+    report = run_bench(BenchRequest(device="cpu", model="tiny", steps=2, batch=2, repeat=1, progress=False,
+                                    backends=("eager-bf16", "reference", "diffusers", "graph", "onnx")))
+    rows = {r["name"]: r for r in report["rows"]}
+    assert all(r["status"] == "ok" for r in rows.values()), [(r["name"], r["reason"]) for r in rows.values()]
+    assert rows["eager-bf16"]["rel_err_vs_eager_bf16"] == 0.0  # the same code on the same seed
+    assert 1e-4 < rows["reference"]["rel_err_vs_eager_bf16"] < 0.05  # fp32 against bf16: rounding only
+    assert 1e-4 < rows["diffusers"]["rel_err_vs_eager_bf16"] < 0.05  # the peer's U-Net computes our function
+    assert rows["graph"]["rel_err_vs_eager_bf16"] > 0.3 and calls == [2, 3]  # timed run, then the 3-step run
+    onnx = rows["onnx"]
+    assert onnx["rel_err_vs_eager_bf16"] is None and onnx["accuracy_error"] == "RuntimeError: cannot replay"
+    assert onnx["images_per_s"] > 0  # the timing stands
+
+    table = format_table(report)
+    cells = {line.split()[0]: line for line in table.splitlines() if line.split()[:1] and line.split()[0] in rows}
+    assert cells["graph"].endswith(" !") and not cells["reference"].endswith("!")
+    assert cells["onnx"].endswith("error") and "onnx: accuracy run failed: RuntimeError: cannot replay" in table
+    assert "'err vs bf16': x0 of a 3-step run (timesteps [0, 500, 999], seed 0) against eager-bf16's" in table
+    lines = {line.split()[0]: line for line in headline_lines(report)}
+    assert lines["graph"].endswith(" !") and "err vs eager-bf16 " in lines["reference"]
+    assert not lines["reference"].endswith("!") and lines["eager-bf16"].endswith("err vs eager-bf16 0.0e+00")
+
+
+def test_accuracy_steps_zero_leaves_the_column_out_and_skipped_rows_draw_no_baseline(monkeypatch):
+    report = run_bench(BenchRequest(device="cpu", model="tiny", steps=1, batch=1, repeat=1, progress=False,
+                                    backends=("reference",), accuracy_steps=0))
+    assert report["accuracy"]["status"] == "off" and report["rows"][0]["rel_err_vs_eager_bf16"] is None
+    assert "'err vs bf16'" not in format_table(report)
+
+    def unavailable(device):
+        raise BackendUnavailableError("not here")
+
+    monkeypatch.setitem(backends.BACKENDS, "graph", backends.Backend("graph", "test stand-in", unavailable))
+    report = run_bench(BenchRequest(device="cpu", model="tiny", steps=1, batch=1, repeat=1, progress=False,
+                                    backends=("graph",)))
+    assert report["accuracy"]["status"] == "pending"  # no row ran, so eager-bf16's run was never drawn
+    assert "'err vs bf16'" not in format_table(report)
+
+
+def test_the_compile_row_warms_up_with_three_calls(monkeypatch):
+    """Inductor's reduce-overhead CUDA graphs record on the 2nd call: the compile row's warm-up makes
+    3 calls of sampling.warm_up, the other rows 1 (counted, not run: nothing compiles here)."""
+    import fastddpm.bench as bench
+    from fastddpm.generate import default_diffusion, respaced_for
+
+    calls = []
+    monkeypatch.setattr(bench, "warm_up", lambda model, process, shape, backend, **kw: calls.append(backend))
+    base = bench.random_model("tiny", torch.device("cpu"))
+    process = respaced_for(default_diffusion(), 2, "ancestral")
+    for name, expected in (("compile", ["compile"] * 3), ("reference", ["reference"]),
+                           ("graph-eager", ["graph"])):
+        calls.clear()
+        try:
+            warm = bench._fastddpm_sampler(name, base, process, (1, 3, 16, 16), torch.device("cpu"), torch.float32)[0]
+        except BackendUnavailableError:  # graph needs CUDA: its count is checked on a GPU only
+            continue
+        warm()
+        assert calls == expected, name
+    assert bench.WARMUP_CALLS == {"compile": 3}
+
+
+def test_the_compiled_peers_accuracy_run_reuses_its_compiled_code(monkeypatch):
+    """diffusers-compile's accuracy run (its U-Net with our weights in our sampler) feeds the compiled
+    U-Net what its own loop does (one 0-d timestep, NCHW x): Dynamo's guards hold, so no recompile
+    (on a GPU that would be a minute of Inductor); and it computes our function (fp32 here)."""
+    pytest.importorskip("diffusers")
+    import copy
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    import fastddpm.bench as bench
+    from fastddpm.generate import default_diffusion, respaced_for
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: compile_(model, backend="eager"))  # Dynamo alone
+    torch._dynamo.reset()
+    device, shape = torch.device("cpu"), (2, 3, 8, 8)
+    config = UNetConfig(image_size=8, model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                        attention_resolutions=(4,), dropout=0.0, num_groups=4)  # small: Dynamo traces every module
+    torch.manual_seed(0)
+    base = UNet(config).eval()
+    for m in base.modules():  # as bench.random_model: the zero-initialised output convs get weights
+        if isinstance(m, torch.nn.Conv2d) and not m.weight.any():
+            m.reset_parameters()
+    run, _, unet = bench._diffusers_sampler(config, shape, device, torch.float32, compiled=True)
+    run(3)
+    graphs = counters["stats"]["unique_graphs"]
+    process = respaced_for(default_diffusion(), bench.ACCURACY_STEPS, "ancestral")
+    x = bench._peer_accuracy(unet, base, process, shape, "ancestral")
+    assert counters["stats"]["unique_graphs"] == graphs >= 1
+    assert bench._rel_err(x, bench.sample(copy.deepcopy(base), process, shape, seed=0)) < 1e-5
+    torch._dynamo.reset()

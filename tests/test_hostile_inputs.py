@@ -24,16 +24,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from safetensors.torch import save_file
 
-from fastddpm import GaussianDiffusion, load_checkpoint, make_betas, save_checkpoint
-from fastddpm.checkpoint import read_checkpoint
-from fastddpm.cli import main
-from fastddpm.data import load_dataset
-from fastddpm.errors import CheckpointError, DataError
-from fastddpm.unet import UNet, UNetConfig
+pytest.importorskip("hypothesis")  # a test dependency ([test]); where it is missing the module skips, not errors
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from fastddpm import GaussianDiffusion, load_checkpoint, make_betas, save_checkpoint  # noqa: E402
+from fastddpm.checkpoint import read_checkpoint  # noqa: E402
+from fastddpm.cli import main  # noqa: E402
+from fastddpm.data import load_dataset  # noqa: E402
+from fastddpm.errors import CheckpointError, DataError  # noqa: E402
+from fastddpm.unet import UNet, UNetConfig  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
