@@ -1,7 +1,7 @@
 """Quality per model call: the few-step frontier of every sampler on the digits models (docs/SAMPLERS.md).
 
     python bench/sampler_frontier.py --out docs/samplers [--seeds 5] [--samples 200]
-           [--calls 3,5,7,10,15,20,25,50,100] [--bpd-steps 10,25,50,100,200,1000] [--bpd-images 370]
+           [--calls 3,5,7,10,15,20,25,50,100] [--bpd-steps 10,25,50,100,200,1000] [--bpd-images 200]
            [--only fid,bpd,report] [--threads 1]
 
 For the calibrated `digits` (L_simple, fixed variance) and `digits-hybrid` (hybrid loss, learned
@@ -9,11 +9,13 @@ variance) models it measures
 
   fid   digits FID (fastddpm.digits_fid) against model calls for every sampler setting: ancestral
         with beta_t, betatilde_t, learned (hybrid) and Analytic-DPM variances; DDIM with eta 0, and
-        Analytic-DDIM with eta 0 and 1; dpm++2m and dpm++2m-sde; each at every spacing (iddpm,
-        linspace, leading, trailing); and, driven by our U-Net from our x_T, diffusers'
-        DPMSolverMultistep (2M), UniPCMultistep and DDIM schedulers (trailing spacing, their
-        defaults otherwise). Every point is --seeds noise seeds x --samples samples; seed s draws
-        x_T = fastddpm.noise(s, XT_STEP) for every setting, so settings are PAIRED by seed.
+        Analytic-DDIM with eta 0 and 1; dpm++2m and dpm++2m-sde (and dpm++2m unclipped, as
+        diffusers runs it); and, driven by our U-Net from our x_T, diffusers' DPMSolverMultistep
+        (2M), UniPCMultistep and DDIM schedulers (trailing spacing, their defaults otherwise).
+        Each setting's spacing (iddpm, linspace, leading, trailing) is chosen by a pilot on a noise
+        seed that is not reported (SELECTION_SEED) over 3-20 calls; then every point is --seeds
+        noise seeds x --samples samples; seed s draws x_T = fastddpm.noise(s, XT_STEP) for every
+        setting, so settings are PAIRED by seed.
   bpd   bits/dim of the K-step respaced process ("K": t = 0 and T-1 kept) on the first
         --bpd-images held-out digits for fixed, learned and analytic variances: the same images
         and the same x_t draws (torch seed 0) for every variance, so differences are paired per
@@ -109,39 +111,68 @@ def peer(model, diffusion, label, calls, seed, n):
     return x.clamp(-1, 1)
 
 
-def run_fid(args, out: Path) -> None:
+SELECTION_SEED = 1000  # the spacing pilot's noise seed: not one of the reported seeds (no selection bias)
+FEW = (3, 5, 7, 10, 15, 20)  # the call counts a spacing is chosen on
+
+
+def _sample_fid(model, diffusion, clip, label, sampler, var, eta, spacing, calls, seed, n):
+    """(digits FID or None, error text or None) of one point."""
     from fastddpm.digits_fid import digits_fid
     from fastddpm.images import to_uint8
 
+    try:
+        if sampler is None:
+            x = peer(model, diffusion, label, calls, seed, n)
+        else:
+            x = ours(model, diffusion, clip and label not in UNCLIPPED, sampler, var, eta, spacing, calls, seed, n)
+        return digits_fid(to_uint8(x.float())), None
+    except Exception as e:  # a spacing that cannot give `calls` steps: recorded, not fatal
+        return None, f"{type(e).__name__}: {e}"
+
+
+def _jobs(diffusion):
+    """(label, sampler, variance, eta) of every setting this model can run, and the peers (sampler None)."""
+    learned = diffusion.trained_var_type in ("learned", "learned_range")
+    return [o for o in OURS if o[2] != "learned" or learned] + [(label, None, None, 0.0) for label in PEERS]
+
+
+def run_fid(args, out: Path) -> None:
+    """The spacing pilot (one seed apart from the reported ones, every spacing, FEW call counts),
+    then every call count x --seeds seeds at each setting's chosen spacing."""
     path = out / "fid.jsonl"
     done = _done(path)
-    seeds = range(args.seeds)
     for name in MODELS:
         model, diffusion, clip = _load(name)
-        jobs = [(label, sampler, var, eta, spacing) for label, sampler, var, eta in OURS for spacing in SPACINGS
-                if not (var == "learned" and diffusion.trained_var_type not in ("learned", "learned_range"))]
-        jobs += [(label, None, None, 0.0, "trailing") for label in PEERS]
-        for calls in args.calls:
-            for label, sampler, var, eta, spacing in jobs:
-                for seed in seeds:
-                    key = f"{name}|{label}|{spacing}|{calls}|{seed}|{args.samples}"
-                    if key in done:
-                        continue
-                    start = time.perf_counter()
-                    try:
-                        if sampler is None:
-                            x = peer(model, diffusion, label, calls, seed, args.samples)
-                        else:
-                            x = ours(model, diffusion, clip and label not in UNCLIPPED, sampler, var, eta, spacing,
-                                     calls, seed, args.samples)
-                        fid = digits_fid(to_uint8(x.float()))
-                        error = None
-                    except Exception as e:  # a spacing that cannot give `calls` steps: recorded, not fatal
-                        fid, error = None, f"{type(e).__name__}: {e}"
-                    _append(path, {"key": key, "model": name, "setting": label, "spacing": spacing, "calls": calls,
-                                   "seed": seed, "n": args.samples, "fid": fid, "error": error,
-                                   "seconds": time.perf_counter() - start})
-                print(f"fid {name} calls={calls} {label} {spacing}", file=sys.stderr, flush=True)
+
+        def point(label, sampler, var, eta, spacing, calls, seed, phase):
+            key = f"{name}|{label}|{spacing}|{calls}|{seed}|{args.samples}"
+            if key in done:
+                return
+            start = time.perf_counter()
+            fid, error = _sample_fid(model, diffusion, clip, label, sampler, var, eta, spacing, calls, seed,
+                                     args.samples)
+            _append(path, {"key": key, "model": name, "setting": label, "spacing": spacing, "calls": calls,
+                           "seed": seed, "n": args.samples, "fid": fid, "error": error, "phase": phase,
+                           "seconds": time.perf_counter() - start})
+            done.add(key)
+
+        for label, sampler, var, eta in _jobs(diffusion):
+            for spacing in (SPACINGS if sampler is not None else ("trailing",)):
+                for calls in FEW:
+                    point(label, sampler, var, eta, spacing, calls, SELECTION_SEED, "pilot")
+            print(f"pilot {name} {label}", file=sys.stderr, flush=True)
+        records = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        pilot = {}
+        for r in records:
+            if r["model"] == name and r["seed"] == SELECTION_SEED and r["fid"] is not None:
+                pilot.setdefault((r["setting"], r["spacing"]), []).append(r["fid"])
+        for label, sampler, var, eta in _jobs(diffusion):
+            scores = {sp: float(np.mean(v)) for (lab, sp), v in pilot.items() if lab == label and len(v) == len(FEW)}
+            spacing = min(scores, key=scores.get)
+            for calls in args.calls:
+                for seed in range(args.seeds):
+                    point(label, sampler, var, eta, spacing, calls, seed, "reported")
+            print(f"fid {name} {label} ({spacing})", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------------ bits/dim
@@ -189,24 +220,22 @@ def _paired(a, b):
 
 
 def _fid_table(records):
-    """{(model, setting, spacing, calls): [fid per seed, in seed order]} of the finished points."""
+    """{(model, setting, spacing, calls): [fid per reported seed, in seed order]} of the finished points."""
     table: dict = {}
     for r in sorted(records, key=lambda r: r["seed"]):
-        if r["fid"] is not None:
+        if r["fid"] is not None and r["seed"] != SELECTION_SEED:
             table.setdefault((r["model"], r["setting"], r["spacing"], r["calls"]), []).append(r["fid"])
     return table
 
 
-def best_spacing(table, model, setting, calls_list, few=20):
-    """The spacing with the lowest mean FID over the few-step counts (<= few calls): ONE spacing per
-    sampler, not the best per point (which would pick the luckiest draws)."""
-    scores = {}
-    for spacing in SPACINGS + ("trailing",):
-        means = [np.mean(table[(model, setting, spacing, c)]) for c in calls_list
-                 if c <= few and (model, setting, spacing, c) in table]
-        if len(means) == len([c for c in calls_list if c <= few]):
-            scores[spacing] = float(np.mean(means))
-    return min(scores, key=scores.get) if scores else None
+def chosen_spacing(records, model, setting):
+    """The spacing the pilot chose (lowest mean digits FID over FEW at SELECTION_SEED), with the pilot's means."""
+    pilot = {}
+    for r in records:
+        if r["model"] == model and r["setting"] == setting and r["seed"] == SELECTION_SEED and r["fid"] is not None:
+            pilot.setdefault(r["spacing"], []).append(r["fid"])
+    scores = {sp: float(np.mean(v)) for sp, v in pilot.items() if len(v) == len(FEW)}
+    return (min(scores, key=scores.get) if scores else None), scores
 
 
 def report(args, out: Path) -> None:
@@ -220,7 +249,8 @@ def report(args, out: Path) -> None:
     summary = {"floor": floor, "models": {}}
     for model in MODELS:
         settings = sorted({k[1] for k in table if k[0] == model}, key=lambda s: ([*[o[0] for o in OURS], *PEERS].index(s)))
-        best = {s: best_spacing(table, model, s, args.calls) for s in settings}
+        pilots = {s: chosen_spacing(records, model, s) for s in settings}
+        best = {s: pilots[s][0] for s in settings}
         lines += [f"### {model}: digits FID against model calls (mean +- SD over {args.seeds} seeds x {args.samples} "
                   "samples; each sampler at its best spacing)", "",
                   "| setting | spacing | " + " | ".join(str(c) for c in args.calls) + " |",
@@ -261,7 +291,12 @@ def report(args, out: Path) -> None:
                 m, se = _paired(a, b)
                 lines.append(f"- {c} calls: ancestral analytic - ancestral betatilde = {m:+.3f} +- {se:.3f}")
         lines.append("")
-        summary["models"][model] = {"best_spacing": best, "fewest_calls_within_floor": fewest,
+        lines += ["Spacing pilot (mean digits FID over 3-20 calls, noise seed "
+                  f"{SELECTION_SEED}, not a reported seed): "
+                  + "; ".join(f"{s}: " + ", ".join(f"{sp} {v:.2f}" for sp, v in sorted(pilots[s][1].items()))
+                              for s in settings), ""]
+        summary["models"][model] = {"best_spacing": best, "pilot": {s: pilots[s][1] for s in settings},
+                                    "fewest_calls_within_floor": fewest,
                                     "fid": {s: {str(c): rows[s].get(c) for c in args.calls} for s in rows}}
     bpd_path = out / "bpd.jsonl"
     if bpd_path.is_file():
@@ -358,7 +393,7 @@ def main(argv=None) -> None:
     p.add_argument("--samples", type=int, default=200)
     p.add_argument("--calls", default="3,5,7,10,15,20,25,50,100")
     p.add_argument("--bpd-steps", default="10,25,50,100,200,1000")
-    p.add_argument("--bpd-images", type=int, default=370)
+    p.add_argument("--bpd-images", type=int, default=200)
     p.add_argument("--only", default="fid,bpd,report")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
