@@ -43,6 +43,13 @@ class FolderBusyError(OutputError):
     """Another fastddpm process holds the output folder's lock (a run is writing there)."""
 
 
+class TrainingDiverged(FastDDPMError):
+    """Too many training steps in a row had a non-finite loss or gradient, or a checkpoint about to
+    be written holds a NaN or an infinity. Raised by fastddpm.train and fastddpm.train_state
+    (defined here, below both, so train_state need not import train); `from fastddpm.train import
+    TrainingDiverged` still works."""
+
+
 class OutOfMemoryError(FastDDPMError):
     """The work did not fit in memory (host or GPU); the message names the flag to lower."""
 

@@ -19,7 +19,9 @@ What is captured (`graph_capture`, a SampleOptions field):
                 kernels, WITHOUT its own CUDA graphs) with every GroupNorm+SiLU as the custom op
                 `fastddpm::group_norm_silu` (kernels/group_norm_op.py, our Triton kernel), so
                 Inductor fuses the bias adds, residual adds and layout conversions around it;
-                compiled during the warm-up, then captured together with the step.
+                compiled during the warm-up, then captured together with the step. The
+                compiled model is cached per model with a dynamic batch (compiled.py), so a
+                sampler for a new batch size captures again but does not compile again.
     "eager"     the module as it is, with the Triton launcher as its GroupNorm+SiLU.
 
 Cache: one captured sampler, reused while the model's weights fingerprint

@@ -47,7 +47,8 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .data import ImageSet, SeededLoader, _mix, data_input_files, load_dataset, parse_data_spec
 from .diffusion import GaussianDiffusion
 from .distributed import Distributed
-from .errors import FastDDPMError, Interrupted, OutOfSpaceError, OutputError, UnsafeOutputError
+from .errors import (FastDDPMError, Interrupted, OutOfSpaceError, OutputError, TrainingDiverged,  # noqa: F401
+                     UnsafeOutputError)  # TrainingDiverged: public here as before (it lives in errors)
 from .files import refuse_overwriting_inputs
 from .memory import check_schedule_fits, check_training_fits
 from .noise import noise
@@ -60,10 +61,6 @@ from .train_state import LAST, checkpoint_paths, read_training_state  # noqa: F4
 from .unet import PRESETS, UNet
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class TrainingDiverged(FastDDPMError):
-    """Too many steps in a row had a non-finite loss or gradient."""
 
 
 # ------------------------------------------------------------------------ timestep samplers

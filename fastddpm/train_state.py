@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_state_dict_checked, read_checkpoint, save_checkpoint
-from .errors import CheckpointError, FastDDPMError
+from .errors import CheckpointError, FastDDPMError, TrainingDiverged
 from .files import atomic_link
 
 LAST = "last.safetensors"
@@ -87,8 +87,6 @@ def save(trainer, extra_meta: dict) -> Path:
     DIR/last.safetensors at it, and remove all but the newest `keep` ckpt files. With keep = 0
     only last.safetensors is written. A full disk raises OutOfSpaceError before anything is
     renamed, so last.safetensors still holds the previous good checkpoint."""
-    from .train import TrainingDiverged
-
     extra = {f"train.model.{k}": v for k, v in trainer.model.state_dict().items()}
     for idx, st in trainer.optimizer.state_dict()["state"].items():
         for key, value in st.items():

@@ -11,13 +11,29 @@ binder specialises the integer arguments (== 1, divisible by 16) and the pointer
 at launch, then compiles to PTX and a cubin with the bundled ptxas. A stand-in driver answers
 the JIT's questions (target, device 0, stream 0); nothing needs CUDA, and nothing launches.
 
-Per variant it reports registers, spill bytes (stores + loads), shared memory, warps and the
-widest global load and store in the PTX, in bytes (ld.global.v4.b32 = 16, ld.global.b16 = 2).
-Registers and spills come from ptxas's own `-v` log of that compile (Triton's
-TRITON_DUMP_PTXAS_LOG), so the cache is a fresh temporary folder each run. Variants that the
-binder maps to the same compiled kernel are compiled once and reported under each name.
+Per variant it reports registers, spill bytes (stores + loads), shared memory, warps, the
+widest global load and store in the PTX, in bytes (ld.global.v4.b32 = 16, ld.global.b16 = 2),
+and the occupancy: programs (thread blocks) resident per SM, beside the occupancy the launch
+plan says the design expects (`Launch.programs_per_sm`) and what limits it. Registers and
+spills come from ptxas's own `-v` log of that compile (Triton's TRITON_DUMP_PTXAS_LOG), so the
+cache is a fresh temporary folder each run. Variants that the binder maps to the same compiled
+kernel are compiled once and reported under each name.
 
-Exit status: 0 all compiled; 2 with one line on stderr if a compile fails or the input is bad.
+Occupancy (`programs_per_sm`), as CUDA's occupancy calculator (cuda_occupancy.h) computes it for
+a program of W warps using R registers a thread and M bytes of shared memory, on sm_90
+(H100, H200; other targets in SM_LIMITS, per the CUDA programming guide's table):
+    registers  a warp gets ceil(32 R / 256) x 256 of them (allocation unit: 256 registers a
+               warp), from one of the SM's 4 sub-partitions of 65536 / 4 = 16384 registers:
+               warps = 4 x floor(16384 / that), programs = floor(warps / W)
+    shared     each resident program takes M plus 1 KB the driver reserves per block, rounded up
+               to 128 bytes, out of 228 KB an SM (a program asking more than 227 KB never launches)
+    warps      floor(64 / W) (2048 threads an SM)
+    blocks     32 an SM
+and the occupancy is the least of the four (0: it cannot launch). A launch plan that expects 2
+programs a SM and gets 1 is counted in the summary line; tests/kernels/test_aot.py fails on it.
+
+Exit status: 0 all compiled (whatever the occupancy); 2 with one line on stderr if a compile
+fails or the input is bad.
 Triton's interpreter must be off: when TRITON_INTERPRET is set (tests/conftest.py sets it), the
 command runs itself again in a child process with it cleared.
 """
@@ -71,6 +87,9 @@ class Row:
     num_warps: int
     widest_load: int  # bytes, widest ld.global in the PTX
     widest_store: int  # bytes, widest st.global in the PTX
+    programs_per_sm: int | None  # resident programs per SM (module docstring); None: target not in SM_LIMITS
+    design_programs_per_sm: int  # what the launch plan expects (Launch.programs_per_sm)
+    occupancy_limit: str  # what bounds programs_per_sm: registers, shared, warps or blocks ("+" joins ties)
 
     @property
     def name(self) -> str:
@@ -105,6 +124,50 @@ def parse_ptxas_log(log: str) -> tuple[int, int]:
     if regs is None or spill is None:
         raise AotError("no ptxas -v report in the compile log (TRITON_DUMP_PTXAS_LOG had no effect)")
     return int(regs.group(1)), int(spill.group(1)) + int(spill.group(2))
+
+
+# ------------------------------------------------------------------------------------- occupancy
+@dataclass(frozen=True)
+class SmLimits:
+    """What one SM of a target holds at once (CUDA programming guide, compute capability table)."""
+
+    shared_bytes: int  # shared memory an SM (at the largest carve-out)
+    shared_per_block: int  # the most one block may use
+    warps: int  # resident warps
+    blocks: int  # resident blocks
+    registers: int = 65536  # 32-bit registers
+    register_unit: int = 256  # a warp's registers are allocated in units of this many
+    sub_partitions: int = 4  # the register file is split between 4 schedulers; a warp lives in one
+    max_registers: int = 255  # a thread
+    shared_reserved: int = 1024  # the driver's per-block reservation (sm_80 and later)
+    shared_unit: int = 128  # shared memory allocation unit
+
+
+KB = 1024
+SM_LIMITS = {
+    80: SmLimits(shared_bytes=164 * KB, shared_per_block=163 * KB, warps=64, blocks=32),  # A100
+    86: SmLimits(shared_bytes=100 * KB, shared_per_block=99 * KB, warps=48, blocks=16),
+    89: SmLimits(shared_bytes=100 * KB, shared_per_block=99 * KB, warps=48, blocks=24),  # L4, L40
+    90: SmLimits(shared_bytes=228 * KB, shared_per_block=227 * KB, warps=64, blocks=32),  # H100, H200
+}
+
+
+def occupancy(registers: int, num_warps: int, shared_bytes: int, limits: SmLimits) -> tuple[int, str]:
+    """(programs resident per SM, what limits it) for a program of num_warps warps using
+    `registers` a thread and shared_bytes of shared memory (module docstring for the formula)."""
+    def up(v, unit):
+        return -(-v // unit) * unit
+
+    per_warp = up(registers * 32, limits.register_unit)
+    if registers > limits.max_registers or per_warp * up(num_warps, limits.sub_partitions) > limits.registers:
+        by_regs = 0  # more than a block may hold (the hardware check assumes every sub-partition holds its share)
+    else:
+        by_regs = limits.sub_partitions * (limits.registers // limits.sub_partitions // max(per_warp, 1)) // num_warps
+    block_shared = up(shared_bytes + limits.shared_reserved, limits.shared_unit)
+    by_shared = limits.shared_bytes // block_shared if shared_bytes <= limits.shared_per_block else 0
+    bounds = {"registers": by_regs, "shared": by_shared, "warps": limits.warps // num_warps, "blocks": limits.blocks}
+    least = min(bounds.values())
+    return least, "+".join(k for k, v in bounds.items() if v == least)
 
 
 # ------------------------------------------------------------------------------------- variants
@@ -209,8 +272,11 @@ def compile_all(capability: int = 90, only: tuple[str, ...] = ()) -> tuple[list[
                 stats[compiled.hash] = parse_ptxas_log(log.getvalue())
             regs, spills = stats[compiled.hash]
             loads, stores = widest_global_access(compiled.asm["ptx"])
-            row = Row(launch.kernel, full[len(launch.kernel) + 1:], regs, spills, compiled.metadata.shared,
-                      compiled.metadata.num_warps, loads, stores)
+            shared, warps = compiled.metadata.shared, compiled.metadata.num_warps
+            programs, limit = (occupancy(regs, warps, shared, SM_LIMITS[capability]) if capability in SM_LIMITS
+                               else (None, "-"))
+            row = Row(launch.kernel, full[len(launch.kernel) + 1:], regs, spills, shared, warps, loads, stores,
+                      programs, launch.programs_per_sm, limit)
             rows.append(row)
             ptx[row.name] = compiled.asm["ptx"]
     return rows, ptx
@@ -218,13 +284,19 @@ def compile_all(capability: int = 90, only: tuple[str, ...] = ()) -> tuple[list[
 
 def format_table(rows: list[Row]) -> str:
     """The rows as an aligned text table."""
-    head = ("kernel-variant", "regs", "spill B", "smem B", "warps", "ld B", "st B")
-    body = [(r.name, r.registers, r.spill_bytes, r.shared_bytes, r.num_warps, r.widest_load, r.widest_store)
+    head = ("kernel-variant", "regs", "spill B", "smem B", "warps", "ld B", "st B", "prog/SM", "design", "limit")
+    body = [(r.name, r.registers, r.spill_bytes, r.shared_bytes, r.num_warps, r.widest_load, r.widest_store,
+             "-" if r.programs_per_sm is None else r.programs_per_sm, r.design_programs_per_sm, r.occupancy_limit)
             for r in rows]
     width = max([len(head[0])] + [len(b[0]) for b in body])
-    lines = [f"{head[0]:<{width}} " + " ".join(f"{h:>7}" for h in head[1:])]
-    lines += [f"{b[0]:<{width}} " + " ".join(f"{v:>7}" for v in b[1:]) for b in body]
+    lines = [f"{head[0]:<{width}} " + " ".join(f"{h:>7}" for h in head[1:-1]) + f" {head[-1]}"]
+    lines += [f"{b[0]:<{width}} " + " ".join(f"{v:>7}" for v in b[1:-1]) + f" {b[-1]}" for b in body]
     return "\n".join(lines)
+
+
+def below_design(rows: list[Row]) -> list[Row]:
+    """The rows whose occupancy is under what their launch plan expects."""
+    return [r for r in rows if r.programs_per_sm is not None and r.programs_per_sm < r.design_programs_per_sm]
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -291,8 +363,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"aot: {exc}", file=sys.stderr)
         return 2
     print(format_table(rows))
-    print(f"{len(rows)} variants compiled for sm_{capability}, "
-          f"{sum(r.spill_bytes > 0 for r in rows)} with spills")
+    low = below_design(rows)
+    if capability not in SM_LIMITS:
+        occupancy_note = f"occupancy not modelled for sm_{capability}"
+    else:
+        occupancy_note = f"{len(low)} below the design's occupancy" + (
+            f" ({', '.join(r.name for r in low[:3])}{', ...' if len(low) > 3 else ''})" if low else "")
+    print(f"{len(rows)} variants compiled for sm_{capability}, {sum(r.spill_bytes > 0 for r in rows)} with spills, "
+          f"{occupancy_note}")
     if args.ptx_dir:
         os.makedirs(args.ptx_dir, exist_ok=True)
         for name, text in ptx.items():

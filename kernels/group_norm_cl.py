@@ -80,7 +80,11 @@ def _gn_cl_fwd_kernel(
     x_row = X + n64 * sxn + cols[None, :] * sxc
 
     if STATS:
-        # Welford per (row slot, channel); slots past s_end are not updated (their count stays).
+        # Welford per (row slot, channel), in the form M2 += (n - 1) / n * delta^2 (Welford 1962):
+        # x is dead once delta = x - mean is formed, so a thread holds three float32 tiles (mean,
+        # M2, delta), not four as with M2 += delta (x - mean_new), which put the 16-warp forward at
+        # 74 registers (one program a SM; <= 64 gives two). A slot past s_end gets weights 0 (its
+        # mean and M2 stay, its count stays): per-row vectors, no select over the tile.
         cnt = tl.zeros([BLOCK_S], dtype=tl.float32)
         mean = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
         m2 = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
@@ -88,11 +92,12 @@ def _gn_cl_fwd_kernel(
             s = s0 + rows
             valid = s < s_end
             m = valid[:, None] & cmask[None, :]
-            xv = tl.load(x_row + s[:, None] * sxs, mask=m, other=0.0).to(tl.float32)
             cnt += valid.to(tl.float32)
-            delta = xv - mean
-            mean += tl.where(valid[:, None], delta * (1.0 / tl.maximum(cnt, 1.0))[:, None], 0.0)
-            m2 += tl.where(valid[:, None], delta * (xv - mean), 0.0)
+            w_mean = tl.where(valid, 1.0 / tl.maximum(cnt, 1.0), 0.0)  # 1 / n
+            w_m2 = tl.where(valid, 1.0 - w_mean, 0.0)  # (n - 1) / n
+            delta = tl.load(x_row + s[:, None] * sxs, mask=m, other=0.0).to(tl.float32) - mean
+            mean += delta * w_mean[:, None]
+            m2 += delta * delta * w_m2[:, None]
         total = tl.sum(cnt, axis=0)
         c_mean = tl.sum(cnt[:, None] * mean, axis=0) / total
         dev = mean - c_mean[None, :]
@@ -289,12 +294,30 @@ def _triton():
 # ------------------------------------------------------------------------------------ planning
 # FWD_TILE / BWD_TILE: elements of one [BLOCK_S, BLOCK_C] tile. BLOCK_C is C rounded up to a
 #   power of two (384 -> 512), so BLOCK_S = TILE / BLOCK_C rows. Both give 16 values a thread
-#   (two 16-byte vectors of bf16 per load): the forward 8192 over 16 warps, beside its two
-#   float32 Welford tiles (64 registers, sm_90); the backward 4096 over 8 warps, as it holds x, dy
-#   and three float32 sum tiles (~128 registers; 16 warps would cap it at 128 and spill). At
-#   batch 256 about two programs share a SM, so the forward's 16 warps double the bytes in flight
-#   (~32 KB a SM, near what HBM latency x bandwidth / 132 SMs asks). Register counts from
-#   `python -m fastddpm.kernels.aot`; the rest are estimates, not tuned on a GPU.
+#   (two 16-byte vectors of bf16 per load): the forward 8192 over 16 warps, beside its float32
+#   Welford tiles (mean, M2 and the delta of the tile being merged: <= 64 registers), the
+#   backward 4096 over 8 warps, as it holds x, dy and three float32 sum tiles (<= 128 registers;
+#   16 warps would cap it at 128 and spill). At batch 256 about two programs share a SM, so the
+#   forward's 16 warps double the bytes in flight (~32 KB a SM, near what HBM latency x bandwidth
+#   / 132 SMs asks). Register counts from `python -m fastddpm.kernels.aot`; the rest are
+#   estimates, not tuned on a GPU.
+# PROGRAMS_PER_SM: the occupancy the design expects of every launch that reads rows (the fused
+#   launch, stats, apply): 2 programs resident a SM. Batch 256 gives 256 / 132 ~ 2 samples a SM
+#   and the split plan below makes ~2 programs a SM, so with one resident a SM half of them wait
+#   for a second wave. The finalize launch (grid N, 4 warps, a few hundred values a sample)
+#   expects 1. Each Launch carries its expectation (`Launch.programs_per_sm`);
+#   `python -m fastddpm.kernels.aot` reports the occupancy ptxas's registers, the shared memory
+#   and the warp limit allow beside it, and tests/kernels/test_aot.py fails when a variant gets
+#   fewer. On sm_90 (65536 registers, 64 warps, 228 KB an SM):
+#       launch                      warps (from the tile)   programs/SM   registers a thread at most
+#       forward fused/stats/apply   16 / 8 / 4              2             64 / 128 / 255
+#       backward fused/stats/apply   8 / 4                  2             128 / 255
+#       finalize                     4                      1             255
+#   (the tile sets the warps: 16 values a thread, at least 4, at most FWD_WARPS / BWD_WARPS.)
+#   The register cap is also passed to ptxas as `maxnreg` (PTX .maxnreg, what CUDA's
+#   __launch_bounds__(threads, 2) does), so a compiler that would spend registers on ILP cannot
+#   halve the occupancy unseen: unbounded, Triton 3.6's ptxas gave the C = 256 backward with emb
+#   155 registers (1 program a SM); bounded it fits 128 with no spills (aot checks spills too).
 # CPU_SM_COUNT: the SM count assumed off CUDA (the interpreter, kernels/aot.py): an H100's or
 #   H200's 132, so the AOT build picks the plan those GPUs launch.
 # A sample gets one program (all phases in one launch) when the batch alone gives each SM at
@@ -309,6 +332,14 @@ FWD_TILE, FWD_WARPS = 8192, 16
 BWD_TILE, BWD_WARPS = 4096, 8
 CPU_SM_COUNT = 132
 MIN_TILE = 1024
+PROGRAMS_PER_SM = 2
+SM_REGISTERS, MAX_REGISTERS = 65536, 255  # sm_90 (and sm_80): a SM's register file, a thread's most
+
+
+def register_bound(warps: int, programs: int) -> int:
+    """The most registers a thread may use so that `programs` programs of `warps` warps fit one SM's
+    65536: 65536 / (programs x 32 warps), in ptxas's unit of 8, at most 255 (64 for 16 warps x 2)."""
+    return min(MAX_REGISTERS, SM_REGISTERS // (programs * warps * 32) // 8 * 8)
 
 
 def _next_pow2(v: int) -> int:
@@ -350,9 +381,12 @@ def _phases(kernel: str, fn, N: int, cfg: dict, make_args, flags: dict) -> list[
 
     def launch(stage, grid, stats, finalize, apply):
         # finalize alone is G x CPG values a sample (<= 32 x 16 in cifar10): 4 warps are plenty
+        warps = 4 if stage == "finalize" else cfg["WARPS"]
+        programs = 1 if stage == "finalize" else PROGRAMS_PER_SM
+        bound = register_bound(warps, programs)
         return Launch(kernel, stage, fn, (grid,), args, dict(
-            consts, **flags, STATS=stats, FINALIZE=finalize, APPLY=apply,
-            num_warps=4 if stage == "finalize" else cfg["WARPS"]))
+            consts, **flags, STATS=stats, FINALIZE=finalize, APPLY=apply, num_warps=warps,
+            **({"maxnreg": bound} if bound < MAX_REGISTERS else {})), programs_per_sm=programs)
 
     if cfg["SPLIT"] == 1:
         return [launch("", N, True, True, True)]

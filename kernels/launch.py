@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 @dataclass
 class Launch:
     """kernel: the family name (group_norm_fwd | group_norm_bwd | step); stage: which kernel of a
-    multi-kernel op ("" when there is one); fn: the jitted kernel; grid, args, kwargs: the launch."""
+    multi-kernel op ("" when there is one); fn: the jitted kernel; grid, args, kwargs: the launch
+    (kwargs holds the constexprs and compile options: num_warps, maxnreg).
+
+    programs_per_sm: the occupancy the design expects, programs resident per SM on sm_90 (at
+    least). The channels-last GroupNorm's row launches expect 2 (kernels/group_norm_cl.py says
+    why); a launch whose design states no target keeps the default 1 (it must fit at all).
+    `python -m fastddpm.kernels.aot` reports the occupancy ptxas's register count allows beside it."""
 
     kernel: str
     stage: str
@@ -22,6 +28,7 @@ class Launch:
     grid: tuple
     args: tuple
     kwargs: dict = field(default_factory=dict)
+    programs_per_sm: int = 1
 
     def __call__(self) -> None:
         """Launch on the arguments' device (CUDA, or CPU under TRITON_INTERPRET=1)."""

@@ -49,6 +49,36 @@ def test_graph_step_walks_the_reference_trajectory(no_cuda_check, graph_capture)
     assert rel_err(gs.x.clamp(-1, 1), ref) < 1e-5
 
 
+@pytest.mark.slow
+def test_compiled_capture_serves_many_batch_sizes(no_cuda_check):
+    """graph_capture="compiled" for 12 batch sizes in one process, one sampler per shape as
+    graph._sampler_for builds them (one at a time): every sampler calls the same compiled model
+    (compile_for_graph's cache, a dynamic batch), its captured step function (`_step`, without the
+    capture) gives the reference's step within 1e-5, and there is 1 compile, not one per shape (the
+    9th would have hit Dynamo's recompile limit). A one-step process at t = 999, unclipped: the result
+    is the model's x0 prediction. A clean Dynamo cache, as in tests/test_backends.py."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = randomized_unet("tiny", seed=3, image_size=8)
+    d = GaussianDiffusion(make_betas("linear", 1000)).respace("trailing1")
+    before = counters["stats"]["unique_graphs"]
+    forwards = set()
+    for batch in range(2, 14):  # batch 1 (a compile of its own) is tests/test_backends.py's
+        shape = (batch, 3, 8, 8)
+        ref_steps = []
+        sample(model, d, shape, seed=batch, clip_denoised=False, callback=ref_steps.append)
+        gs = graph.GraphSampler(model, d, shape, graph_capture="compiled", clip_denoised=False, keep_pred_x0=True)
+        forwards.add(id(gs.forward))
+        gs.reset(noise(batch, XT_STEP, shape), seed=batch)
+        with torch.no_grad(), group_norm_impl(model, gs.group_norm):
+            gs._step()
+        assert rel_err(gs.x, ref_steps[0]["x"]) < 1e-5, batch
+        assert rel_err(gs.pred_x0, ref_steps[0]["pred_x0"]) < 1e-5, batch
+    assert len(forwards) == 1
+    assert counters["stats"]["unique_graphs"] - before == 1
+
+
 @pytest.fixture
 def no_capture(monkeypatch, no_cuda_check):
     """Stand-in for the CUDA capture: marks the sampler captured and counts the captures."""

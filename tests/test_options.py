@@ -200,6 +200,25 @@ def test_the_backend_registry_is_an_import_leaf():
         assert graph[leaf] <= {"fastddpm.errors", "fastddpm.unet"}, graph[leaf]
 
 
+def test_train_state_does_not_import_train():
+    """The training modules import one way: train -> train_state, never back (directly, lazily in a
+    function, or through another module); the error both raise, TrainingDiverged, lives in errors.py
+    and is still importable from fastddpm.train."""
+    from fastddpm import errors, train
+
+    files = _module_files()
+    graph = {name: _imports(name, path, files) for name, path in files.items()}
+    assert "fastddpm.train_state" in graph["fastddpm.train"]
+    reach, todo = set(), list(graph["fastddpm.train_state"])
+    while todo:
+        m = todo.pop()
+        if m not in reach:
+            reach.add(m)
+            todo.extend(graph[m])
+    assert "fastddpm.train" not in reach, sorted(reach)
+    assert train.TrainingDiverged is errors.TrainingDiverged
+
+
 def test_ort_sample_loop_mirrors_the_options_fields():
     """The torch-free loop takes plain arguments named as the SampleOptions fields it uses."""
     from fastddpm.export import ort_sample

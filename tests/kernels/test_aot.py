@@ -1,5 +1,5 @@
-"""`python -m fastddpm.kernels.aot`: the kernels compile for sm_90 with no GPU, without spills, and
-the channels-last GroupNorm moves 16-byte vectors.
+"""`python -m fastddpm.kernels.aot`: the kernels compile for sm_90 with no GPU, without spills, at
+the occupancy their launch plan expects, and the channels-last GroupNorm moves 16-byte vectors.
 
 The command runs in a child process (tests/conftest.py switched the interpreter on in this one;
 the command clears it for itself). A representative subset (~30 variants) keeps this to 30-50 s
@@ -20,7 +20,9 @@ SUBSET = [
     # GroupNorm: the biggest activation in each layout/dtype (one tile NCHW; whole rows channels-last)
     "fp32-nchw-C128-32x32-emb-silu",
     "fp32-nchw-C384-32x32-noemb-silu$",  # NCHW's chunked path (a group larger than one tile)
-    "bf16-cl-C128-32x32-emb-silu",  # batch 256 (one launch a op) and -b1 (stats, finalize, apply)
+    "bf16-cl-C128-32x32-emb-silu",  # batch 256 (one launch a op) and -b1 (stats, finalize, apply);
+    # the largest forward (16 warps): 74 registers, 1 program a SM, before its Welford update was rewritten
+    "bf16-cl-C256-16x16-emb-silu$",  # the backward with emb: 155 registers unbounded (Triton 3.6), 1 program a SM
     "bf16-cl-C384-32x32-noemb-silu$",  # 384 channels: not a power of two, 12 channels a group
     "bf16-cl-C256-4x4-noemb-id$",  # the smallest spatial size, the attention norm (no SiLU)
     # the step: each variance mode and sampler, both layouts, mixed dtypes
@@ -60,6 +62,19 @@ def test_every_subset_variant_compiles_without_spills(compiled):
         assert r["name"] in stdout  # the printed table
     kernels = {r["kernel"] for r in rows}
     assert kernels == {"group_norm_fwd", "group_norm_bwd", "step"}
+
+
+def test_every_subset_variant_reaches_its_design_occupancy(compiled):
+    """Programs resident per SM (from ptxas's registers, the shared memory and the warp limit) are at
+    least what the launch plan expects; the channels-last GroupNorm's row launches expect 2
+    (kernels/group_norm_cl.py), its finalize launch 1."""
+    stdout, table, _ = compiled
+    rows = table["variants"]
+    for r in rows:
+        assert r["programs_per_sm"] >= r["design_programs_per_sm"] >= 1, r
+        if "-cl-" in r["name"] and r["kernel"] != "step":
+            assert r["design_programs_per_sm"] == (1 if r["name"].endswith("-finalize") else 2), r
+    assert "0 below the design's occupancy" in stdout
 
 
 def test_nchw_fp32_group_norm_loads_16_bytes(compiled):
@@ -121,3 +136,42 @@ def test_widest_access_parser():
     log = ("ptxas info    : Function properties for k\n    0 bytes stack frame, 8 bytes spill stores, "
            "4 bytes spill loads\nptxas info    : Used 80 registers, used 0 barriers")
     assert parse_ptxas_log(log) == (80, 12)
+
+
+@pytest.mark.parametrize("registers, warps, shared, expected", [
+    (74, 16, 8192, (1, "registers")),  # the forward before the fix: 2560 a warp, 6 warps a sub-partition
+    (64, 16, 8192, (2, "registers")),  # 2048 a warp: 8 warps a sub-partition, 32 an SM
+    (72, 16, 0, (1, "registers")),  # 2304 a warp (the 256 unit): 7 a sub-partition, 28 warps
+    (155, 8, 8192, (1, "registers")),  # the C = 256 backward with emb, unbounded, Triton 3.6
+    (128, 8, 8192, (2, "registers")),
+    (32, 4, 0, (16, "registers+warps")),  # 1 KB reserved a block: 228 by shared memory; 32 by blocks
+    (16, 1, 0, (32, "blocks")),
+    (32, 4, 100_000, (2, "shared")),  # (100000 + 1024) rounded to 128 = 101120 B a block, 233472 an SM
+    (32, 4, 227 * 1024 + 1, (0, "shared")),  # more than one block may use
+    (256, 1, 0, (0, "registers")),  # more than a thread may use
+], ids=["fwd-74", "fwd-64", "reg-unit", "bwd-155", "bwd-128", "4-warps", "blocks", "shared", "shared-max", "regs-max"])
+def test_occupancy_formula_for_sm90(registers, warps, shared, expected):
+    from fastddpm.kernels.aot import SM_LIMITS, occupancy
+
+    assert occupancy(registers, warps, shared, SM_LIMITS[90]) == expected
+
+
+def test_channels_last_plan_states_its_occupancy():
+    """Every channels-last GroupNorm launch carries the occupancy the design expects, and the
+    register cap that keeps it (maxnreg = 65536 / (2 programs x 32 x warps)), without compiling."""
+    import torch
+
+    from fastddpm.kernels import group_norm as gn
+
+    for batch, C, H, warps in ((256, 128, 32, 16), (256, 256, 4, 8), (1, 128, 32, 4)):
+        x = torch.empty(batch, C, H, H).contiguous(memory_format=torch.channels_last)
+        w, b, emb = torch.empty(C), torch.empty(C), torch.empty(batch, C)
+        y, x_read, mean, rstd, fwd = gn.forward_launches(x, 32, w, b, emb, True, 1e-6)
+        *_, bwd = gn.backward_launches(torch.empty_like(y), x_read, 32, w, b, emb, True, mean, rstd)
+        assert [launch.stage for launch in fwd] == (["stats", "finalize", "apply"] if batch == 1 else [""])
+        for launch in fwd + bwd:
+            expect = 1 if launch.stage == "finalize" else 2
+            assert launch.programs_per_sm == expect, launch.stage
+            n = launch.kwargs["num_warps"]
+            assert launch.kwargs.get("maxnreg", 255) == min(255, 65536 // (expect * 32 * n) // 8 * 8)
+        assert fwd[0].kwargs["num_warps"] == warps
