@@ -387,6 +387,7 @@ def _figures(table, summary, floor, out: Path, args) -> None:
 
 
 def main(argv=None) -> None:
+    global MODELS
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="docs/samplers")
     p.add_argument("--seeds", type=int, default=5)
@@ -396,7 +397,9 @@ def main(argv=None) -> None:
     p.add_argument("--bpd-images", type=int, default=200)
     p.add_argument("--only", default="fid,bpd,report")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--models", default="digits,digits-hybrid", help="which of the bundled models (default both)")
     args = p.parse_args(argv)
+    MODELS = tuple(m for m in args.models.split(",") if m)
     args.calls = [int(c) for c in args.calls.split(",")]
     args.bpd_steps = [int(c) for c in args.bpd_steps.split(",")]
     torch.set_num_threads(args.threads)

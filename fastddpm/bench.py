@@ -525,15 +525,14 @@ def run_bench(request: BenchRequest) -> dict:
 
     # every row needs the weights now: the fastddpm rows run them, the diffusers rows' accuracy run loads them
     base = random_model(request.model, device)
-    accuracy = _Accuracy(request, base, full, shape, device)
-    report["accuracy"] = accuracy.report  # the same dict: filled in when the baseline is drawn
-    reference_x = None  # the reference row's samples, on the CPU in float64
+    bench = _Bench(request, device, base, shape, process, config, gflop, peak, have_diffusers,
+                   accuracy=_Accuracy(request, base, full, shape, device))
+    report["accuracy"] = bench.accuracy.report  # the same dict: filled in when the baseline is drawn
     rows: list[Row] = []
     for name in names:
-        row, x = _run_row(name, request, device, base, shape, process, config, gflop, peak, have_diffusers,
-                          reference_x, accuracy)
+        row, x = _run_row(name, bench)
         if name == "reference" and x is not None:
-            reference_x = x
+            bench.reference_x = x
         rows.append(row)
         _speedups(rows)
         report["rows"] = [asdict(r) for r in rows]
@@ -581,15 +580,33 @@ def _one_line(e: BaseException) -> str:
     return (f"{type(e).__name__}: {e}".splitlines() or [""])[0][:300]
 
 
-def _run_row(name: str, request: BenchRequest, device: torch.device, base, shape, process, config: UNetConfig,
-             gflop: float, peak: float, have_diffusers: bool,
-             reference_x: torch.Tensor | None = None,
-             accuracy: _Accuracy | None = None) -> tuple[Row, torch.Tensor | None]:
+@dataclass
+class _Bench:
+    """What every row of one bench run shares: the request, the device, the random-weight model and
+    the process it samples, the FLOPs and the measured peak, the accuracy baseline, and the reference
+    row's samples once it ran (on the CPU in float64)."""
+
+    request: BenchRequest
+    device: torch.device
+    base: UNet
+    shape: tuple
+    process: object
+    config: UNetConfig
+    gflop: float
+    peak: float
+    have_diffusers: bool
+    accuracy: _Accuracy | None = None
+    reference_x: torch.Tensor | None = None
+
+
+def _run_row(name: str, bench: _Bench) -> tuple[Row, torch.Tensor | None]:
     """(row, final samples on the CPU in float64): build, warm up, time one row, compare it with
-    reference_x, and run its accuracy run against eager-bf16's (`_Accuracy`).
+    the reference row's samples, and run its accuracy run against eager-bf16's (`_Accuracy`).
     One that cannot run here comes back skipped, one where anything raises comes back failed with
     the reason; either way with no samples, and the table goes on. An accuracy run that raises
     leaves the timing standing and says why in `accuracy_error`."""
+    request, device, base, shape, process = bench.request, bench.device, bench.base, bench.shape, bench.process
+    config, accuracy = bench.config, bench.accuracy
     peer = name in PEER_ROWS
     dtype = row_dtype(name, device)
     layout = "NCHW" if name in ("reference", "diffusers") else "channels-last"
@@ -598,7 +615,7 @@ def _run_row(name: str, request: BenchRequest, device: torch.device, base, shape
         row.notes = f"warm-up: {WARMUP_HOLDS[name]}"
     try:
         if peer:
-            if not have_diffusers:
+            if not bench.have_diffusers:
                 raise FastDDPMError("diffusers is not installed (pip install diffusers)")
             run_steps, notes, unet = _diffusers_sampler(config, shape, device, dtype,
                                                         compiled=name == "diffusers-compile",
@@ -612,16 +629,16 @@ def _run_row(name: str, request: BenchRequest, device: torch.device, base, shape
             warm, run, row.dtype, row.layout = _fastddpm_sampler(name, base, process, shape, device, dtype,
                                                                  request.sampler)
             accuracy_run = run
-            row_gflop = gflop
+            row_gflop = bench.gflop
         _log(request, f"{name}: warm-up, then {request.repeat} x {process.num_steps} steps")
         x = _time_row(row, warm, run, device, request.repeat)
         # one device, one dtype for the comparison: a row's samples may come back elsewhere (the
         # onnx row's on the host while the reference's are on CUDA) or in its own dtype
         x = x.detach().to(device="cpu", dtype=torch.float64)
-        ref = x if name == "reference" else reference_x  # the reference row against itself: 0
+        ref = x if name == "reference" else bench.reference_x  # the reference row against itself: 0
         if ref is not None and not peer:
             row.rel_err_vs_reference = _rel_err(x, ref)
-        _fill_rates(row, request.batch, process.num_steps, row_gflop, peak)
+        _fill_rates(row, request.batch, process.num_steps, row_gflop, bench.peak)
         baseline = accuracy.baseline() if accuracy is not None else None
         if baseline is not None:
             try:

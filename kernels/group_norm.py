@@ -350,8 +350,9 @@ def forward_launches(x, num_groups, weight, bias, emb, silu, eps):
     sen, sec = (emb.stride(0), emb.stride(1)) if emb is not None else (0, 0)
     launches = []
     if N * num_groups and _channels_last(C, S, (sxn, sxc, sxs)) and _channels_last(C, S, (syn, syc, sys)):
-        launches = group_norm_cl.forward_launches(x, (sxn, sxc, sxs), y, (syn, syc, sys), weight, bias, emb,
-                                                  num_groups, silu, eps, mean, rstd)
+        call = group_norm_cl.GroupNormCall(group_norm_cl.Strided(x, (sxn, sxc, sxs)), weight, bias, emb, num_groups,
+                                           silu, eps, mean, rstd)
+        launches = group_norm_cl.forward_launches(call, group_norm_cl.Strided(y, (syn, syc, sys)))
     elif N * num_groups:
         launches.append(Launch("group_norm_fwd", "", fwd, (N * num_groups,), (
             x, y, weight.contiguous(), bias.contiguous(), emb if emb is not None else x, mean, rstd,
@@ -387,8 +388,10 @@ def backward_launches(dy, x, num_groups, weight, bias, emb, silu, mean, rstd):
     sen, sec = (emb.stride(0), emb.stride(1)) if emb is not None else (0, 0)
     launches = []
     if N * num_groups and _channels_last(C, S, (sxn, sxc, sxs)) and _channels_last(C, S, (sgn, sgc, sgs)):
-        launches = group_norm_cl.backward_launches(dy, (sdn, sdc, sds), x, (sxn, sxc, sxs), dx, (sgn, sgc, sgs),
-                                                   weight, bias, emb, num_groups, silu, mean, rstd, dw, db, demb)
+        call = group_norm_cl.GroupNormCall(group_norm_cl.Strided(x, (sxn, sxc, sxs)), weight, bias, emb, num_groups,
+                                           silu, 0.0, mean, rstd)  # eps: the forward's statistics are given
+        launches = group_norm_cl.backward_launches(call, group_norm_cl.Strided(dy, (sdn, sdc, sds)),
+                                                   group_norm_cl.Strided(dx, (sgn, sgc, sgs)), (dw, db, demb))
     elif N * num_groups:
         launches.append(Launch("group_norm_bwd", "", bwd, (N * num_groups,), (
             x, dy, dx, weight.contiguous(), bias.contiguous(), emb if emb is not None else x, mean, rstd,

@@ -38,10 +38,42 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 
 from .launch import Launch
+
+
+@dataclass(frozen=True)
+class Strided:
+    """A tensor [N, C, *spatial] and its (n, c, s) strides, the spatial dims flattened to one."""
+
+    t: torch.Tensor
+    strides: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class GroupNormCall:
+    """One GroupNorm(+emb)(+SiLU) call as the channels-last kernels see it: the input, the affine
+    and the options, and its float32 statistics mean, rstd [N * G] (the forward writes them, the
+    backward reads them). Built once per call by kernels/group_norm.py."""
+
+    x: Strided
+    weight: torch.Tensor
+    bias: torch.Tensor
+    emb: torch.Tensor | None
+    num_groups: int
+    silu: bool
+    eps: float
+    mean: torch.Tensor
+    rstd: torch.Tensor
+
+    def emb_strides(self) -> tuple[int, int]:
+        return (self.emb.stride(0), self.emb.stride(1)) if self.emb is not None else (0, 0)
+
+    def flags(self) -> dict:
+        return dict(HAS_EMB=self.emb is not None, SILU=bool(self.silu))
 
 triton = None  # bound by _triton() on first use
 tl = None
@@ -394,34 +426,37 @@ def _phases(kernel: str, fn, N: int, cfg: dict, make_args, flags: dict) -> list[
             launch("apply", N * cfg["SPLIT"], False, False, True)]
 
 
-def forward_launches(x, xs, y, ys, weight, bias, emb, num_groups, silu, eps, mean, rstd) -> list[Launch]:
-    """The forward's launches for x [N, C, *spatial] channels-last (xs: its (n, c, s) strides; y, ys
-    the output and its strides; mean, rstd float32 [N * G] outputs)."""
+def forward_launches(call: GroupNormCall, y: Strided) -> list[Launch]:
+    """The forward's launches for call.x channels-last, writing y (the call's mean and rstd too)."""
     fwd, _ = _triton()
+    x, xs, ys = call.x.t, call.x.strides, y.strides
     N, C = x.shape[:2]
     S = math.prod(x.shape[2:])
-    cfg = plan(N, C, S, num_groups, x.device, FWD_TILE, FWD_WARPS)
+    cfg = plan(N, C, S, call.num_groups, x.device, FWD_TILE, FWD_WARPS)
     part = torch.empty(N * cfg["SPLIT"] * 2 * C, dtype=torch.float32, device=x.device)
-    sen, sec = (emb.stride(0), emb.stride(1)) if emb is not None else (0, 0)
+    sen, sec = call.emb_strides()
 
     def make_args(rows, split):
-        return (x, y, weight.contiguous(), bias.contiguous(), emb if emb is not None else x, part, mean, rstd,
-                S, rows, split, xs[0], xs[2], xs[1], ys[0], ys[2], ys[1], sen, sec, float(eps))
-    return _phases("group_norm_fwd", fwd, N, cfg, make_args, dict(HAS_EMB=emb is not None, SILU=bool(silu)))
+        return (x, y.t, call.weight.contiguous(), call.bias.contiguous(), call.emb if call.emb is not None else x,
+                part, call.mean, call.rstd, S, rows, split, xs[0], xs[2], xs[1], ys[0], ys[2], ys[1], sen, sec,
+                float(call.eps))
+    return _phases("group_norm_fwd", fwd, N, cfg, make_args, call.flags())
 
 
-def backward_launches(dy, ds, x, xs, dx, gs, weight, bias, emb, num_groups, silu, mean, rstd, dw, db, demb):
-    """The backward's launches (strides as in forward_launches; dw, db, demb float32 [N, C] outputs)."""
+def backward_launches(call: GroupNormCall, dy: Strided, dx: Strided, sums: tuple) -> list[Launch]:
+    """The backward's launches: dx from dy, and the per-sample float32 sums (dw, db, demb) [N, C]."""
     _, bwd = _triton()
+    x, xs, ds, gs = call.x.t, call.x.strides, dy.strides, dx.strides
+    dw, db, demb = sums
     N, C = x.shape[:2]
     S = math.prod(x.shape[2:])
-    cfg = plan(N, C, S, num_groups, x.device, BWD_TILE, BWD_WARPS)
+    cfg = plan(N, C, S, call.num_groups, x.device, BWD_TILE, BWD_WARPS)
     part = torch.empty(N * cfg["SPLIT"] * 3 * C, dtype=torch.float32, device=x.device)
-    cc = torch.empty(N * num_groups * 2, dtype=torch.float32, device=x.device)
-    sen, sec = (emb.stride(0), emb.stride(1)) if emb is not None else (0, 0)
+    cc = torch.empty(N * call.num_groups * 2, dtype=torch.float32, device=x.device)
+    sen, sec = call.emb_strides()
 
     def make_args(rows, split):
-        return (x, dy, dx, weight.contiguous(), bias.contiguous(), emb if emb is not None else x, mean, rstd,
-                part, cc, dw, db, demb, S, rows, split,
-                xs[0], xs[2], xs[1], ds[0], ds[2], ds[1], gs[0], gs[2], gs[1], sen, sec)
-    return _phases("group_norm_bwd", bwd, N, cfg, make_args, dict(HAS_EMB=emb is not None, SILU=bool(silu)))
+        return (x, dy.t, dx.t, call.weight.contiguous(), call.bias.contiguous(),
+                call.emb if call.emb is not None else x, call.mean, call.rstd, part, cc, dw, db, demb, S, rows,
+                split, xs[0], xs[2], xs[1], ds[0], ds[2], ds[1], gs[0], gs[2], gs[1], sen, sec)
+    return _phases("group_norm_bwd", bwd, N, cfg, make_args, call.flags())
