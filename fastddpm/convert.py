@@ -139,8 +139,10 @@ def read_weights_file(path: Path) -> tuple[dict, dict]:
             head = f.read(9)
     except OSError as e:
         raise CheckpointError(f"cannot read {str(path)!r} ({e.strerror or e})") from None
-    is_zip_or_pickle = head[:2] == b"PK" or head[:1] == b"\x80"
-    if not is_zip_or_pickle and len(head) >= 9 and head[8:9] == b"{":
+    # safetensors: an 8-byte little-endian header length, then the JSON header. The length's low byte
+    # may be anything (0x80 too, a pickle's first byte), so the header decides, not that byte alone.
+    header_len = int.from_bytes(head[:8], "little") if len(head) >= 9 else 0
+    if head[8:9] == b"{" and 0 < header_len < path.stat().st_size and head[:2] != b"PK":
         return _read_safetensors(path)
     return _read_torch(path), {}
 

@@ -797,3 +797,22 @@ def test_an_out_that_cannot_be_written_is_one_line(tmp_path, capsys, direction, 
     code, _, err = run_cli(["convert", src, "--out", out], capsys)
     assert code == 2 and one_line(err) and piece in err, err
     assert snapshot(tmp_path) == before and tree(tmp_path) == paths
+
+
+def test_a_safetensors_header_length_whose_low_byte_is_a_pickle_opcode_is_still_safetensors(tmp_path):
+    """A safetensors file starts with its header's length, little-endian: a length of 0x...80 begins with the
+    byte a pickle starts with. Detection must read the header, not guess from that byte (the calibrated
+    digits-hybrid checkpoint was such a file, and `convert` took it for a pickle)."""
+    from safetensors.torch import save_file
+
+    from fastddpm.convert import read_weights_file
+
+    for pad in range(0, 300):
+        path = tmp_path / "w.safetensors"
+        save_file({"w": torch.zeros(2)}, str(path), metadata={"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.fail("no padding gave a header length ending in 0x80")
+    tensors, metadata = read_weights_file(path)
+    assert list(tensors) == ["w"] and metadata["pad"] == "x" * pad
