@@ -350,6 +350,8 @@ def _figures(table, summary, floor, out: Path, args) -> None:
         print("matplotlib is not installed: no figures (pip install -e '.[plots]')", file=sys.stderr)
         return
     fig, axes = plt.subplots(1, len(MODELS), figsize=(6 * len(MODELS), 4.5), sharey=True)
+    names = [o[0] for o in OURS] + list(PEERS)
+    colour = {name: plt.get_cmap("tab20")(i % 20) for i, name in enumerate(names)}  # one colour a setting
     for ax, model in zip(np.atleast_1d(axes), MODELS):
         best = summary["models"][model]["best_spacing"]
         for s, spacing in best.items():
@@ -357,7 +359,7 @@ def _figures(table, summary, floor, out: Path, args) -> None:
                 continue
             pts = [(c, *_mean_sd(table[(model, s, spacing, c)])) for c in args.calls if (model, s, spacing, c) in table]
             c, m, sd = map(np.array, zip(*pts))
-            ax.errorbar(c, m, yerr=sd, label=f"{s} ({spacing})", capsize=2,
+            ax.errorbar(c, m, yerr=sd, label=f"{s} ({spacing})", capsize=2, color=colour[s],
                         linestyle="--" if s.startswith("diffusers") else "-", marker="o", markersize=3)
         ax.axhspan(floor["train_mean"] - floor["train_std"], floor["train_mean"] + floor["train_std"], color="grey",
                    alpha=0.25, label="real digits (mean +- SD)")
@@ -377,6 +379,7 @@ def _figures(table, summary, floor, out: Path, args) -> None:
                 Ks = sorted(int(k) for k in pts)
                 ax.plot(Ks, [pts[str(k)] for k in Ks], marker="o", label=v)
             ax.set_xscale("log")
+            ax.set_yscale("log")  # betatilde's bound at K = 10 is 30x the others'
             ax.set_xlabel("K (steps of the respaced process)")
             ax.set_ylabel("bits/dim (held-out digits)")
             ax.set_title(model)
