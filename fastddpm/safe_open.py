@@ -3,8 +3,8 @@ writes into, appends to or locks.
 
 An output folder may hold names someone planted: `out/.fastddpm.lock` a symbolic link to
 ~/victim.txt, `t/log.jsonl` a hard link to another file (a second name of the same inode), a FIFO
-(whose open would block until a reader comes), a device, a file of another user. A plain
-`open(path, "a")` writes through all of them. So every such open here
+(whose open would block until a reader comes), a device, a file of another user. Python's plain
+open() for appending writes through all of them. So every such open here
 
   - passes O_NOFOLLOW (a symbolic link as the last component fails with ELOOP instead of being
     followed), O_NONBLOCK (a FIFO opens, or fails, at once) and O_CLOEXEC, and never O_TRUNC;
@@ -102,10 +102,9 @@ def open_write(path, binary: bool = True, append: bool = False):
     first, or appended to with `append`. Text mode writes UTF-8."""
     flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else 0)
     fd = open_fd(path, flags, truncate=not append)
+    mode = ("a" if append else "w") + ("b" if binary else "")  # on the checked descriptor, no path is reopened
     try:
-        if binary:
-            return os.fdopen(fd, "ab" if append else "wb")
-        return os.fdopen(fd, "a" if append else "w", encoding="utf-8")
+        return os.fdopen(fd, mode) if binary else os.fdopen(fd, mode, encoding="utf-8")
     except BaseException:
         os.close(fd)
         raise
