@@ -64,16 +64,21 @@ def cmd_eval_fid(args) -> int:
     return 0
 
 
-def _add_eval_bpd(metrics) -> None:
-    p = metrics.add_parser("bpd", help="test-set bits/dim of a checkpoint",
-                           description="Bits/dim of a checkpoint on a data set's test split through the "
-                                       "variational bound, with a per-timestep breakdown in JSON.")
-    p.add_argument("--checkpoint", required=True, help="a fastddpm .safetensors checkpoint, or 'digits' (bundled)")
+def _add_test_set_flags(p) -> None:
+    """The flags of the evaluations over a data set's test split (bpd, rate-distortion)."""
+    p.add_argument("--checkpoint", required=True, help="a fastddpm .safetensors checkpoint, or a bundled name")
     p.add_argument("--data", required=True, help="digits | cifar10:DIR | images:DIR | npz:FILE (its test split)")
     p.add_argument("--batch", type=positive_int, default=256, help="images per batch (default 256)")
     p.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N test images")
     p.add_argument("--seed", type=seed_arg, default=0, help="seeds the x_t draws, 0 .. 2^32-1 (default 0)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+
+def _add_eval_bpd(metrics) -> None:
+    p = metrics.add_parser("bpd", help="test-set bits/dim of a checkpoint",
+                           description="Bits/dim of a checkpoint on a data set's test split through the "
+                                       "variational bound, with a per-timestep breakdown in JSON.")
+    _add_test_set_flags(p)
     p.add_argument("--out", default="bpd.json", metavar="FILE.json", help="result file (default bpd.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--per-timestep", action="store_true",
@@ -120,12 +125,7 @@ def _add_eval_rate_distortion(metrics) -> None:
                            description="DDPM's progressive lossy code (sec. 4.3, Fig. 5): for each t, the rate "
                                        "L_T + sum_{s>t} L_s in bits/dim and the RMSE (0..255) of the x0 predicted "
                                        "from x_t, over a data set's test split. Takes eval bpd's flags.")
-    p.add_argument("--checkpoint", required=True, help="a fastddpm .safetensors checkpoint, or a bundled name")
-    p.add_argument("--data", required=True, help="digits | cifar10:DIR | images:DIR | npz:FILE (its test split)")
-    p.add_argument("--batch", type=positive_int, default=256, help="images per batch (default 256)")
-    p.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N test images")
-    p.add_argument("--seed", type=seed_arg, default=0, help="seeds the x_t draws, 0 .. 2^32-1 (default 0)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    _add_test_set_flags(p)
     p.add_argument("--out", default="rate_distortion.json", metavar="FILE.json",
                    help="result file (default rate_distortion.json)")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="also draw DDPM Fig. 5 (needs fastddpm[plots])")
