@@ -361,7 +361,9 @@ class Trainer:
         self.scaler.update()
         self.step += 1
         n = self.loader.global_batch
-        return {"finite": finite, "loss": host[1] / n, "mse": host[2] / n, "vb": host[3] / n,
+        # host[0] sums each rank's mean_b(w_b loss_b): the importance-weighted objective that is optimised
+        return {"finite": finite, "loss": host[1] / n, "loss_weighted": host[0] / self.dist.world_size,
+                "mse": host[2] / n, "vb": host[3] / n,
                 "q_sum": host[4:8], "q_cnt": host[8:12], "stop": host[12] > 0, "grad_norm": host[-1], "lr": lr}
 
     # ------------------------------------------------------------------ the loop

@@ -1,7 +1,10 @@
 """The training run's log, RUN/log.jsonl: one JSON record per --log-every steps, appended by rank 0.
 
-A record: {"step", "loss", "mse", "vb", "loss_by_quarter": [4], "grad_norm", "lr", "images_per_s",
-"skipped", "skipped_total", "time"} (fastddpm.train_curves reads them); a resume that changed a
+A record: {"step", "loss", "loss_weighted", "mse", "vb", "loss_by_quarter": [4], "grad_norm", "lr", "images_per_s",
+"skipped", "skipped_total", "time"} (fastddpm.train_curves reads them). "loss" is the plain mean
+of the per-sample losses, mean_b L(x0_b, t_b); "loss_weighted" is the objective that is optimised,
+mean_b w_b L(x0_b, t_b) with w_b = 1 / (T p(t_b)): under importance-sampled t (IDDPM eq. 18) it is
+the unbiased estimate of L_vlb whose curve IDDPM Fig. 6 draws; with uniform t the two are equal; a resume that changed a
 setting adds {"step", "event": "resume", "changed": [...]}.
 
 The log is a record, not the training state: a resume never depends on it. When a run resumes,
@@ -28,7 +31,7 @@ class Window:
     def __init__(self):
         self.start = time.perf_counter()
         self.n = self.images = self.skipped = 0
-        self.loss = self.mse = self.vb = self.grad_norm = 0.0
+        self.loss = self.loss_weighted = self.mse = self.vb = self.grad_norm = 0.0
         self.q_sum, self.q_cnt = [0.0] * 4, [0.0] * 4
         self.last_loss, self.lr = float("nan"), 0.0
 
@@ -40,6 +43,7 @@ class Window:
             return
         self.n += 1
         self.loss += s["loss"]
+        self.loss_weighted += s["loss_weighted"]
         self.mse += s["mse"]
         self.vb += s["vb"]
         self.grad_norm += s["grad_norm"]
@@ -55,12 +59,13 @@ class Window:
     def record(self, step: int, skipped_total: int) -> dict:
         """The log record of this window, ending at `step`."""
         n = max(self.n, 1)
-        rec = {"step": step, "loss": self.loss / n, "mse": self.mse / n, "vb": self.vb / n,
+        rec = {"step": step, "loss": self.loss / n, "loss_weighted": self.loss_weighted / n, "mse": self.mse / n,
+               "vb": self.vb / n,
                "loss_by_quarter": [s / c if c else None for s, c in zip(self.q_sum, self.q_cnt)],
                "grad_norm": self.grad_norm / n, "lr": self.lr, "images_per_s": self.rate(),
                "skipped": self.skipped, "skipped_total": skipped_total, "time": time.time()}
         if self.n == 0:
-            rec.update(loss=None, mse=None, vb=None, grad_norm=None)
+            rec.update(loss=None, loss_weighted=None, mse=None, vb=None, grad_norm=None)
         return rec
 
 

@@ -6,6 +6,7 @@ Shapes are tiny: the `tiny` preset on 8x8 images, T = 50, batches of 4-8, a few 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -307,6 +308,35 @@ def test_importance_sampled_kl_training_resumes_exactly(npz, tmp_path):
     train(_cfg(npz, tmp_path / "split", **dict(kw, resume=True)))
     _assert_same_state(tmp_path / "straight" / "last.safetensors", tmp_path / "split" / "last.safetensors")
     assert "train.sampler.history" in _tensors(tmp_path / "split" / "last.safetensors")
+
+
+@pytest.mark.parametrize("sampler", ["uniform", "loss-second-moment"])
+def test_log_records_the_weighted_objective_beside_the_plain_loss(npz, tmp_path, sampler):
+    # IDDPM Fig. 6 plots the importance-weighted L_vlb estimate mean_b(w_b L_b), the objective that
+    # is optimised; the plain mean_b L_b is a different quantity under importance sampling
+    cfg = _cfg(npz, tmp_path, loss="kl", timestep_sampler=sampler, diffusion_steps=4, schedule="cosine",
+               batch=8, steps=8, log_every=1)
+    trainer = Trainer(cfg)
+    seen = []
+    inner = trainer.loss_fn
+
+    def spy(x0, t, eps, w):
+        objective, terms = inner(x0, t, eps, w)
+        seen.append((terms["loss"].detach().double(), w.double()))
+        return objective, terms
+    trainer.loss_fn = spy
+    stats = [trainer.train_step() for _ in range(8)]
+    for s, (loss, w) in zip(stats, seen):
+        assert s["loss"] == pytest.approx(float(loss.mean()), rel=1e-5)
+        assert s["loss_weighted"] == pytest.approx(float((loss * w).mean()), rel=1e-5)
+    if sampler == "uniform":
+        assert all(s["loss_weighted"] == pytest.approx(s["loss"], rel=1e-5) for s in stats)
+    else:  # every t has its 10 losses after 5 steps of 8: from then on the weights are not all 1
+        assert any(abs(s["loss_weighted"] - s["loss"]) > 1e-3 * abs(s["loss"]) for s in stats[5:])
+    train(_cfg(npz, tmp_path / "logged", **dict(loss="kl", timestep_sampler=sampler, diffusion_steps=4,
+                                                  schedule="cosine", batch=8, steps=3, log_every=1)))
+    log = [json.loads(x) for x in (tmp_path / "logged" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and all(math.isfinite(r["loss_weighted"]) for r in log)
 
 
 def test_checkpoints_logs_and_sample_grids(npz, tmp_path):
