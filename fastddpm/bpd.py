@@ -42,6 +42,7 @@ class BpdRequest:
     progress: bool = True
     steps: int | None = None  # the bound of the K-step process (respaced "K": t = 0 and T - 1 kept)
     variance: str | None = None  # None: the checkpoint's; fixedlarge, fixedsmall, learned or analytic
+    levels: int | None = None  # the data's grey levels: adds level_accuracy and exact_fraction per step
 
 
 def evaluate_bpd(request: BpdRequest) -> dict:
@@ -49,8 +50,13 @@ def evaluate_bpd(request: BpdRequest) -> dict:
 
     Returns (and writes to request.out, when set) a dict: bpd, bpd_stderr, prior_bpd, images,
     T (the number of steps of the process: K with --steps), timesteps (its original timesteps),
-    variance, and per_timestep = {vb, mse, xstart_mse}: lists of length T in step order, each the
-    mean over images (vb in bits/dim; mse the eps-prediction error; xstart_mse the x0 error).
+    variance, per_image_bpd (each image's total, in data order: for paired differences between
+    models evaluated with the same seed, images and batch, which then share their x_t draws), and
+    per_timestep = {vb, vb_sq, mse, xstart_mse}: lists of length T in step order, each the mean over
+    images (vb in bits/dim and vb_sq its square, the second moment E[L_t^2] of IDDPM eq. 18; mse the
+    eps-prediction error; xstart_mse the x0 error); with request.levels also level_accuracy (share
+    of pixels whose rounded x0 prediction is the right level) and exact_fraction (share of images
+    recovered exactly).
     request.out is checked before any work (a folder, an empty name, an unwritable place are
     refused at once) and locked while the evaluation runs.
     """
@@ -106,14 +112,19 @@ def _evaluate(request: BpdRequest) -> dict:
     T = diffusion.num_steps
     torch.manual_seed(request.seed)
     totals, priors = [], []
-    sums = {k: torch.zeros(T, dtype=torch.float64) for k in ("vb", "mse", "xstart_mse")}
+    keys = ("vb", "vb_sq", "mse", "xstart_mse") + (("level_accuracy", "exact_fraction") if request.levels else ())
+    sums = {k: torch.zeros(T, dtype=torch.float64) for k in keys}
     start = time.perf_counter()
     batches = range(0, n, request.batch)
     for lo in tqdm(batches, disable=not request.progress, desc="bpd batches", unit="batch"):
         x0 = data.batch(range(lo, min(lo + request.batch, n)), device=device)
-        out = diffusion.calc_bpd_loop(model, x0, clip_denoised=request.clip_denoised, progress=request.progress)
+        out = diffusion.calc_bpd_loop(model, x0, clip_denoised=request.clip_denoised, progress=request.progress,
+                                      levels=request.levels)
         totals.append(out["total_bpd"].double().cpu())
         priors.append(out["prior_bpd"].double().cpu())
+        out["vb_sq"] = out["vb"].double() ** 2
+        if request.levels:
+            out["exact_fraction"] = (out["level_accuracy"] == 1.0).double()
         for k in sums:
             sums[k] += out[k].double().sum(dim=0).cpu()
     seconds = time.perf_counter() - start
@@ -122,7 +133,7 @@ def _evaluate(request: BpdRequest) -> dict:
     result = {
         "bpd": float(total.mean()), "bpd_stderr": stderr, "prior_bpd": float(torch.cat(priors).mean()),
         "images": n, "data": f"{data.name}", "checkpoint": str(request.checkpoint), "T": T,
-        "timesteps": diffusion.timesteps.tolist(), "variance": diffusion.var_type,
+        "timesteps": diffusion.timesteps.tolist(), "variance": diffusion.var_type, "per_image_bpd": total.tolist(),
         "per_timestep": {k: (v / n).tolist() for k, v in sums.items()},
         "seconds": seconds, "request": asdict(request),
     }

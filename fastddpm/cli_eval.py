@@ -129,6 +129,9 @@ def _add_eval_rate_distortion(metrics) -> None:
     p.add_argument("--out", default="rate_distortion.json", metavar="FILE.json",
                    help="result file (default rate_distortion.json)")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="also draw DDPM Fig. 5 (needs fastddpm[plots])")
+    p.add_argument("--levels", type=positive_int, default=None,
+                   help="the data's grey levels, for the share of images the rounded x0 prediction recovers "
+                        "exactly (default: 17 for digits, 256 otherwise)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_threads(p)
     p.set_defaults(func=cmd_eval_rate_distortion, memory_flags="--batch")
@@ -138,7 +141,9 @@ def cmd_eval_rate_distortion(args) -> int:
     """`fastddpm eval rate-distortion`: DDPM's rate and distortion per timestep (fastddpm.vlb_terms)."""
     from .vlb_terms import evaluate_rate_distortion
 
-    evaluate_rate_distortion(_terms_request(args, args.out))
+    from dataclasses import replace
+
+    evaluate_rate_distortion(replace(_terms_request(args, args.out), levels=args.levels))
     return 0
 
 
@@ -165,9 +170,15 @@ def _add_eval_digits_fid(metrics) -> None:
                            description="FID for the built-in digits data: the Frechet distance between the samples "
                                        "and the 370 held-out digits in the hidden layer of a small MLP classifier "
                                        "fitted on half the training digits (fastddpm.digits_fid), printed beside "
-                                       "what real digits score at the same number of images.")
+                                       "what real digits score at the same number of images. Each SAMPLES is "
+                                       "one sample set (one noise seed): several give mean +- SD, and --versus "
+                                       "with as many sets of another setting (the same seeds, in the same order) "
+                                       "the paired difference and its standard error.")
     p.add_argument("samples", metavar="SAMPLES", nargs="+",
-                   help="8x8 grey images: .npz files, image folders or `fastddpm sample` output folders (pooled)")
+                   help="8x8 grey images, one set each: .npz files, image folders or `fastddpm sample` output folders")
+    p.add_argument("--versus", nargs="+", default=None, metavar="SAMPLES",
+                   help="sample sets of a second setting, matched to SAMPLES by position (same noise seeds)")
+    p.add_argument("--pool", action="store_true", help="score all SAMPLES together as one set")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
     add_threads(p)
     p.set_defaults(func=cmd_eval_digits_fid, memory_flags="the number of sample images")
@@ -177,5 +188,5 @@ def cmd_eval_digits_fid(args) -> int:
     """`fastddpm eval digits-fid`: the digits Frechet distance beside the real-data floor (fastddpm.digits_fid)."""
     from .digits_fid import evaluate_digits_fid
 
-    evaluate_digits_fid(args.samples, args.json)
+    evaluate_digits_fid(args.samples, args.json, versus=args.versus, pool=args.pool)
     return 0

@@ -167,36 +167,79 @@ def load_grey_digits(paths) -> np.ndarray:
     return images[..., :1]
 
 
-def evaluate_digits_fid(paths, json_out: str | None = None) -> dict:
-    """`fastddpm eval digits-fid`: the digits FID of the images at `paths`, beside the noise floor at
-    the same n; written to json_out when given (checked before any work: not a sample file, and
-    locked while the evaluation runs)."""
+def evaluate_digits_fid(paths, json_out: str | None = None, versus=None, pool: bool = False) -> dict:
+    """`fastddpm eval digits-fid`: the digits FID of each sample set at `paths` (one draw each, e.g.
+    one noise seed per file), their mean +- SD beside the noise floor at the same n, and with
+    `versus` (as many sets of another setting, matched by position: the same seeds) the paired
+    difference paths[i] - versus[i] with its standard error (fastddpm.stats). pool=True scores
+    all of `paths` as one set instead. Written to json_out when given (checked before any work:
+    not a sample file, and locked while the evaluation runs)."""
     from .evaluate import image_source_files
     from .files import check_output_file, refuse_overwriting_inputs
     from .run_folder import output_file_lock
 
+    versus = list(versus or [])
+    if versus and pool:
+        raise DataError("--versus pairs sample sets one by one; it cannot be used with --pool")
+    if versus and len(versus) != len(paths):
+        raise DataError(f"--versus needs as many sample sets as SAMPLES, matched by position (the same noise "
+                        f"seeds): got {len(paths)} and {len(versus)}")
     if json_out is None:
-        return _digits_fid(paths, None)
+        return _digits_fid(paths, None, versus, pool)
     check_output_file(json_out, "--json")
-    refuse_overwriting_inputs([(json_out, "--json")], [(f, "SAMPLES") for f in image_source_files(paths)])
+    refuse_overwriting_inputs([(json_out, "--json")],
+                              [(f, "SAMPLES") for f in image_source_files(list(paths) + versus)])
     with output_file_lock(json_out, "--json"):
-        return _digits_fid(paths, json_out)
+        return _digits_fid(paths, json_out, versus, pool)
 
 
-def _digits_fid(paths, json_out) -> dict:
+def _scores(paths) -> tuple[list[float], int]:
+    """The digits FID of each sample set, and their common number of images."""
+    scores, sizes = [], []
+    for p in paths:
+        images = load_grey_digits([p])
+        if len(images) < 2:
+            raise DataError(f"digits FID needs at least 2 images, got {len(images)} in {str(p)!r}")
+        scores.append(digits_fid(images))
+        sizes.append(len(images))
+    if len(set(sizes)) > 1:
+        raise DataError(f"the sample sets hold different numbers of images ({', '.join(map(str, sizes))}): a "
+                        "Frechet distance is biased by 1/n, so digits FIDs compare only at equal n")
+    return scores, sizes[0]
+
+
+def _digits_fid(paths, json_out, versus=(), pool=False) -> dict:
     import json
 
     from .files import atomic_write_bytes
+    from .stats import fmt, mean_sd, paired_difference
 
-    images = load_grey_digits(paths)
-    if len(images) < 2:
-        raise DataError(f"digits FID needs at least 2 images, got {len(images)}")
-    result = {"digits_fid": digits_fid(images), "n": int(len(images)), "noise_floor": noise_floor(len(images)),
+    if pool:
+        images = load_grey_digits(paths)
+        if len(images) < 2:
+            raise DataError(f"digits FID needs at least 2 images, got {len(images)}")
+        scores, n = [digits_fid(images)], len(images)
+    else:
+        scores, n = _scores(paths)
+    result = {"digits_fid": mean_sd(scores)["mean"], "per_set": scores, "summary": mean_sd(scores), "n": int(n),
+              "noise_floor": noise_floor(n),
               "features": f"MLP hidden layer ({HIDDEN} ReLU units), feature version {VERSION}",
-              "reference": "digits test split (370 images)", "samples": [str(p) for p in paths]}
+              "reference": "digits test split (370 images)", "samples": [str(p) for p in paths], "pooled": pool}
     f = result["noise_floor"]
-    print(f"digits FID {result['digits_fid']:.3f} over {result['n']} images; real digits at this n: "
-          f"{f['train_mean']:.3f} +- {f['train_std']:.3f}")
+    floor = f"real digits at this n: {f['train_mean']:.3f} +- {f['train_std']:.3f}"
+    if len(scores) == 1:
+        print(f"digits FID {scores[0]:.3f} over {n} images; {floor}")
+    else:
+        print(f"digits FID {fmt(result['summary'], 3)} over {len(scores)} sample sets of {n} images; {floor}")
+    if versus:
+        other, n_other = _scores(versus)
+        if n_other != n:
+            raise DataError(f"SAMPLES hold {n} images per set but --versus {n_other}: digits FIDs compare only "
+                            "at equal n")
+        result.update(versus=[str(p) for p in versus], versus_per_set=other, versus_summary=mean_sd(other),
+                      paired_difference=paired_difference(scores, other))
+        print(f"versus: {fmt(result['versus_summary'], 3)}; paired difference SAMPLES - versus "
+              f"{fmt(result['paired_difference'], 3)}")
     if json_out is not None:
         atomic_write_bytes(json_out, (json.dumps(result, indent=1) + "\n").encode())
         print(f"wrote {json_out}")

@@ -63,55 +63,108 @@ def plot_vlb_terms(terms: list[dict], path, title: str = "") -> None:
     _save(fig, path)
 
 
-def plot_rate_distortion(records: list[dict], path, title: str = "") -> None:
+def plot_rate_distortion(records: list[dict], path, title: str = "", lossless: float | None = None,
+                         mean_image: float | None = None) -> None:
     """DDPM Fig. 5: distortion and rate against reverse-process steps, and distortion against rate.
 
-    records: {"t", "rate" (bits/dim), "distortion" (RMSE on 0..255)} as `fastddpm.vlb_terms` gives.
+    records: {"t", "rate" (bits/dim), "distortion" (RMSE on 0..255)} as `fastddpm.vlb_terms` gives,
+    optionally with "exact_fraction" and "level_accuracy" (drawn in a fourth panel, against rate).
+    lossless: the bits/dim of the whole code, drawn as the point (lossless, 0); mean_image: the
+    RMSE of sending only the mean image, drawn as a dashed line (the rate-0 baseline).
     """
-    fig = _figure(12.0, 3.6)
+    exact = [r for r in records if "exact_fraction" in r]
+    panels = 4 if exact else 3
+    fig = _figure(4.0 * panels, 3.6)
     T = max(r["t"] for r in records) + 1
     steps = [T - 1 - r["t"] for r in records]  # reverse-process steps taken, T - t in DDPM's 1-based count
     rate = [r["rate"] for r in records]
     dist = [r["distortion"] for r in records]
+
+    def baseline(ax):
+        if mean_image is not None:
+            ax.axhline(mean_image, color="grey", ls="--", lw=1.0, label=f"mean image only ({mean_image:.1f})")
     for i, (y, label) in enumerate(((dist, "distortion (RMSE, 0..255)"), (rate, "rate (bits/dim)"))):
-        ax = fig.add_subplot(1, 3, i + 1)
+        ax = fig.add_subplot(1, panels, i + 1)
         ax.plot(steps, y, lw=1.2)
+        if i == 0:
+            baseline(ax)
+            if mean_image is not None:
+                ax.legend(fontsize=7)
         ax.set_xlabel("reverse process steps (T - t)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    ax = fig.add_subplot(1, 3, 3)
-    ax.plot(rate, dist, lw=1.2)
+    ax = fig.add_subplot(1, panels, 3)
+    ax.plot(rate, dist, lw=1.2, label="x0 predicted from x_t")
+    baseline(ax)
+    if lossless is not None:
+        ax.scatter([lossless], [0.0], color="C3", s=20, zorder=3, label=f"lossless (+ L_0): {lossless:.2f} bits/dim")
     ax.set_xlabel("rate (bits/dim)")
     ax.set_ylabel("distortion (RMSE, 0..255)")
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    if exact:
+        ax = fig.add_subplot(1, panels, 4)
+        ax.plot([r["rate"] for r in exact], [r["exact_fraction"] for r in exact], lw=1.2, label="images exact")
+        if all("level_accuracy" in r for r in exact):
+            ax.plot([r["rate"] for r in exact], [r["level_accuracy"] for r in exact], lw=1.2, ls="--",
+                    label="pixels at the right level")
+        ax.set_xlabel("rate (bits/dim)")
+        ax.set_ylabel("share recovered by the rounded x0 prediction")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.suptitle(title or "Rate-distortion of the reverse process")
     _save(fig, path)
 
 
-def plot_training_curves(runs: dict[str, list[dict]], path, title: str = "") -> None:
-    """Loss against step for each run, and the loss by timestep quartile (IDDPM Fig. 6).
+QUANTITY_LABELS = {
+    "loss_weighted": "objective optimised: mean_b w_b L_b (importance-weighted)",
+    "loss": "plain mean loss mean_b L_b",
+    "mse": "eps-prediction MSE",
+    "vb": "VLB term L_t (bits/dim, mean over drawn t)",
+    "grad_norm": "gradient norm",
+}
 
-    runs: name -> the records of that run's log.jsonl ({"step", "loss", "loss_by_quarter": [4]}).
-    The quartile panel has one line style per quartile of t and one colour per run.
+
+def plot_training_curves(runs: dict[str, list[dict]], path, title: str = "",
+                         quantities: tuple[str, ...] = ("loss_weighted", "loss", "mse", "vb"),
+                         colours: dict[str, str] | None = None) -> None:
+    """One panel per logged quantity against step, one line per run (IDDPM Fig. 6 is the
+    "loss_weighted" panel of an importance-sampled and a uniform L_vlb run).
+
+    runs: name -> the records of that run's log.jsonl. quantities: record keys (QUANTITY_LABELS),
+    or "q1".."q4" for the plain loss over the quarter of 0..T-1 a sample's t fell in. A quantity
+    no run logged (or only as zeros, e.g. vb of an L_simple run) gets no panel. colours: name ->
+    matplotlib colour (default one per run), so several seeds of one setting can share one.
     """
-    fig = _figure(12.0, 4.0)
-    ax = fig.add_subplot(1, 2, 1)
-    ax2 = fig.add_subplot(1, 2, 2)
-    styles = ("-", "--", "-.", ":")
-    for i, (name, recs) in enumerate(runs.items()):
-        recs = [r for r in recs if r.get("loss") is not None]
-        ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], color=f"C{i}", lw=1.0, label=name)
-        for q in range(4):
-            pts = [(r["step"], r["loss_by_quarter"][q]) for r in recs
-                   if r.get("loss_by_quarter") and r["loss_by_quarter"][q] is not None]
+    def value(rec, q):
+        if q.startswith("q") and q[1:].isdigit():
+            quarters = rec.get("loss_by_quarter") or []
+            k = int(q[1:]) - 1
+            return quarters[k] if k < len(quarters) else None
+        return rec.get(q)
+
+    def series(recs, q):
+        pts = [(r["step"], value(r, q)) for r in recs]
+        return [(s, v) for s, v in pts if isinstance(v, (int, float)) and v > 0]
+    shown = [q for q in quantities if any(series(recs, q) for recs in runs.values())]
+    if not shown:
+        raise FastDDPMError("none of the runs logged " + ", ".join(quantities))
+    fig = _figure(4.2 * len(shown), 3.6)
+    for k, q in enumerate(shown):
+        ax = fig.add_subplot(1, len(shown), k + 1)
+        for i, (name, recs) in enumerate(runs.items()):
+            pts = series(recs, q)
             if pts:
-                ax2.plot(*zip(*pts), color=f"C{i}", ls=styles[q], lw=1.0, label=f"{name} q{q + 1}")
-    for a, label in ((ax, "training loss"), (ax2, "loss by quartile of t (q1: smallest t)")):
-        a.set_yscale("log")
-        a.set_xlabel("training step")
-        a.set_ylabel(label)
-        a.grid(alpha=0.3, which="both")
-        a.legend(fontsize=6, ncol=2 if a is ax2 else 1)
+                ax.plot(*zip(*pts), color=(colours or {}).get(name, f"C{i % 10}"), lw=0.9, label=name)
+        ax.set_yscale("log")
+        ax.set_xlabel("training step")
+        label = QUANTITY_LABELS.get(q) or f"plain loss, quarter {q[1:]} of t"
+        ax.set_title(label, fontsize=8)
+        ax.grid(alpha=0.3, which="both")
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles))  # seeds of one setting may share a label
+        ax.legend(unique.values(), unique.keys(), fontsize=6)
     fig.suptitle(title or "Training curves")
     _save(fig, path)
 

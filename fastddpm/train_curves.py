@@ -1,14 +1,17 @@
 """Training curves from a run's log.jsonl: `fastddpm eval curves RUN [RUN ...]` (IDDPM Fig. 6, sec. 3.3).
 
 The trainer appends one JSON record per --log-every steps to RUN/log.jsonl: {"step", "loss" (the
-objective averaged over the interval; for importance-sampled t it is the reweighted, unbiased
-estimate), "loss_by_quarter": [4] (the loss averaged over the samples whose t fell in each quarter
-of 0..T-1, unweighted), ...}. This module reads those records, summarises how noisy the loss is,
-and plots loss and loss by quarter against step.
+plain mean of the per-sample losses over the interval), "loss_weighted" (the objective that is
+optimised, mean_b w_b L_b: for importance-sampled t the reweighted, unbiased estimate of L_vlb that
+IDDPM Fig. 6 plots; equal to "loss" for uniform t), "loss_by_quarter": [4] (the plain loss over the
+samples whose t fell in each quarter of 0..T-1), ...}. This module reads those records, summarises
+how noisy the curves are, and plots one panel per quantity against step.
 
 Noise of a curve: over the second half of the records, the standard deviation of successive
-differences of the logged loss divided by sqrt(2) (the noise of one logged value if the trend is
-smooth) and by the mean logged loss there (so runs whose losses differ in scale compare).
+differences of the logged value divided by sqrt(2) (the noise of one logged value if the trend is
+smooth) and by the mean logged value there (so runs whose losses differ in scale compare). It is
+given for the plain loss and for the weighted objective (logs written before the weighted
+objective was recorded have only the former).
 """
 from __future__ import annotations
 
@@ -62,10 +65,14 @@ def read_log(run) -> list[dict]:
     return records
 
 
-def loss_noise(records: list[dict]) -> dict:
-    """{"relative_noise", "mean_loss", "records", "last_step"} over the second half of `records`
-    (see the module docstring); relative_noise is None with fewer than 3 records there."""
-    half = [float(r["loss"]) for r in records[len(records) // 2:]]
+def loss_noise(records: list[dict], key: str = "loss") -> dict:
+    """{"relative_noise", "mean_loss", "records", "last_step"} of the logged `key` ("loss" or
+    "loss_weighted") over the second half of `records` (see the module docstring); relative_noise
+    is None with fewer than 3 records there. Records without `key` are left out."""
+    records = [r for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    if not records:
+        return {"relative_noise": None, "mean_loss": None, "records": 0, "last_step": None}
+    half = [float(r[key]) for r in records[len(records) // 2:]]
     mean = sum(half) / len(half)
     noise = None
     if len(half) >= 3 and mean != 0:
@@ -115,13 +122,17 @@ def _evaluate_curves(request: CurvesRequest) -> dict:
         if name in runs:
             raise FastDDPMError(f"two runs are named {name!r}; give each its own folder")
         runs[name] = records
-    result = {name: {"noise": loss_noise(recs), "records": [
-        {k: r.get(k) for k in ("step", "loss", "mse", "vb", "loss_by_quarter")} for r in recs]}
+    result = {name: {"noise": loss_noise(recs), "noise_weighted": loss_noise(recs, "loss_weighted"), "records": [
+        {k: r.get(k) for k in ("step", "loss", "loss_weighted", "mse", "vb", "loss_by_quarter")} for r in recs]}
         for name, recs in runs.items()}
     for name, r in result.items():
         n = r["noise"]
         noise = "n/a" if n["relative_noise"] is None else f"{n['relative_noise']:.3f}"
-        print(f"{name}: step {n['last_step']}, mean loss {n['mean_loss']:.4g} (2nd half), relative noise {noise}")
+        w = r["noise_weighted"]
+        weighted = "" if w["relative_noise"] is None else (
+            f"; weighted objective {w['mean_loss']:.4g}, relative noise {w['relative_noise']:.3f}")
+        print(f"{name}: step {n['last_step']}, mean loss {n['mean_loss']:.4g} (2nd half), relative noise {noise}"
+              + weighted)
     if request.out is not None:
         atomic_write_bytes(request.out, (json.dumps({"runs": result, "request": asdict(request)}, indent=1)
                                          + "\n").encode())

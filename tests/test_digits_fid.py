@@ -80,12 +80,19 @@ def test_cli(tmp_path, capsys):
     np.savez(folder / "samples.npz", arr_0=real[100:200, ..., 0])  # NHW is accepted too
     (folder / "grid.png").write_bytes(b"not read")
     out = tmp_path / "fid.json"
-    assert main(["eval", "digits-fid", str(tmp_path / "real.npz"), str(folder), "--json", str(out)]) == 0
+    assert main(["eval", "digits-fid", str(tmp_path / "real.npz"), str(folder), "--pool", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["n"] == 200
+    assert result["n"] == 200 and result["pooled"]
     assert result["digits_fid"] == pytest.approx(digits_fid(real[:200]), rel=1e-12)
     assert result["noise_floor"] == noise_floor(200)
     assert "digits FID" in capsys.readouterr().out
+    # without --pool each is one sample set (one noise seed): scored on its own, then mean +- SD
+    assert main(["eval", "digits-fid", str(tmp_path / "real.npz"), str(folder), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["n"] == 100 and result["per_set"] == pytest.approx([digits_fid(real[:100]),
+                                                                     digits_fid(real[100:200])], rel=1e-12)
+    assert result["digits_fid"] == pytest.approx(np.mean(result["per_set"]), rel=1e-12)
+    assert "over 2 sample sets of 100 images" in capsys.readouterr().out
     np.savez(tmp_path / "rgb.npz", arr_0=np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8))
     np.savez(tmp_path / "big.npz", arr_0=np.zeros((5, 16, 16, 1), dtype=np.uint8))
     for argv, piece in (([str(tmp_path / "rgb.npz")], "grey images"), ([str(tmp_path / "big.npz")], "8x8"),

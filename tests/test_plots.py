@@ -34,6 +34,48 @@ def test_every_plot_writes_a_png(tmp_path):
         assert data.startswith(PNG) and len(data) > 2000, name
 
 
+def _captured(monkeypatch):
+    figs = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figs.append(fig))
+    return figs
+
+
+def test_training_curves_get_one_panel_per_quantity(monkeypatch):
+    pytest.importorskip("matplotlib")
+    figs = _captured(monkeypatch)
+    kl = [{"step": s, "loss": 300.0 / s, "loss_weighted": 5.0 / s, "mse": 0.1, "vb": 0.3} for s in (25, 50, 75)]
+    simple = [{"step": s, "loss": 0.1 / s, "loss_weighted": 0.1 / s, "mse": 0.1 / s, "vb": 0.0} for s in (25, 50)]
+    plots.plot_training_curves({"kl": kl, "simple": simple}, "unused.png")
+    axes = figs[-1].axes
+    assert [a.get_title() for a in axes] == [plots.QUANTITY_LABELS[q] for q in ("loss_weighted", "loss", "mse", "vb")]
+    assert [len(a.get_lines()) for a in axes] == [2, 2, 2, 1]  # the simple run's vb is 0: not drawn on a log axis
+    # IDDPM Fig. 6 alone: the weighted objective; two seeds of one setting share a colour and a legend entry
+    plots.plot_training_curves({"a-seed0": kl, "a-seed1": kl}, "unused.png", quantities=("loss_weighted", "q1"),
+                               colours={"a-seed0": "C0", "a-seed1": "C0"})
+    assert len(figs[-1].axes) == 1  # nothing logged a quarter: no empty panel
+    with pytest.raises(FastDDPMError, match="none of the runs logged"):
+        plots.plot_training_curves({"a": simple}, "unused.png", quantities=("grad_norm",))
+
+
+def test_rate_distortion_figure_has_the_lossless_point_and_the_mean_image_line(monkeypatch):
+    pytest.importorskip("matplotlib")
+    from fastddpm.vlb_terms import rate_distortion_records
+
+    figs = _captured(monkeypatch)
+    T = 20
+    vb = list(np.geomspace(1.0, 1e-5, T))
+    recs = rate_distortion_records(vb, 1e-5, list(np.linspace(0, 1, T)), level_accuracy=list(np.linspace(1, 0.3, T)),
+                                   exact_fraction=list(np.linspace(1, 0, T)))
+    plots.plot_rate_distortion(recs, "unused.png", lossless=4.2, mean_image=70.7)
+    axes = figs[-1].axes
+    assert len(axes) == 4
+    rd = axes[2]
+    points = rd.collections[0].get_offsets()
+    assert points.tolist() == [[4.2, 0.0]]
+    assert any(list(line.get_ydata()) == [70.7, 70.7] for line in rd.get_lines())
+    assert len(axes[3].get_lines()) == 2
+
+
 @pytest.fixture
 def no_matplotlib(monkeypatch):
     """matplotlib made unimportable, as on an install without the [plots] extra."""

@@ -31,6 +31,12 @@ def test_noise_of_a_known_curve():
     smooth = loss_noise([{"step": i, "loss": 2.0 - 0.01 * i} for i in range(20)])
     assert smooth["relative_noise"] == pytest.approx(0.0, abs=1e-12)
     assert loss_noise(recs[:3])["relative_noise"] is None
+    # the weighted objective has its own noise; an old log without it gives none
+    weighted = [dict(r, loss_weighted=5.0 + (0.5 if r["step"] % 2 else -0.5)) for r in recs]
+    w = loss_noise(weighted, "loss_weighted")
+    assert w["mean_loss"] == pytest.approx(5.0) and w["relative_noise"] == pytest.approx(expected * 50 / 5, rel=1e-9)
+    assert loss_noise(recs, "loss_weighted") == {"relative_noise": None, "mean_loss": None, "records": 0,
+                                                 "last_step": None}
 
 
 def test_cli_writes_json_and_plot(tmp_path, capsys):

@@ -69,7 +69,14 @@ def test_rate_distortion_cli(files, tmp_path, capsys):
     assert main(_args(files, "bpd") + ["--per-timestep", "--out", str(terms_out)]) == 0  # same seed, same draws
     rd, terms = json.loads(out.read_text()), json.loads(terms_out.read_text())
     recs = rd["records"]
-    assert [r["t"] for r in recs] == list(range(T)) and set(recs[0]) == {"t", "rate", "distortion"}
+    assert [r["t"] for r in recs] == list(range(T))
+    assert set(recs[0]) == {"t", "rate", "distortion", "level_accuracy", "exact_fraction"}
+    assert rd["levels"] == 256 and all(0.0 <= r["exact_fraction"] <= r["level_accuracy"] <= 1.0 for r in recs)
+    # an untrained model on random 8-bit images: no t recovers them exactly, and the baseline is the
+    # RMSE of the images (npz data: train split = every image) against their own mean image
+    assert rd["exact_recovery"]["all_images"] is None
+    images = np.load(files[1][len("npz:"):])["arr_0"].astype(np.float64)
+    assert rd["mean_image_distortion"] == pytest.approx(np.sqrt(((images - images.mean(0)) ** 2).mean()), rel=1e-6)
     rate = [r["rate"] for r in recs]
     assert all(a >= b for a, b in zip(rate, rate[1:]))  # non-increasing in t
     assert rate[-1] == pytest.approx(rd["prior_bpd"], rel=1e-12)  # at t = T-1 only L_T has been sent
@@ -159,20 +166,124 @@ def test_unwritable_output_is_refused_before_the_work(files, tmp_path, capsys):
         os.chmod(locked, 0o700)
 
 
-def test_vlb_estimator_noise():
+def _moments(matrix):
+    """(E[L_t], E[L_t^2]) over the rows (images x draws) of a term matrix [N, T]."""
+    m = np.asarray(matrix, dtype=np.float64)
+    return m.mean(axis=0).tolist(), (m**2).mean(axis=0).tolist()
+
+
+def test_vlb_estimator_noise_closed_forms():
     from fastddpm.vlb_terms import vlb_estimator_noise
 
-    flat = vlb_estimator_noise([0.5] * 8)
-    assert flat["uniform"] == pytest.approx(0.0, abs=1e-12) and flat["L_vlb"] == pytest.approx(4.0)
+    # no noise within a t: terms a_t for every image; importance sampling by sqrt(E[L_t^2]) = a_t
+    # makes L_t / p(t) constant, zero variance; uniform t has T sum a^2 - (sum a)^2
+    a = np.geomspace(1.0, 1e-6, 1000)
+    n = vlb_estimator_noise(*_moments([a, a]), uniform_prob=0.0)
+    assert n["importance"] == pytest.approx(0.0, abs=1e-6) and n["importance_t_only"] == pytest.approx(0.0, abs=1e-6)
+    assert n["uniform"] == pytest.approx(np.sqrt(1000 * (a**2).sum() - a.sum() ** 2) / a.sum(), rel=1e-9)
+    # within-t noise: two images with terms a_t (1 - d) and a_t (1 + d), so E[L_t^2] = a_t^2 (1 + d^2);
+    # then Var = (sum_t a_t sqrt(1 + d^2))^2 - (sum a)^2 = (sum a)^2 d^2: relative SD exactly d
+    for d in (0.1, 0.5, 2.0):
+        n = vlb_estimator_noise(*_moments([a * (1 - d), a * (1 + d)]), uniform_prob=0.0)
+        assert n["importance"] == pytest.approx(d, rel=1e-9)
+        assert n["importance_t_only"] == pytest.approx(0.0, abs=1e-6)  # the noise the old figure left out
+        assert n["uniform"] == pytest.approx(np.sqrt(1000 * (1 + d * d) * (a**2).sum() - a.sum() ** 2) / a.sum(),
+                                             rel=1e-9)
+        assert n["variance_ratio"] == pytest.approx(n["uniform"] ** 2 / n["importance"] ** 2, rel=1e-9)
     # one term holds everything: uniform draws see it 1 time in T, rel. std sqrt(T - 1)
     spike = [1.0] + [0.0] * 9
-    assert vlb_estimator_noise(spike)["uniform"] == pytest.approx(3.0, rel=1e-12)
-    assert vlb_estimator_noise(spike, uniform_prob=0.0)["importance"] == pytest.approx(0.0, abs=1e-12)
-    # terms falling over orders of magnitude (IDDPM Fig. 2): importance sampling removes most of the noise
-    falling = np.geomspace(1.0, 1e-6, 1000)
-    n = vlb_estimator_noise(falling.tolist())
-    L = falling.sum()
-    assert n["uniform"] == pytest.approx(np.sqrt(1000 * (falling**2).sum() / L**2 - 1), rel=1e-9)  # ~2.4
-    p = 0.999 * falling / L + 0.001 / 1000
-    assert n["importance"] == pytest.approx(np.sqrt((falling**2 / p).sum() - L**2) / L, rel=1e-6)
-    assert n["importance"] < 0.05 * n["uniform"]
+    assert vlb_estimator_noise(spike, [1.0] + [0.0] * 9)["uniform"] == pytest.approx(3.0, rel=1e-12)
+    with pytest.raises(ValueError, match="second moment"):
+        vlb_estimator_noise([1.0, 1.0], [0.5, 1.0])  # E[L^2] < E[L]^2 is impossible
+    with pytest.raises(ValueError, match="vb_sq"):
+        vlb_estimator_noise([1.0, 1.0], [1.0])
+
+
+def test_vlb_estimator_noise_agrees_with_sampling_the_estimator():
+    """Monte Carlo on a synthetic term matrix: draw an image, t ~ p (eq. 18 mixed as the trainer does),
+    take L_t / p(t); the spread of 400k such estimates must match the formula within 2%."""
+    from fastddpm.vlb_terms import vlb_estimator_noise
+
+    rng = np.random.default_rng(0)
+    N, T = 50, 200
+    scale = np.geomspace(10.0, 1e-4, T)
+    matrix = scale * rng.lognormal(0.0, 0.8, size=(N, T))  # skewed noise within each t
+    vb, vb_sq = _moments(matrix)
+    n = vlb_estimator_noise(vb, vb_sq, uniform_prob=0.01)
+    root = np.sqrt(vb_sq)
+    for name, p in (("uniform", np.full(T, 1.0 / T)), ("importance", 0.99 * root / root.sum() + 0.01 / T)):
+        i = rng.integers(0, N, size=400_000)
+        t = rng.choice(T, size=400_000, p=p)
+        y = matrix[i, t] / p[t]
+        assert y.mean() == pytest.approx(sum(vb), rel=0.05 if name == "uniform" else 0.01)
+        assert y.std() / sum(vb) == pytest.approx(n[name], rel=0.02 if name == "importance" else 0.1), name
+    # with no spread between t left, what remains is the within-t spread, sqrt(e^{0.64} - 1) = 0.95
+    assert n["importance"] < n["uniform"] / 3 and n["importance_t_only"] < 0.2 * n["importance"]
+
+
+def test_decoder_floor_matches_the_discretised_gaussian_by_hand():
+    from scipy.stats import norm
+
+    from fastddpm.vlb_terms import decoder_floor_bpd
+
+    diffusion = GaussianDiffusion(make_betas("linear", 1000))
+    var = float(diffusion.schedule.fixedlarge_variance[0])
+    assert var == pytest.approx(5.45e-5, rel=1e-3)  # betatilde_1 of the linear schedule
+    h = (1.0 / 255.0) / math.sqrt(var)  # a bin's half-width in standard deviations
+    edge, inner = -math.log2(norm.cdf(h)), -math.log2(norm.cdf(h) - norm.cdf(-h))
+    x0 = torch.full((2, 1, 2, 2), -1.0)  # image 0: all four pixels at the edge bin
+    x0[1] = 0.2  # image 1: all inside
+    r = decoder_floor_bpd(diffusion, x0)
+    # 1e-3: the likelihood uses DDPM's tanh approximation of the normal CDF (off by ~3e-4 here)
+    assert r["per_image"] == pytest.approx([edge, inner], rel=1e-3)
+    assert r["bpd"] == pytest.approx((edge + inner) / 2, rel=1e-3) and 0.4 < edge < 0.6 < 1.2 < inner < 1.4
+
+
+def test_exact_recovery_and_the_mean_image_baseline():
+    from fastddpm.vlb_terms import exact_recovery, mean_image_distortion
+
+    vb, prior = [2.0, 0.5, 0.25, 0.25], 0.0  # bpd 3.0; rate(t) = sum of the terms above t
+    recs = rate_distortion_records(vb, prior, [0.0, 1e-4, 1e-2, 0.5], level_accuracy=[1.0, 1.0, 0.95, 0.5],
+                                   exact_fraction=[1.0, 0.97, 0.0, 0.0])
+    assert [r["rate"] for r in recs] == [1.0, 0.5, 0.25, 0.0]
+    e = exact_recovery(recs, bpd=3.0)  # every image exact from t = 0 only: 2/3 of the code after it
+    assert e["t"] == 0 and e["bits_after_share"] == pytest.approx(2.0 / 3.0)
+    e = exact_recovery(recs, bpd=3.0, share=0.95)
+    assert e["t"] == 1 and e["exact_fraction"] == 0.97 and e["bits_after_share"] == pytest.approx(2.5 / 3.0)
+    assert exact_recovery(recs, bpd=3.0, share=1.01) is None
+    ref = np.array([[0.0, 100.0], [200.0, 100.0]])  # mean image [100, 100]
+    assert mean_image_distortion(ref, np.array([[100.0, 130.0]])) == pytest.approx(math.sqrt(900 / 2))
+
+
+def test_level_accuracy_of_the_bpd_loop():
+    from fastddpm.diffusion import to_level
+    from fastddpm.data import load_digits
+
+    digits = torch.from_numpy(load_digits("test").images[:8]).permute(0, 3, 1, 2).double() / 127.5 - 1
+    levels = to_level(digits, 17)
+    assert levels.min() == 0 and levels.max() == 16
+    raw = torch.from_numpy(np.rint(load_digits("test").images[:8].astype(np.float64) * 16 / 255)).permute(0, 3, 1, 2).long()
+    assert torch.equal(levels, raw)  # the digits' own 0..16 values come back
+
+    class Oracle(torch.nn.Module):  # predicts the true noise: x0 prediction exact up to rounding
+        def forward(self, x, t):
+            return self.eps
+    diffusion = GaussianDiffusion(make_betas("linear", T))
+    x0 = digits.float()
+    torch.manual_seed(0)
+    noise = [torch.randn_like(x0) for _ in range(T)]
+    oracle = Oracle()
+    draws = iter(noise[::-1])  # calc_bpd_loop draws from t = K-1 down
+
+    def randn_like(x):
+        oracle.eps = next(draws)
+        return oracle.eps.clone()
+    import unittest.mock
+
+    with unittest.mock.patch("torch.randn_like", randn_like):
+        out = diffusion.calc_bpd_loop(oracle, x0, levels=17)
+    assert out["level_accuracy"].shape == (8, T) and torch.all(out["level_accuracy"] == 1.0)
+    with unittest.mock.patch("torch.randn_like", lambda x: torch.zeros_like(x)):  # the noise is 0 ...
+        oracle.eps = torch.full_like(x0, 3.0)  # ... the model says 3: at t = T - 1 the x0 prediction is
+        out = diffusion.calc_bpd_loop(oracle, x0, levels=17)  # clipped to -1, right only where x0 is
+    assert out["level_accuracy"][:, -1].tolist() == pytest.approx((levels == 0).double().mean(dim=(1, 2, 3)).tolist())
