@@ -170,15 +170,21 @@ def plot_training_curves(runs: dict[str, list[dict]], path, title: str = "",
 
 
 def plot_series(series: dict[str, tuple[list, list]], path, xlabel: str, ylabel: str, title: str = "",
-                logx: bool = False, hline: tuple[float, str] | None = None) -> None:
+                logx: bool = False, hline: tuple[float, str] | None = None,
+                errors: dict[str, list] | None = None) -> None:
     """Lines y(x), one per name (e.g. digits FID against sampling steps, IDDPM Fig. 8).
 
     series: name -> (xs, ys). hline: an optional (y, label) drawn dashed, e.g. a noise floor.
+    errors: name -> a +- bar per point (e.g. the SD over seeds), drawn as error bars.
     """
     fig = _figure()
     ax = fig.add_subplot(1, 1, 1)
     for name, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker="o", ms=3, lw=1.2, label=name)
+        bars = (errors or {}).get(name)
+        if bars is not None:
+            ax.errorbar(xs, ys, yerr=bars, marker="o", ms=3, lw=1.2, capsize=3, label=name)
+        else:
+            ax.plot(xs, ys, marker="o", ms=3, lw=1.2, label=name)
     if hline is not None:
         ax.axhline(hline[0], color="grey", ls="--", lw=1.0, label=hline[1])
     if logx:
