@@ -216,7 +216,7 @@ class Runner:
                 by_t = {q["t"]: q for q in recs}
                 rd[name] = {"records": recs, "bpd": r["bpd"], "all_images": exact_recovery(recs, r["bpd"], 1.0),
                             "99%_of_images": exact_recovery(recs, r["bpd"], 0.99),
-                            "at": {t: by_t[t] for t in (999, 750, 500, 250, 100, 50, 10, 2, 1, 0)},
+                            "at": {t: by_t[t] for t in (999, 750, 500, 250, 100, 50, 10, 2, 1, 0) if t in by_t},
                             "worse_than_mean_from_t": min((q["t"] for q in recs if q["distortion"] > mean_line),
                                                           default=None)}
         by_setting = {}
