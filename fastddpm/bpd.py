@@ -43,6 +43,7 @@ class BpdRequest:
     steps: int | None = None  # the bound of the K-step process (respaced "K": t = 0 and T - 1 kept)
     variance: str | None = None  # None: the checkpoint's; fixedlarge, fixedsmall, learned or analytic
     levels: int | None = None  # the data's grey levels: adds level_accuracy and exact_fraction per step
+    versus: str | None = None  # a second checkpoint: evaluated on the same images and draws, paired
 
 
 def evaluate_bpd(request: BpdRequest) -> dict:
@@ -61,12 +62,39 @@ def evaluate_bpd(request: BpdRequest) -> dict:
     refused at once) and locked while the evaluation runs.
     """
     check_seed(request.seed, "--seed")
+    run = _evaluate if request.versus is None else _evaluate_pair
     if request.out is None:
-        return _evaluate(request)
+        return run(request)
     check_output_file(request.out, "--out")
-    refuse_overwriting_inputs([(request.out, "--out")], evaluation_inputs(request.checkpoint, request.data))
+    inputs = evaluation_inputs(request.checkpoint, request.data)
+    if request.versus is not None:
+        inputs += [(checkpoint_file(request.versus), "--versus")]
+    refuse_overwriting_inputs([(request.out, "--out")], inputs)
     with output_file_lock(request.out, "--out"):
-        return _evaluate(request)
+        return run(request)
+
+
+def _evaluate_pair(request: BpdRequest) -> dict:
+    """--versus B: both checkpoints on the same test images with the same x_t seed (and so the same
+    x_t draws when their processes have the same number of steps), and the per-image paired
+    difference A - B with its standard error (fastddpm.stats.paired_difference)."""
+    from dataclasses import replace
+
+    from .stats import paired_difference
+
+    a = _evaluate(replace(request, versus=None, out=None))
+    b = _evaluate(replace(request, checkpoint=request.versus, versus=None, out=None))
+    d = paired_difference(a["per_image_bpd"], b["per_image_bpd"])
+    result = {**a, "versus": {k: b[k] for k in ("checkpoint", "bpd", "bpd_stderr", "T", "per_image_bpd")},
+              "paired_difference": d, "shared_xt_draws": a["T"] == b["T"], "request": asdict(request)}
+    se = "n/a (one image)" if d["se"] is None else f"{d['se']:.4f}"
+    print(f"paired over the same {d['n']} images: {request.checkpoint} - {request.versus} = {d['mean']:+.4f} "
+          f"+- {se} bits/dim (SE)" + ("" if result["shared_xt_draws"] else
+                                      "; the two processes differ in steps, so their x_t draws are not shared"))
+    if request.out is not None:
+        atomic_write_bytes(request.out, (json.dumps(result, indent=1) + "\n").encode())
+        print(f"wrote {request.out}")
+    return result
 
 
 def process_for(diffusion, steps: int | None, variance: str | None):

@@ -89,6 +89,9 @@ def _add_eval_bpd(metrics) -> None:
                    help="the bound of the K-step respaced process (evenly spaced, t = 0 and T-1 kept; default: T)")
     p.add_argument("--variance", default=None, choices=["fixedlarge", "fixedsmall", "learned", "analytic"],
                    help="reverse variance of the bound (default: the checkpoint's; analytic needs `fastddpm calibrate`)")
+    p.add_argument("--versus", default=None, metavar="CHECKPOINT",
+                   help="also evaluate this checkpoint on the same images and x_t draws, and report the per-image "
+                        "paired difference with its standard error")
     add_threads(p)
     p.set_defaults(func=cmd_eval_bpd, memory_flags="--batch")
 
@@ -107,6 +110,8 @@ def cmd_eval_bpd(args) -> int:
     if args.per_timestep or args.plot is not None:
         from .vlb_terms import evaluate_vlb_terms
 
+        if args.versus is not None:
+            raise FastDDPMError("eval bpd: --versus compares totals; leave out --per-timestep and --plot")
         if args.steps is not None or args.variance is not None:
             raise FastDDPMError("eval bpd: --per-timestep and --plot describe the full process with the checkpoint's "
                                 "variance; leave out --steps and --variance (or --per-timestep and --plot)")
@@ -116,7 +121,7 @@ def cmd_eval_bpd(args) -> int:
 
     evaluate_bpd(BpdRequest(checkpoint=args.checkpoint, data=args.data, batch=args.batch, limit=args.limit,
                             seed=args.seed, device=args.device, out=args.out, progress=not args.no_progress,
-                            steps=args.steps, variance=args.variance))
+                            steps=args.steps, variance=args.variance, versus=args.versus))
     return 0
 
 

@@ -115,3 +115,35 @@ def test_out_is_checked_before_the_evaluation(files, tmp_path, capsys, monkeypat
                  str(tmp_path / "b.json")]) == 2
     _one_line_error(capsys, "--seed")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "a-folder"]
+
+
+def test_versus_pairs_the_same_images_and_draws(files, tmp_path, capsys):
+    folder, model, diffusion, images = files
+    other = folder / "other.safetensors"
+    torch.manual_seed(9)
+    m2 = UNet.from_preset("tiny", learn_sigma=True, image_size=8)
+    for m in m2.modules():
+        if isinstance(m, torch.nn.Conv2d) and not m.weight.any():
+            m.reset_parameters()
+    save_checkpoint(other, m2, diffusion, step=0)
+    out = tmp_path / "pair.json"
+    data = f"npz:{folder / 'images.npz'}"
+    assert main(["eval", "bpd", "--checkpoint", str(folder / "model.safetensors"), "--data", data, "--batch", "4",
+                 "--versus", str(other), "--out", str(out), "--no-progress"]) == 0
+    r = json.loads(out.read_text())
+    alone = [evaluate_bpd(BpdRequest(checkpoint=str(c), data=data, batch=4, out=None, progress=False))
+             for c in (folder / "model.safetensors", other)]
+    assert r["per_image_bpd"] == pytest.approx(alone[0]["per_image_bpd"], rel=1e-12)  # same seed: same draws
+    assert r["versus"]["per_image_bpd"] == pytest.approx(alone[1]["per_image_bpd"], rel=1e-12)
+    d = np.subtract(alone[0]["per_image_bpd"], alone[1]["per_image_bpd"])
+    assert r["paired_difference"]["mean"] == pytest.approx(d.mean(), rel=1e-9)
+    assert r["paired_difference"]["se"] == pytest.approx(d.std(ddof=1) / np.sqrt(10), rel=1e-9)
+    assert r["shared_xt_draws"] and "paired over the same 10 images" in capsys.readouterr().out
+    # the same checkpoint against itself: every draw shared, the difference exactly 0
+    assert main(["eval", "bpd", "--checkpoint", str(other), "--data", data, "--versus", str(other),
+                 "--out", str(out), "--no-progress"]) == 0
+    assert json.loads(out.read_text())["paired_difference"]["mean"] == 0.0
+    assert main(["eval", "bpd", "--checkpoint", str(other), "--data", data, "--versus", str(other),
+                 "--per-timestep", "--out", str(out)]) == 2
+    assert main(["eval", "bpd", "--checkpoint", str(other), "--data", data, "--versus", str(other),
+                 "--out", str(other)]) == 2
