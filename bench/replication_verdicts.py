@@ -11,6 +11,7 @@ believable; the page says n beside every number.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from fastddpm.stats import RESOLVED_AT
@@ -31,6 +32,8 @@ def pm(s: dict | None, digits: int = 3, spread: str = "sd") -> str:
         return "-"
     if s.get(spread) is None:
         return f"{s['mean']:.{digits}f} (n = 1)"
+    if 0 < s[spread] < 10 ** -digits:  # a spread that would print as 0: show its first digits
+        digits = min(6, 1 - math.floor(math.log10(s[spread])))
     return f"{s['mean']:.{digits}f} +- {s[spread]:.{digits}f}"
 
 
@@ -208,7 +211,6 @@ def _document(bpd, terms, quality, fig8, curves, tables, args) -> str:
     l0 = en.get("simple", {}).get("L_0")
     mean_line = (terms or {}).get("mean_image_distortion", float("nan"))
     worse = rd0.get("worse_than_mean_from_t")
-    cv = (curves or {}).get("settings", {})
     cimp = (curves or {}).get("importance_minus_uniform_noise")
     shares_ok = [m["shares"]["first_10"] > 0.5 for m in (terms or {}).get("models", {}).values()]
     v_shares = ("holds" if all(shares_ok) else "does not hold") if shares_ok else "not measured"
@@ -216,7 +218,6 @@ def _document(bpd, terms, quality, fig8, curves, tables, args) -> str:
                 for m in (terms or {}).get("models", {}).values()]
     v_noise = ("holds" if all(noise_ok) else "does not hold for every model") if noise_ok else "not measured"
     ratio = en.get("kl-importance", {}).get("variance_ratio", {}).get("mean")
-    import math
     ratio_order = f"10^{round(math.log10(ratio))}" if ratio and ratio > 0 and math.isfinite(ratio) else "-"
     share = rd_all["mean"] if rd_all else None
     share_words = ("-" if share is None else "about half" if 0.35 <= share <= 0.65 else
@@ -265,7 +266,7 @@ n = 3), so the sign condition carries much of the weight: read the numbers, not 
 | L_simple gives the best samples | DDPM Tab. 2 | hybrid vs simple: {q_simple}; L_vlb vs simple: {q_kl} | digits FID, section 1 |
 | the first few VLB terms carry most of the bound | IDDPM Fig. 2 | **{v_shares}** | L_0: {pm(en.get('simple', {}).get('share_first_1'), 3)}, L_0..L_9: {pm(en.get('simple', {}).get('share_first_10'), 3)} of the bound (L_simple, SD over seeds) |
 | importance sampling makes the L_vlb estimate less noisy | IDDPM sec. 3.3 | **{v_noise}** | relative SD of a one-sample estimate on the L_vlb models: uniform t {noise_of('kl-uniform', 'uniform')}, eq. 18 {noise_of('kl-importance', 'importance')} |
-| most bits describe imperceptible detail | DDPM sec. 4.3, Fig. 5 | **{v_rd}** | every test image is recovered exactly from t = {exact.get('t', '-')} on, after which {pm(rd_all, 3)} of the code remains (share of the bits, SD over seeds) |
+| most bits describe imperceptible detail | DDPM sec. 4.3, Fig. 5 | **{v_rd}** | every test image is recovered exactly from t = {exact.get('t', '-')} on (seed 0), after which {pm(rd_all, 3)} of the code remains (share of the bits, SD over seeds) |
 
 ## The models
 
@@ -358,7 +359,8 @@ The VLB term shares show where the schedules put the bits (section 5).
 span orders of magnitude, Fig. 2); importance sampling with p(t) ~ sqrt(E[L_t^2]) (eq. 18) makes
 the objective smooth and gives the best log-likelihood.
 
-- **Final bits/dim: {v_imp}** ({s_imp}).
+- **Final bits/dim: {v_imp}** ({s_imp}). Sample quality, importance minus uniform: {q_imp}
+  ({diff(qc.get('kl-importance - kl-uniform', {}).get('over_training_seeds'), 2)} digits FID).
 - **Noise of the estimate** (`fastddpm.vlb_terms.vlb_estimator_noise`): the relative standard
   deviation of a one-sample L_vlb estimate L_t / p(t), over the draw of the image, of t and of x_t,
   from each model's own E[L_t] and E[L_t^2] on the {args.bpd_images} held-out digits (mean +- SD over training
