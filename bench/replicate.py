@@ -162,6 +162,7 @@ class Runner:
         for name, m in self.models.items():
             r = self.bpd(name)
             models[name] = {**m, "bpd": r["bpd"], "bpd_stderr": r["bpd_stderr"], "images": r["images"],
+                            "seconds": r["seconds"],
                             "L_0": r["per_timestep"]["vb"][0], "prior_bpd": r["prior_bpd"]}
         settings = {}
         for setting in SETTINGS:
@@ -308,8 +309,10 @@ class Runner:
                     name = run_name(setting, seed)
                     runs[name] = read_log(log)
                     colours[name] = f"C{i}"
+                    speed = sorted(r["images_per_s"] for r in runs[name] if r.get("images_per_s"))
                     noise[name] = {"loss": loss_noise(runs[name]), "loss_weighted": loss_noise(runs[name], "loss_weighted"),
-                                   "setting": setting, "seed": seed}
+                                   "setting": setting, "seed": seed,
+                                   "median_images_per_s": speed[len(speed) // 2] if speed else None}
         if not runs:
             return
         kl = {k: v for k, v in runs.items() if k.startswith("kl-")}

@@ -91,6 +91,7 @@ def render(out, args) -> tuple[str, str]:
     bpd, terms, quality = _load(out, "bpd.json"), _load(out, "terms.json"), _load(out, "quality.json")
     fig8, curves = _load(out, "fid_vs_steps.json"), _load(out, "curves.json")
     tables = _tables(bpd, terms, quality, fig8, curves, args)
+    tables["cost"] = _cost(out, bpd, curves, args)
     return "# Replication numbers (written by bench/replicate.py; do not edit)\n\n" + "\n".join(tables.values()), \
         _document(bpd, terms, quality, fig8, curves, tables, args)
 
@@ -174,6 +175,31 @@ def _tables(bpd, terms, quality, fig8, curves, args) -> dict[str, str]:
                         f"{pm(s['objective_2nd_half'], 4)} |")
         t["curves"] = "\n".join(rows) + "\n"
     return t
+
+
+def _cost(out: Path, bpd, curves, args) -> str:
+    """Medians of the measured seconds (the evaluated models' cached records) and the runs' training speed."""
+    import statistics
+
+    lines = []
+    models = (bpd or {}).get("models", {})
+    seconds = [m["seconds"] for m in models.values() if m.get("seconds")]
+    if seconds:
+        lines.append(f"- test bits/dim of one model ({args.bpd_images} images, 1,000 model calls of batch "
+                     f"{args.bpd_images}): median {statistics.median(seconds):.0f} s over {len(seconds)} models")
+    shas = [m["sha"] for m in models.values()]
+    for steps in sorted(set(args.steps) | {args.quality_steps}, reverse=True):
+        fid = [json.loads(f.read_text())["sample_seconds"] for f in sorted((out / "cache").glob(
+            f"fid*-s{steps}-n{args.fid_samples}-seed*.json")) if any(f"-{sha}-" in f.name for sha in shas)]
+        if fid:
+            lines.append(f"- {args.fid_samples} samples at {steps} steps: median {statistics.median(fid):.1f} s "
+                         f"over {len(fid)} draws")
+    speed = [r["median_images_per_s"] for r in (curves or {}).get("runs", {}).values() if r.get("median_images_per_s")]
+    if speed:
+        s = statistics.median(speed)
+        lines.append(f"- training: median {s:.0f} images/s per run (batch 128, one thread, two runs at a time), "
+                     f"so {args.train_steps} steps take about {args.train_steps * 128 / s / 60:.0f} minutes")
+    return "\n".join(lines) + "\n" if lines else "(no timings recorded)\n"
 
 
 # ----------------------------------------------------------------------------------------- document
@@ -433,6 +459,14 @@ bundled model (unchanged by this round).
 ![shared x_t](replication/shared_xt.png)
 
 ![interpolation](replication/interpolation.png)
+
+## Cost
+
+Measured on the shared 2-core machine, one thread per process, with the training runs and the
+evaluation competing for the cores (`docs/replication/timings.json`):
+
+{tables.get('cost', '')}
+A rerun after more training recomputes only the changed checkpoints.
 
 ## What the 8x8 scale cannot resolve, and what would
 
