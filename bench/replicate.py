@@ -292,8 +292,8 @@ class Runner:
                      for label, v in series.items()}, self.out / "fid_vs_steps.png", "sampling steps",
                     "digits FID (lower is better)", logx=True,
                     errors={label: [p["summary"]["sd"] for p in v["points"].values()] for label, v in series.items()},
-                    title=f"Digits FID against sampling steps ({self.args.fid_samples} samples; mean +- SD over "
-                          f"{len(seeds)} noise x {len(self.args.seeds)} training seeds)",
+                    title=f"Digits FID against sampling steps ({self.args.fid_samples} samples)\nmean +- SD over "
+                          f"{len(seeds)} noise x {len(self.args.seeds)} training seeds",
                     hline=(floor["train_mean"], f"real digits, n={floor['train_n']} (+- {floor['train_std']:.2f})"))
 
     def run_curves(self) -> None:
