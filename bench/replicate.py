@@ -378,6 +378,8 @@ def main(argv=None) -> None:
     p.add_argument("--quality-steps", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--only", default="bpd,terms,fid,curves,doc")
+    p.add_argument("--earlier", default=None, metavar="DIR",
+                   help="the output folder of the same runs at an earlier common budget: the page compares the two")
     a = p.parse_args(argv)
     a.steps = [int(s) for s in a.steps.split(",")]
     a.seeds = [int(s) for s in a.seeds.split(",")]

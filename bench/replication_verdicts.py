@@ -104,6 +104,7 @@ def render(out, args) -> tuple[str, str]:
     FLOOR_SD[0] = ((quality or {}).get("noise_floor") or {}).get("train_std", 0.0)
     tables = _tables(bpd, terms, quality, fig8, curves, args)
     tables["cost"] = _cost(out, bpd, curves, args)
+    tables["earlier"] = _earlier(getattr(args, "earlier", None), bpd, args)
     return "# Replication numbers (written by bench/replicate.py; do not edit)\n\n" + "\n".join(tables.values()), \
         _document(bpd, terms, quality, fig8, curves, tables, args)
 
@@ -187,6 +188,33 @@ def _tables(bpd, terms, quality, fig8, curves, args) -> dict[str, str]:
                         f"{pm(s['objective_2nd_half'], 4)} |")
         t["curves"] = "\n".join(rows) + "\n"
     return t
+
+
+def _earlier(folder, bpd, args) -> str:
+    """The same comparisons at an earlier common step budget (another bench/replicate.py output folder,
+    --earlier), and each setting's change in bits/dim between the two budgets, paired by training seed."""
+    from fastddpm.stats import paired_difference
+
+    earlier = _load(Path(folder), "bpd.json") if folder else None
+    if not earlier or not bpd:
+        return ""
+    e_steps = sorted({s for v in earlier["settings"].values() for s in v["steps"]})
+    rows = [f"| setting | bits/dim at {', '.join(map(str, e_steps))} steps | at {args.train_steps} steps | change, "
+            "paired by training seed |", "|---|---|---|---|"]
+    for setting, now in bpd["settings"].items():
+        then = earlier["settings"].get(setting)
+        if not then:
+            continue
+        seeds = sorted(set(now["seeds"]) & set(then["seeds"]))
+        change = paired_difference([bpd["models"][f"{setting}-seed{k}"]["bpd"] for k in seeds],
+                                   [earlier["models"][f"{setting}-seed{k}"]["bpd"] for k in seeds])
+        rows.append(f"| {NAMES.get(setting, setting)} | {pm(then['bpd'])} | {pm(now['bpd'])} | {diff(change)} |")
+    rows += ["", f"| difference (a - b) at {', '.join(map(str, e_steps))} steps | bits/dim, over training seeds | "
+                 "verdict (a better) |", "|---|---|---|"]
+    for key, c in earlier["comparisons"].items():
+        rows.append(f"| {key} | {diff(c['over_seeds'])} | "
+                    f"{verdict(c['over_seeds'], [p['mean'] for p in c['per_seed']])} |")
+    return "\n".join(rows) + "\n"
 
 
 def _cost(out: Path, bpd, curves, args) -> str:
@@ -274,6 +302,14 @@ def _document(bpd, terms, quality, fig8, curves, tables, args) -> str:
     q_cos = _fid_tie(qc.get("hybrid-cosine - hybrid-linear"))
     q_imp = _fid_tie(qc.get("kl-importance - kl-uniform"))
 
+    earlier_section = "" if not tables.get("earlier") else f"""## Training length
+
+Every run was first trained to an earlier common budget and evaluated there, then continued
+(`fastddpm train --resume`, bit-exact) to {steps} steps. The same evaluation at the earlier budget
+({getattr(args, 'earlier', '')}/summary.md), and how far each setting moved:
+
+{tables['earlier']}
+"""
     return f"""# The papers' experiments at digits scale, with error bars
 
 <!-- written by bench/replicate.py (bench/replication_verdicts.py); do not edit by hand -->
@@ -315,9 +351,8 @@ n = 3), so the sign condition carries much of the weight: read the numbers, not 
 
 ## The models
 
-Five settings, each trained with {nseeds} seeds for **{steps} steps** (a common budget: 15
-trainings of 4,000 steps do not fit the 2-core machine's session beside their evaluation; at
-0.18 s per step one run of {steps} steps takes about 6 minutes on one core):
+Five settings, each trained with {nseeds} seeds for **{steps} steps**, a budget common to all
+{5 * nseeds} runs (the cost section gives the measured training speed):
 
 ```
 fastddpm train --data digits --model tiny --steps {steps} --batch 128 --lr 5e-4 --warmup 500 --ema 0.999 \\
@@ -482,7 +517,7 @@ bundled model (unchanged by this round).
 
 ![interpolation](replication/interpolation.png)
 
-## Cost
+{earlier_section}## Cost
 
 Measured on the shared 2-core machine, one thread per process, with the training runs and the
 evaluation competing for the cores (`docs/replication/timings.json`):
